@@ -1,0 +1,138 @@
+"""The engine's one configuration: CLI flags come from these fields, derived values are properties.
+
+Every process receives the same `EngineConfig` (after `resolve()` filled in what depends on the
+machine and the model), so the server's limits, the scheduler's budgets and the ranks' cache sizes
+can never disagree.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass, field
+
+
+class ConfigError(ValueError):
+    """A launch-time problem with a message meant for the user."""
+
+
+def _flag(help: str, **kw):
+    return field(metadata={"help": help}, **kw)
+
+
+@dataclass
+class EngineConfig:
+    model: str | None = _flag("model folder or hub id (default: the embedded SmolLM2-135M-Instruct)", default=None)
+    tokenizer: str | None = _flag("tokenizer folder or hub id (default: the model's)", default=None)
+    host: str = _flag("address the HTTP server binds", default="127.0.0.1")
+    port: int = _flag("HTTP port", default=10210)
+    device: str | None = _flag("cuda or cpu (default: cuda when available)", default=None)
+    dtype: str | None = _flag("bfloat16, float16 or float32 (default: bfloat16 on cuda, float32 on cpu)", default=None)
+    tp: int = _flag("tensor-parallel ranks, one process each", default=1)
+    kv_cache_tokens: int | None = _flag("KV cache size in tokens (default: from free memory)", default=None)
+    gpu_memory_utilization: float = _flag("fraction of GPU memory the engine may use", default=0.9)
+    page_size: int = _flag("tokens per KV-cache page", default=16)
+    max_seqs: int | None = _flag("sequences running at once (default: 1024 on cuda, 64 on cpu)", default=None)
+    max_tokens_per_forward: int | None = _flag("tokens in one forward pass (default: 8192 on cuda, 1024 on cpu)", default=None)
+    max_model_len: int | None = _flag("context window (default: the model's, capped by the KV cache)", default=None)
+    served_model_name: str | None = _flag("model name the API reports (default: the model path)", default=None)
+    steps_ahead: int = _flag("steps the scheduler plans before their tokens return", default=2)
+    max_waiting_requests: int = _flag("queued requests before 429", default=4096)
+    max_waiting_tokens: int = _flag("queued prompt tokens before 429", default=4_000_000)
+    max_body_bytes: int = _flag("largest request body accepted", default=8 * 1024 * 1024)
+    drain_timeout: float = _flag("seconds SIGTERM waits for in-flight requests", default=30.0)
+    step_timeout: float = _flag("seconds a step may take before the engine counts as hung", default=600.0)
+    cuda_graphs: bool = _flag("capture decode steps in CUDA graphs", default=True)
+    cuda_graph_max_batch: int = _flag("largest decode batch captured in a CUDA graph", default=512)
+    load_format: str = _flag("safetensors, or random for benchmarks", default="safetensors")
+    seed: int = _flag("seed for random weights and unseeded requests", default=0)
+    log_level: str = _flag("logging level", default="INFO")
+
+    # Filled by resolve(); not flags.
+    run_dir: str = field(default="", metadata={"cli": False})
+    vocab_size: int = field(default=0, metadata={"cli": False})
+    eos_token_ids: list[int] = field(default_factory=list, metadata={"cli": False})
+    sampling_defaults: dict = field(default_factory=dict, metadata={"cli": False})
+
+    # ---- derived -------------------------------------------------------------------------------
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or self.model or ""
+
+    @property
+    def num_pages(self) -> int:
+        assert self.kv_cache_tokens is not None, "resolve() sizes the cache"
+        return self.kv_cache_tokens // self.page_size
+
+    @property
+    def tokenizer_path(self) -> str:
+        return self.tokenizer or self.model or ""
+
+    def endpoint(self, name: str) -> str:
+        return f"ipc://{os.path.join(self.run_dir, name)}"
+
+    # ---- validation ----------------------------------------------------------------------------
+    def resolve(self) -> "EngineConfig":
+        """Fills machine- and model-dependent defaults and checks every value; raises ConfigError."""
+        import torch
+
+        from toka.model_info import ModelInfo
+
+        if self.model is None:
+            from toka.default_model import default_model_path
+
+            self.model = str(default_model_path())
+        info = ModelInfo.load(self.model)
+        if self.device is None:
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        if self.device not in ("cuda", "cpu"):
+            raise ConfigError(f"--device must be cuda or cpu, not {self.device!r}")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("--device cuda was asked for but no CUDA device is visible")
+        gpu = self.device == "cuda"
+        self.dtype = self.dtype or ("bfloat16" if gpu else "float32")
+        if self.dtype not in ("bfloat16", "float16", "float32"):
+            raise ConfigError(f"--dtype must be bfloat16, float16 or float32, not {self.dtype!r}")
+        if self.tp < 1:
+            raise ConfigError("--tp must be at least 1")
+        if gpu and self.tp > torch.cuda.device_count():
+            raise ConfigError(f"--tp {self.tp} needs {self.tp} GPUs but {torch.cuda.device_count()} are visible")
+        info.check_tp(self.tp)
+        self.max_seqs = self.max_seqs or (1024 if gpu else 64)
+        self.max_tokens_per_forward = self.max_tokens_per_forward or (8192 if gpu else 1024)
+        for name in ("page_size", "max_seqs", "max_tokens_per_forward", "steps_ahead", "port"):
+            if getattr(self, name) < (0 if name == "port" else 1):
+                raise ConfigError(f"--{name.replace('_', '-')} must be positive")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ConfigError("--gpu-memory-utilization must be in (0, 1]")
+        if self.load_format not in ("safetensors", "random"):
+            raise ConfigError("--load-format must be safetensors or random")
+        if self.kv_cache_tokens is not None and self.kv_cache_tokens < self.page_size:
+            raise ConfigError("--kv-cache-tokens must hold at least one page")
+        if self.kv_cache_tokens is None and not gpu:
+            self.kv_cache_tokens = 32768  # CPU: no memory probe; ample for tests and small models
+        self.max_model_len = min(self.max_model_len or info.max_position_embeddings, info.max_position_embeddings)
+        info.check_architecture(self.max_model_len)
+        self.vocab_size = info.vocab_size
+        self.eos_token_ids = info.eos_token_ids
+        self.sampling_defaults = info.sampling_defaults
+        return self
+
+    def cap_to_cache(self) -> None:
+        """Once the cache is sized: a request must fit in it alone, so the context cannot exceed it."""
+        self.max_model_len = min(self.max_model_len, self.num_pages * self.page_size)
+
+
+def parse_args(argv: list[str] | None = None) -> EngineConfig:
+    parser = argparse.ArgumentParser("toka-launch", description="Serve a model through an OpenAI-compatible API.")
+    for f in dataclasses.fields(EngineConfig):
+        if f.metadata.get("cli") is False:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in ("bool", bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
+            continue
+        kind = {"int": int, "float": float}.get(str(f.type).replace(" | None", ""), str)
+        parser.add_argument(flag, type=kind, default=f.default, help=f.metadata["help"])
+    return EngineConfig(**vars(parser.parse_args(argv)))

@@ -1,0 +1,204 @@
+"""`toka-launch`: config -> processes -> READY -> serve -> supervise -> shut down.
+
+The launcher hosts the HTTP server and starts one process per rank, then the scheduler. /health
+answers 200 only after every process said READY. Any process dying means the engine is dead: open
+requests fail, /health answers 503 and the launcher stops everything and exits non-zero. SIGTERM or
+SIGINT drains: new requests get 503, running ones finish (up to --drain-timeout), then the ranks
+stop at the same step and the launcher exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing as mp
+import multiprocessing.connection
+import signal
+import socket
+import sys
+import time
+
+import zmq
+import zmq.asyncio
+
+from toka import protocol
+from toka.config import ConfigError, EngineConfig, parse_args
+from toka.fabric import make_run_dir, remove_run_dir, setup_logging
+
+log = logging.getLogger("toka.launch")
+
+STARTUP_TIMEOUT = 1800.0  # loading weights and compiling kernels can take long on a cold machine
+
+
+class LaunchError(Exception):
+    pass
+
+
+class Launcher:
+    def __init__(self, cfg: EngineConfig):
+        self.cfg = cfg
+        self.procs: list[mp.Process] = []
+        self.stopping = False
+        self.exit_code = 0
+        self.done = asyncio.Event()
+
+    async def run(self) -> int:
+        from aiohttp import web
+        from transformers import AutoTokenizer
+
+        from toka.server.app import Server
+        from toka.server.engine_client import EngineClient
+
+        cfg = self.cfg
+        tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer_path)
+        self.server = Server(cfg, tokenizer)
+        runner = web.AppRunner(self.server.app(), handler_cancellation=True, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, cfg.host, cfg.port).start()  # early: /health says 503 while loading
+        ctx = zmq.asyncio.Context()
+        self.control = ctx.socket(zmq.PULL)
+        self.control.bind(cfg.endpoint("control"))
+        self.server.engine = engine = EngineClient(cfg)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, lambda: asyncio.ensure_future(self.shutdown()))
+        try:
+            await self.start_processes()
+        except LaunchError as e:
+            log.error("launch failed: %s", e)
+            self.kill_all()
+            await runner.cleanup()
+            return 1
+        engine.start()
+        self.server.ready = True
+        log.info("ready: serving %s on http://%s:%d/v1 (max_model_len %d, %d KV tokens)",
+                 cfg.model_name, cfg.host, cfg.port, cfg.max_model_len, cfg.kv_cache_tokens)
+        watcher = asyncio.ensure_future(self.watch())
+        await self.done.wait()
+        watcher.cancel()
+        await runner.cleanup()
+        engine.close()
+        return self.exit_code
+
+    # ---- start-up ------------------------------------------------------------------------------
+    def spawn(self, name: str, target, *args) -> None:
+        proc = mp.get_context("spawn").Process(target=target, args=(self.cfg, *args), name=name)
+        proc.start()
+        self.procs.append(proc)
+
+    async def wait_ready(self, names: set[str]) -> dict[str, protocol.Ready]:
+        decoder = protocol.decoder(protocol.ControlMsg)
+        ready: dict[str, protocol.Ready] = {}
+        deadline = time.monotonic() + STARTUP_TIMEOUT
+        while set(ready) != names:
+            for p in self.procs:
+                if p.exitcode is not None:
+                    raise LaunchError(f"{p.name} exited with code {p.exitcode} during start-up")
+            if time.monotonic() > deadline:
+                raise LaunchError(f"not ready after {STARTUP_TIMEOUT:.0f}s: {sorted(names - set(ready))}")
+            if await self.control.poll(200):
+                msg = decoder.decode(await self.control.recv())
+                if isinstance(msg, protocol.Fatal):
+                    raise LaunchError(f"{msg.name}: {msg.message}")
+                ready[msg.name] = msg
+        return ready
+
+    async def start_processes(self) -> None:
+        from toka.scheduler.main import scheduler_main
+        from workers.rank import rank_main
+
+        cfg = self.cfg
+        for rank in range(cfg.tp):
+            self.spawn(f"rank{rank}", rank_main, rank)
+        ready = await self.wait_ready({f"rank{r}" for r in range(cfg.tp)})
+        # every rank sized its own cache; the scheduler plans for the smallest
+        cfg.kv_cache_tokens = min(r.info["kv_pages"] for r in ready.values()) * cfg.page_size
+        cfg.cap_to_cache()
+        self.server.limits.max_model_len = cfg.max_model_len
+        self.spawn("scheduler", scheduler_main)
+        await self.wait_ready({"scheduler"})
+
+    # ---- supervision and shutdown --------------------------------------------------------------
+    async def watch(self) -> None:
+        """Waits for any child to exit or report a fatal error; unless we are stopping, that is death."""
+        loop = asyncio.get_running_loop()
+        sentinels = [p.sentinel for p in self.procs]
+        decoder = protocol.decoder(protocol.ControlMsg)
+        exited = loop.run_in_executor(None, multiprocessing.connection.wait, sentinels)
+        fatal = asyncio.ensure_future(self.control.recv())
+        await asyncio.wait([exited, fatal], return_when=asyncio.FIRST_COMPLETED)
+        if self.stopping:
+            return
+        if fatal.done():
+            msg = decoder.decode(fatal.result())
+            reason = f"{msg.name} failed: {getattr(msg, 'message', '')}"
+        else:
+            dead = [p for p in self.procs if p.exitcode is not None]
+            reason = ", ".join(f"{p.name} exited with code {p.exitcode}" for p in dead) or "a process exited"
+        fatal.cancel()
+        log.error("engine dead: %s", reason)
+        self.server.engine.fail_all(reason)
+        self.stopping = True
+        await asyncio.sleep(0.5)  # let the failed requests' responses go out
+        self.kill_all()
+        self.exit_code = 1
+        self.done.set()
+
+    async def shutdown(self) -> None:
+        if self.stopping:
+            return
+        self.stopping = True
+        self.server.draining = True
+        engine = self.server.engine
+        log.info("shutting down: draining %d sequences (up to %.0fs)", len(engine.streams), self.cfg.drain_timeout)
+        deadline = time.monotonic() + self.cfg.drain_timeout
+        while engine.streams and time.monotonic() < deadline and self.server.ready:
+            await asyncio.sleep(0.05)
+        if engine.streams:
+            engine.fail_all("the server is shutting down")
+        if self.server.ready:
+            engine.drain()
+        for p in self.procs:
+            await asyncio.get_running_loop().run_in_executor(None, p.join, 10)
+        self.kill_all()
+        self.done.set()
+
+    def kill_all(self) -> None:
+        for p in self.procs:
+            if p.is_alive():
+                p.kill()
+        for p in self.procs:
+            p.join(5)
+
+
+def port_free(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = parse_args(argv)
+    setup_logging("launcher", cfg.log_level)
+    try:
+        if cfg.port and not port_free(cfg.host, cfg.port):
+            raise ConfigError(f"port {cfg.port} on {cfg.host} is already in use")
+        cfg.resolve()
+    except ConfigError as e:
+        print(f"toka-launch: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    cfg.run_dir = make_run_dir()
+    try:
+        import uvloop
+
+        code = uvloop.run(Launcher(cfg).run())
+    finally:
+        remove_run_dir(cfg.run_dir)
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

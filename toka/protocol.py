@@ -1,0 +1,161 @@
+"""Every message that crosses a socket: msgspec structs of ids and lists, never tensors or pickles.
+
+Sockets and the union each carries (one typed decoder per socket, see `decoder`):
+  requests  server  --PUSH-->  scheduler          Submit | Abort | Drain
+  plans     scheduler --PUB--> every rank         StepPlan | Stop
+  events    rank 0  --PUB-->   scheduler, server  StepResult
+  status    scheduler --PUSH-> server             Stats
+  control   every child --PUSH-> launcher         Ready | Fatal
+"""
+
+from __future__ import annotations
+
+import msgspec
+from msgspec import Struct
+
+
+class SamplingParams(Struct, array_like=True, omit_defaults=True):
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: no top-k
+    seed: int = 0
+    logprobs: int = -1  # -1: none; k >= 0: the chosen token's logprob and k alternatives
+    prompt_logprobs: int = -1  # same, for every prompt token after the first
+    stop_token_ids: list[int] = []  # EOS ids and the request's own; empty with ignore_eos
+
+    def accept(self, token: int, num_generated: int) -> tuple[bool, str | None]:
+        """Decides, for the token sampled after `num_generated` earlier ones, whether it belongs to the
+        output and whether the sequence ends. Scheduler and server both call this, so they agree on
+        every sequence's end without telling each other."""
+        if num_generated >= self.max_tokens:  # max_tokens == 0: a prompt-only (echo) request
+            return False, "length"
+        if token in self.stop_token_ids:
+            return False, "stop"
+        if num_generated + 1 >= self.max_tokens:
+            return True, "length"
+        return True, None
+
+
+# ---- requests socket ----------------------------------------------------------------------------
+class Submit(Struct, tag="submit", array_like=True):
+    rid: int
+    prompt: list[int]
+    params: SamplingParams
+
+
+class Abort(Struct, tag="abort", array_like=True):
+    rid: int
+
+
+class Drain(Struct, tag="drain", array_like=True):
+    """Finish what is running, then stop the ranks and exit."""
+
+
+# ---- plans socket -------------------------------------------------------------------------------
+class SeqParams(Struct, array_like=True, omit_defaults=True):
+    """Sampling settings a rank keeps per slot, sent once when a sequence takes the slot."""
+
+    slot: int
+    temperature: float
+    top_p: float
+    top_k: int
+    seed: int
+    logprobs: int
+    prompt_logprobs: int
+
+
+class StepPlan(Struct, tag="plan", array_like=True):
+    """One forward pass. Rows [0, num_prefill) are prefill chunks whose tokens are given; the other
+    rows decode one token each, reading their input token from the rank's `slot -> last token` table.
+
+    Per row: rid, slot, q_len (tokens computed now), kv_len (cached tokens after this step, so the
+    row's positions are kv_len - q_len .. kv_len - 1) and emit (sample a token after the last one).
+    Page table: row r's pages are page_indices[page_indptr[r]:page_indptr[r + 1]].
+    """
+
+    step_id: int
+    rids: list[int]
+    slots: list[int]
+    q_lens: list[int]
+    kv_lens: list[int]
+    emit: list[bool]
+    num_prefill: int
+    prefill_tokens: list[int]
+    page_indptr: list[int]
+    page_indices: list[int]
+    admit: list[SeqParams] = []
+    # per prefill row that wants prompt logprobs: the token following its chunk (-1: none)
+    prefill_next: list[int] = []
+
+
+class Stop(Struct, tag="stop", array_like=True):
+    step_id: int
+
+
+# ---- events socket ------------------------------------------------------------------------------
+class TopLogprobs(Struct, array_like=True):
+    ids: list[int]
+    logprobs: list[float]
+
+
+class PromptLogprobs(Struct, array_like=True):
+    """Logprobs of prompt tokens start .. start + len(logprobs) - 1 of request rid."""
+
+    rid: int
+    start: int
+    logprobs: list[float]
+    top: list[TopLogprobs]
+
+
+class StepResult(Struct, tag="result", array_like=True):
+    """The tokens a step sampled, one entry per emitting row, in row order. `top` holds entries only
+    for rows whose request asked for alternatives (`top_rows` gives their index into rids)."""
+
+    step_id: int
+    rids: list[int]
+    tokens: list[int]
+    logprobs: list[float]
+    top_rows: list[int] = []
+    top: list[TopLogprobs] = []
+    prompt: list[PromptLogprobs] = []
+
+
+# ---- status and control -------------------------------------------------------------------------
+class Stats(Struct, tag="stats", array_like=True):
+    running: int
+    waiting: int
+    free_pages: int
+    total_pages: int
+    tokens_generated: int
+    finished: dict[str, int]
+    preemptions: int
+    steps: int
+
+
+class Ready(Struct, tag="ready", array_like=True):
+    name: str
+    info: dict[str, int] = {}
+
+
+class Fatal(Struct, tag="fatal", array_like=True):
+    name: str
+    message: str
+
+
+RequestMsg = Submit | Abort | Drain
+PlanMsg = StepPlan | Stop
+EventMsg = StepResult
+StatusMsg = Stats
+ControlMsg = Ready | Fatal
+
+_encoder = msgspec.msgpack.Encoder()
+
+
+def encode(msg: Struct) -> bytes:
+    return _encoder.encode(msg)
+
+
+def decoder(kind) -> msgspec.msgpack.Decoder:
+    """The typed decoder for one socket's union: anything else on it fails to decode."""
+    return msgspec.msgpack.Decoder(kind)

@@ -1,0 +1,256 @@
+"""Continuous batching behind two calls: `schedule()` makes the next step plan, `update()` takes a
+step's sampled tokens. Pure bookkeeping, no sockets, so the tests drive it directly.
+
+A sequence's known tokens are its prompt plus the tokens accepted so far; `computed` of them have
+their KV in the cache (or will, once the steps in flight run). Steps run ahead of their results:
+decode rows read their input token on the rank, so a sequence keeps decoding while its previous
+tokens are still in flight (`inflight` counts them). A preempted sequence gives back its pages and
+slot and is recomputed from its known tokens once its in-flight results are back.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+from collections import Counter, deque
+from dataclasses import dataclass, field
+
+from toka.protocol import SamplingParams, SeqParams, Stats, StepPlan, StepResult
+from toka.scheduler.pages import PageAllocator
+
+
+class StepOrderError(RuntimeError):
+    """A result arrived out of order or a step was lost: the ranks and we no longer agree."""
+
+
+@dataclass
+class Sequence:
+    rid: int
+    prompt: list[int]
+    params: SamplingParams
+    order: int  # admission order; the youngest running sequence is preempted first
+    generated: list[int] = field(default_factory=list)
+    pages: list[int] = field(default_factory=list)
+    slot: int = -1
+    computed: int = 0
+    target: int = 0  # known tokens at admission: prefill ends when computed reaches it
+    inflight: int = 0
+    last_step: int = -1
+
+    @property
+    def known(self) -> list[int]:
+        return self.prompt + self.generated if self.generated else self.prompt
+
+    @property
+    def prefilled(self) -> bool:
+        return self.slot >= 0 and self.computed >= self.target
+
+    @property
+    def wants_more(self) -> bool:
+        return len(self.generated) + self.inflight < max(self.params.max_tokens, 1)
+
+
+class Scheduler:
+    def __init__(self, num_pages: int, page_size: int, max_seqs: int, max_tokens_per_forward: int):
+        self.pages = PageAllocator(num_pages)
+        self.page_size = page_size
+        self.max_tokens = max_tokens_per_forward
+        self.free_slots = list(range(max_seqs - 1, -1, -1))
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # by `order`, so a victim is never older than what is planned
+        self.seqs: dict[int, Sequence] = {}
+        self.next_step = 0
+        self.done_step = -1
+        self._order = itertools.count()
+        self.tokens_generated = 0
+        self.finished: Counter[str] = Counter()
+        self.preemptions = 0
+
+    # ---- requests ------------------------------------------------------------------------------
+    def add(self, rid: int, prompt: list[int], params: SamplingParams) -> None:
+        seq = Sequence(rid, prompt, params, next(self._order))
+        self.seqs[rid] = seq
+        self.waiting.append(seq)
+
+    def abort(self, rid: int) -> None:
+        seq = self.seqs.pop(rid, None)
+        if seq is None:
+            return
+        if seq.slot >= 0:
+            self._evict(seq)
+        else:
+            self.waiting.remove(seq)
+        self.finished["abort"] += 1
+
+    @property
+    def inflight_steps(self) -> int:
+        return self.next_step - 1 - self.done_step
+
+    @property
+    def idle(self) -> bool:
+        return not self.seqs and self.inflight_steps == 0
+
+    # ---- planning ------------------------------------------------------------------------------
+    def schedule(self) -> StepPlan | None:
+        budget = self.max_tokens
+        decode: list[Sequence] = []
+        prefill: list[tuple[Sequence, int]] = []
+        admit: list[Sequence] = []
+
+        for seq in list(self.running):
+            if budget == 0:
+                break
+            if seq.slot < 0 or not seq.prefilled or not seq.wants_more:
+                continue
+            if self._grow(seq, seq.computed + 1):
+                decode.append(seq)
+                budget -= 1
+        for seq in self.running:
+            if budget > 0 and seq.slot >= 0 and not seq.prefilled:
+                n = self._chunk(seq, budget)
+                if n:
+                    prefill.append((seq, n))
+                    budget -= n
+        while budget > 0 and self.waiting and self.free_slots and self.waiting[0].inflight == 0:
+            seq = self.waiting[0]
+            seq.target, seq.computed = len(seq.known), 0
+            n = self._chunk(seq, budget)
+            if n == 0:
+                break
+            self.waiting.popleft()
+            seq.slot = self.free_slots.pop()
+            bisect.insort(self.running, seq, key=lambda s: s.order)
+            admit.append(seq)
+            prefill.append((seq, n))
+            budget -= n
+        if not decode and not prefill:
+            return None
+        return self._plan(prefill, decode, admit)
+
+    def _chunk(self, seq: Sequence, budget: int) -> int:
+        """Prefill tokens for `seq` this step: as many as the budget and free pages allow."""
+        n = min(budget, seq.target - seq.computed)
+        room = (len(seq.pages) + self.pages.num_free) * self.page_size - seq.computed
+        n = min(n, room)
+        if n <= 0 or not self._grow(seq, seq.computed + n, preempt=False):
+            return 0
+        return n
+
+    def _grow(self, seq: Sequence, kv_len: int, preempt: bool = True) -> bool:
+        """Gives `seq` pages for kv_len tokens, preempting the youngest sequences if needed."""
+        need = -(-kv_len // self.page_size) - len(seq.pages)
+        while need > self.pages.num_free:
+            if not preempt:
+                return False
+            victim = self.running[-1]
+            self._preempt(victim)
+            if victim is seq:
+                return False
+        if need > 0:
+            seq.pages.extend(self.pages.alloc(need))
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        self._evict(seq)
+        self.waiting.appendleft(seq)
+        self.preemptions += 1
+
+    def _evict(self, seq: Sequence) -> None:
+        """Takes `seq` off the ranks: its pages return once the steps using them are done."""
+        self.pages.release(seq.pages, after_step=seq.last_step)
+        seq.pages, seq.computed = [], 0
+        self.free_slots.append(seq.slot)
+        seq.slot = -1
+        self.running.remove(seq)
+
+    def _plan(self, prefill, decode, admit) -> StepPlan:
+        step = self.next_step
+        self.next_step += 1
+        rows = [s for s, _ in prefill] + decode
+        q_lens = [n for _, n in prefill] + [1] * len(decode)
+        tokens: list[int] = []
+        prefill_next: list[int] = []
+        for seq, n in prefill:
+            known = seq.known
+            tokens.extend(known[seq.computed : seq.computed + n])
+            if seq.params.prompt_logprobs >= 0:
+                after = seq.computed + n
+                prefill_next.append(known[after] if after < len(known) else -1)
+        emit, kv_lens, indptr, indices = [], [], [0], []
+        for seq, q in zip(rows, q_lens):
+            seq.computed += q
+            seq.last_step = step
+            done = seq.computed >= seq.target
+            emit.append(done)
+            seq.inflight += done
+            kv_lens.append(seq.computed)
+            used = -(-seq.computed // self.page_size)
+            indices.extend(seq.pages[:used])
+            indptr.append(len(indices))
+        return StepPlan(
+            step_id=step,
+            rids=[s.rid for s in rows],
+            slots=[s.slot for s in rows],
+            q_lens=q_lens,
+            kv_lens=kv_lens,
+            emit=emit,
+            num_prefill=len(prefill),
+            prefill_tokens=tokens,
+            page_indptr=indptr,
+            page_indices=indices,
+            admit=[self._seq_params(s) for s in admit],
+            prefill_next=prefill_next,
+        )
+
+    @staticmethod
+    def _seq_params(seq: Sequence) -> SeqParams:
+        p = seq.params
+        return SeqParams(seq.slot, p.temperature, p.top_p, p.top_k, p.seed, p.logprobs, p.prompt_logprobs)
+
+    # ---- results -------------------------------------------------------------------------------
+    def update(self, result: StepResult) -> list[tuple[int, str]]:
+        """Takes one step's tokens; returns the (rid, reason) of sequences that ended."""
+        if result.step_id != self.done_step + 1:
+            raise StepOrderError(f"expected the result of step {self.done_step + 1}, got {result.step_id}")
+        self.done_step = result.step_id
+        ended = []
+        for rid, token in zip(result.rids, result.tokens):
+            seq = self.seqs.get(rid)
+            if seq is None:
+                continue  # aborted or ended while this step was in flight
+            seq.inflight -= 1
+            keep, reason = seq.params.accept(token, len(seq.generated))
+            if keep:
+                seq.generated.append(token)
+                self.tokens_generated += 1
+            if reason is not None:
+                ended.append((rid, reason))
+                self.finished[reason] += 1
+                del self.seqs[rid]
+                if seq.slot >= 0:
+                    self._evict(seq)
+                else:
+                    self.waiting.remove(seq)
+        self.pages.completed(result.step_id)
+        return ended
+
+    def stats(self) -> Stats:
+        return Stats(
+            running=len(self.running),
+            waiting=len(self.waiting),
+            free_pages=self.pages.num_free,
+            total_pages=self.pages.num_pages,
+            tokens_generated=self.tokens_generated,
+            finished=dict(self.finished),
+            preemptions=self.preemptions,
+            steps=self.done_step + 1,
+        )
+
+    def check(self) -> None:
+        self.pages.check()
+        held = [p for s in self.running for p in s.pages]
+        assert len(held) == len(set(held)), "two sequences hold one page"
+        slots = [s.slot for s in self.running]
+        assert len(slots) == len(set(slots)) and -1 not in slots
+        assert not set(slots) & set(self.free_slots)
+        assert all(s.slot == -1 and not s.pages for s in self.waiting)

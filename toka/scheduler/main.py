@@ -1,0 +1,89 @@
+"""The scheduler process: requests in, step plans out (up to `steps_ahead` in flight), results in."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+import traceback
+
+import zmq
+
+from toka import protocol
+from toka.config import EngineConfig
+from toka.fabric import Channel, setup_logging, watch_parent
+from toka.scheduler.batching import Scheduler
+
+log = logging.getLogger("toka.scheduler")
+
+STATS_INTERVAL = 0.5  # seconds between Stats messages to the server while busy
+
+
+def scheduler_main(cfg: EngineConfig) -> None:
+    watch_parent()
+    setup_logging("scheduler", cfg.log_level)
+    ctx = zmq.Context()
+    control = Channel(ctx, zmq.PUSH, cfg.endpoint("control"), None, bind=False)
+    try:
+        requests = Channel(ctx, zmq.PULL, cfg.endpoint("requests"), protocol.RequestMsg, bind=True)
+        plans = Channel(ctx, zmq.XPUB, cfg.endpoint("plans"), None, bind=True)
+        events = Channel(ctx, zmq.SUB, cfg.endpoint("events"), protocol.EventMsg, bind=False)
+        status = Channel(ctx, zmq.PUSH, cfg.endpoint("status"), None, bind=False)
+        plans.wait_subscribers(cfg.tp, timeout=60, name="plans")
+        control.send(protocol.Ready("scheduler"))
+        sched = Scheduler(cfg.num_pages, cfg.page_size, cfg.max_seqs, cfg.max_tokens_per_forward)
+        Loop(cfg, sched, requests, plans, events, status).run()
+    except Exception as e:
+        log.error("scheduler failed: %s", traceback.format_exc())
+        control.send(protocol.Fatal("scheduler", f"{type(e).__name__}: {e}"))
+        control.sock.close(linger=2000)
+        sys.exit(1)
+    log.info("scheduler stopped")
+
+
+class Loop:
+    def __init__(self, cfg, sched: Scheduler, requests, plans, events, status):
+        self.cfg, self.sched = cfg, sched
+        self.requests, self.plans, self.events, self.status = requests, plans, events, status
+        self.poller = zmq.Poller()
+        self.poller.register(requests.sock, zmq.POLLIN)
+        self.poller.register(events.sock, zmq.POLLIN)
+        self.draining = False
+        self.last_stats = 0.0
+        self.last_progress = time.monotonic()
+
+    def run(self) -> None:
+        while True:
+            for msg in self.requests.recv_all():
+                self.on_request(msg)
+            for result in self.events.recv_all():
+                self.sched.update(result)
+                self.last_progress = time.monotonic()
+            if self.draining and self.sched.idle:
+                self.plans.send(protocol.Stop(self.sched.next_step))
+                return
+            while self.sched.inflight_steps < self.cfg.steps_ahead:
+                plan = self.sched.schedule()
+                if plan is None:
+                    break
+                if self.sched.inflight_steps == 1:  # the ranks were idle: the hang clock starts now
+                    self.last_progress = time.monotonic()
+                self.plans.send(plan)
+            self.publish_stats()
+            if self.sched.inflight_steps and time.monotonic() - self.last_progress > self.cfg.step_timeout:
+                raise TimeoutError(f"no step finished in {self.cfg.step_timeout:.0f}s: the ranks are hung")
+            self.poller.poll(1000 if self.sched.inflight_steps or not self.sched.idle else 200)
+
+    def on_request(self, msg) -> None:
+        if isinstance(msg, protocol.Submit):
+            self.sched.add(msg.rid, msg.prompt, msg.params)
+        elif isinstance(msg, protocol.Abort):
+            self.sched.abort(msg.rid)
+        elif isinstance(msg, protocol.Drain):
+            self.draining = True
+
+    def publish_stats(self) -> None:
+        now = time.monotonic()
+        if now - self.last_stats >= STATS_INTERVAL:
+            self.last_stats = now
+            self.status.send(self.sched.stats())

@@ -1,0 +1,308 @@
+"""The OpenAI-compatible HTTP API (aiohttp): /v1/completions, /v1/chat/completions, /v1/models,
+/health and /metrics. Routes validate and tokenize, submit one engine sequence per choice, and turn
+token events into JSON or server-sent events; a client that goes away aborts its sequences."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import time
+import uuid
+from collections import Counter
+
+import msgspec
+from aiohttp import web
+
+from toka.server import api
+from toka.server.api import APIError, EngineRequest
+from toka.server.detokenizer import Detokenizer, StopMatcher
+from toka.server.engine_client import EngineClient, EngineDead, OutputStream
+
+log = logging.getLogger("toka.server")
+
+
+class Choice:
+    """One output sequence as the client sees it: text so far and the finish reason."""
+
+    def __init__(self, index: int, stream: OutputStream, req: EngineRequest, tokenizer):
+        self.index, self.stream, self.req = index, stream, req
+        self.detok = Detokenizer(tokenizer)
+        self.stop = StopMatcher(req.stop)
+        self.text = ""
+        self.sent_tokens = 0
+        self.finish: str | None = None
+
+    async def deltas(self, engine: EngineClient):
+        """Yields (text delta, first new token index, end token index) until the sequence ends."""
+        s = self.stream
+        while True:
+            if not s.done:
+                await s.wait()
+            if s.error:
+                raise EngineDead(s.error)
+            start, end = self.sent_tokens, len(s.tokens)
+            final = s.done
+            text = self.stop.feed(self.detok.add(s.tokens[start:end], final=final), final=final)
+            self.sent_tokens = end
+            if self.stop.stopped and not s.done:
+                engine.abort(s)
+            if self.stop.stopped:
+                self.finish = "stop"
+            elif final:
+                self.finish = s.finish
+            self.text += text
+            yield text, start, end
+            if self.finish is not None:
+                return
+
+
+class Server:
+    def __init__(self, cfg, tokenizer):
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.limits = api.Limits(cfg.vocab_size, cfg.max_model_len, cfg.eos_token_ids, cfg.sampling_defaults)
+        self.engine: EngineClient | None = None
+        self.ready = False
+        self.draining = False
+        self.counters: Counter[str] = Counter()
+        self.queued_tokens = 0
+        self.rng = random.Random(cfg.seed)
+
+    # ---- app -----------------------------------------------------------------------------------
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=self.cfg.max_body_bytes, handler_args={})
+        app.add_routes([
+            web.post("/v1/completions", self.completions),
+            web.post("/v1/chat/completions", self.chat),
+            web.get("/v1/models", self.models),
+            web.get("/health", self.health),
+            web.get("/metrics", self.metrics),
+        ])
+        app.middlewares.append(self._errors)
+        return app
+
+    @web.middleware
+    async def _errors(self, request, handler):
+        try:
+            return await handler(request)
+        except APIError as e:
+            self.counters[f"http_{e.status}"] += 1
+            return _error_response(e)
+        except web.HTTPRequestEntityTooLarge:
+            return _error_response(APIError(f"the body exceeds {self.cfg.max_body_bytes} bytes", None, 413))
+        except EngineDead as e:
+            return _error_response(APIError(f"the engine failed: {e}", None, 503, "server_error"))
+
+    # ---- simple routes -------------------------------------------------------------------------
+    async def health(self, request):
+        ok = self.ready and not self.draining and not (self.engine and self.engine.dead)
+        return web.json_response({"status": "ok" if ok else "unavailable"}, status=200 if ok else 503)
+
+    async def models(self, request):
+        return web.json_response({"object": "list", "data": [{
+            "id": self.cfg.model_name, "object": "model", "created": 0, "owned_by": "toka",
+            "max_model_len": self.cfg.max_model_len,
+        }]})
+
+    async def metrics(self, request):
+        s = self.engine.stats if self.engine else None
+        lines = []
+
+        def gauge(name, value, help, labels=""):
+            lines.extend([f"# HELP toka_{name} {help}", f"# TYPE toka_{name} gauge", f"toka_{name}{labels} {value}"])
+
+        gauge("http_streams", len(self.engine.streams) if self.engine else 0, "output sequences in flight in the server")
+        if s is not None:
+            gauge("running", s.running, "sequences on the ranks")
+            gauge("waiting", s.waiting, "sequences waiting for a slot or pages")
+            gauge("free_pages", s.free_pages, "free KV-cache pages")
+            gauge("total_pages", s.total_pages, "KV-cache pages")
+            gauge("tokens_generated", s.tokens_generated, "output tokens generated")
+            gauge("preemptions", s.preemptions, "sequences preempted for pages")
+            gauge("steps", s.steps, "steps completed")
+            lines += ["# HELP toka_finished sequences finished, by reason", "# TYPE toka_finished counter"]
+            lines += [f'toka_finished{{reason="{k}"}} {v}' for k, v in sorted(s.finished.items())]
+        for k, v in sorted(self.counters.items()):
+            lines.append(f"toka_{k} {v}")
+        return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
+
+    # ---- generation routes ---------------------------------------------------------------------
+    async def completions(self, request):
+        req = api.decode_body(await request.read(), api.CompletionRequest)
+        engine_reqs = api.completion_requests(req, self.tokenizer, self.limits, self._seed(req.seed))
+        return await self._generate(request, req, engine_reqs, chat=False)
+
+    async def chat(self, request):
+        req = api.decode_body(await request.read(), api.ChatRequest)
+        engine_req = api.chat_request(req, self.tokenizer, self.limits, self._seed(req.seed))
+        return await self._generate(request, req, [engine_req], chat=True)
+
+    def _seed(self, seed: int | None) -> int:
+        return seed if seed is not None else self.rng.getrandbits(63)
+
+    def _admit(self, engine_reqs: list[EngineRequest]) -> None:
+        if not self.ready or self.draining:
+            raise APIError("the server is not accepting requests", None, 503, "server_error")
+        if self.engine.dead:
+            raise EngineDead(self.engine.dead)
+        seqs = sum(r.n for r in engine_reqs)
+        tokens = sum(len(r.prompt) * r.n for r in engine_reqs)
+        cfg = self.cfg
+        if len(self.engine.streams) + seqs > cfg.max_seqs + cfg.max_waiting_requests or (
+            self.queued_tokens + tokens > cfg.max_waiting_tokens and self.engine.streams
+        ):
+            raise APIError("too many requests are waiting; retry later", None, 429, "rate_limit_error")
+
+    async def _generate(self, request, req, engine_reqs: list[EngineRequest], chat: bool):
+        self._admit(engine_reqs)
+        choices: list[Choice] = []
+        for r in engine_reqs:
+            for i in range(r.n):
+                params = r.params if i == 0 else _reseed(r.params, r.params.seed + i)
+                choices.append(Choice(len(choices), self.engine.submit(r.prompt, params), r, self.tokenizer))
+        held = sum(len(c.req.prompt) for c in choices)
+        self.queued_tokens += held
+        try:
+            if req.stream:
+                return await self._stream(request, req, choices, chat)
+            await asyncio.gather(*(self._drain(c) for c in choices))
+            return web.json_response(self._full_response(req, choices, chat), dumps=_dumps)
+        finally:
+            self.queued_tokens -= held
+            for c in choices:
+                if not c.stream.done:
+                    self.engine.abort(c.stream)
+
+    async def _drain(self, choice: Choice) -> None:
+        async for _ in choice.deltas(self.engine):
+            pass
+
+    async def _stream(self, request, req, choices: list[Choice], chat: bool):
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await resp.prepare(request)
+        rid, created = _new_id(chat), int(time.time())
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(c: Choice):
+            try:
+                first = True
+                async for text, start, end in c.deltas(self.engine):
+                    await queue.put(self._chunk(req, c, text, start, end, chat, first, rid, created))
+                    first = False
+            except EngineDead as e:
+                await queue.put({"error": {"message": f"the engine failed: {e}", "type": "server_error"}})
+            finally:
+                await queue.put(None)
+
+        tasks = [asyncio.create_task(pump(c)) for c in choices]
+        try:
+            remaining = len(tasks)
+            while remaining:
+                item = await queue.get()
+                if item is None:
+                    remaining -= 1
+                    continue
+                await resp.write(b"data: " + _dumps(item).encode() + b"\n\n")
+            if req.stream_options and req.stream_options.include_usage:
+                usage = {"id": rid, "object": _object(chat, True), "created": created, "model": self.cfg.model_name,
+                         "choices": [], "usage": _usage(choices)}
+                await resp.write(b"data: " + _dumps(usage).encode() + b"\n\n")
+            await resp.write(b"data: [DONE]\n\n")
+            await resp.write_eof()
+        finally:
+            for t in tasks:
+                t.cancel()
+        return resp
+
+    # ---- response bodies -----------------------------------------------------------------------
+    def _chunk(self, req, c: Choice, text, start, end, chat, first, rid, created) -> dict:
+        choice = {"index": c.index, "finish_reason": c.finish, "logprobs": self._logprobs(req, c, start, end, chat, first)}
+        if chat:
+            choice["delta"] = {"role": "assistant", "content": text} if first else {"content": text}
+        else:
+            choice["text"] = (self._prompt_text(c) if req.echo and first else "") + text
+        return {"id": rid, "object": _object(chat, True), "created": created, "model": self.cfg.model_name, "choices": [choice]}
+
+    def _full_response(self, req, choices: list[Choice], chat: bool) -> dict:
+        out = []
+        for c in choices:
+            choice = {"index": c.index, "finish_reason": c.finish,
+                      "logprobs": self._logprobs(req, c, 0, len(c.stream.tokens), chat, True)}
+            if chat:
+                choice["message"] = {"role": "assistant", "content": c.text}
+            else:
+                choice["text"] = (self._prompt_text(c) if req.echo else "") + c.text
+            out.append(choice)
+        return {"id": _new_id(chat), "object": _object(chat, False), "created": int(time.time()),
+                "model": self.cfg.model_name, "choices": out, "usage": _usage(choices)}
+
+    def _prompt_text(self, c: Choice) -> str:
+        return self.tokenizer.decode(c.req.prompt, skip_special_tokens=False)
+
+    def _logprobs(self, req, c: Choice, start: int, end: int, chat: bool, first: bool):
+        s = c.stream
+        if s.params.logprobs < 0:
+            return None
+        ids = s.tokens[start:end]
+        lps, tops = s.logprobs[start:end], s.top[start:end]
+        if chat:
+            return {"content": [self._chat_entry(t, lp, top) for t, lp, top in zip(ids, lps, tops)]}
+        if req.echo and first:
+            ids = c.req.prompt + ids
+            lps = s.prompt_logprobs + lps
+            tops = s.prompt_top + tops
+        toks = self.tokenizer.convert_ids_to_tokens(ids)
+        offsets, pos = [], 0
+        for t in ids:
+            offsets.append(pos)
+            pos += len(self.tokenizer.decode([t]))
+        return {
+            "tokens": toks,
+            "token_logprobs": lps,
+            "top_logprobs": [self._top_dict(top) if top is not None else ({} if lp is not None else None)
+                             for top, lp in zip(tops, lps)],
+            "text_offset": offsets,
+        }
+
+    def _top_dict(self, top) -> dict:
+        return dict(zip(self.tokenizer.convert_ids_to_tokens(top.ids), top.logprobs))
+
+    def _chat_entry(self, token: int, lp: float, top) -> dict:
+        entry = self._token_entry(token, lp)
+        entry["top_logprobs"] = [self._token_entry(t, p) for t, p in zip(top.ids, top.logprobs)] if top else []
+        return entry
+
+    def _token_entry(self, token: int, lp: float) -> dict:
+        return {"token": self.tokenizer.convert_ids_to_tokens(token), "logprob": lp,
+                "bytes": list(self.tokenizer.decode([token]).encode())}
+
+
+def _reseed(params, seed: int):
+    return msgspec.structs.replace(params, seed=seed)
+
+
+def _usage(choices: list[Choice]) -> dict:
+    prompt = sum({id(c.req): len(c.req.prompt) for c in choices}.values())  # once per prompt, not per choice
+    completion = sum(c.stream.sampled for c in choices)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _object(chat: bool, chunk: bool) -> str:
+    if chat:
+        return "chat.completion.chunk" if chunk else "chat.completion"
+    return "text_completion"
+
+
+def _new_id(chat: bool) -> str:
+    return ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+
+
+def _dumps(obj) -> str:
+    return json.dumps(obj, separators=(",", ":"), allow_nan=False)
+
+
+def _error_response(e: APIError) -> web.Response:
+    headers = {"Retry-After": "1"} if e.status == 429 else None
+    return web.json_response(e.body(), status=e.status, headers=headers)

@@ -1,0 +1,146 @@
+"""The server's side of the fabric: submits requests, follows rank 0's token events, keeps the
+latest scheduler stats. Each output sequence is an `OutputStream` the route awaits."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+
+import zmq
+import zmq.asyncio
+
+from toka import protocol
+from toka.protocol import SamplingParams, StepResult, TopLogprobs
+
+log = logging.getLogger("toka.server")
+
+
+class EngineDead(Exception):
+    pass
+
+
+class OutputStream:
+    """One sequence's output as rank 0 reports it; `accept` (shared with the scheduler) decides which
+    tokens belong to it and when it ends."""
+
+    def __init__(self, rid: int, prompt_len: int, params: SamplingParams):
+        self.rid = rid
+        self.prompt_len = prompt_len
+        self.params = params
+        self.tokens: list[int] = []
+        self.logprobs: list[float] = []
+        self.top: list[TopLogprobs | None] = []
+        self.prompt_logprobs: list[float | None] = [None] * prompt_len
+        self.prompt_top: list[TopLogprobs | None] = [None] * prompt_len
+        self.sampled = 0  # tokens counted as completion tokens: kept ones and a final stop token
+        self.finish: str | None = None
+        self.error: str | None = None
+        self._changed = asyncio.Event()
+
+    def _add(self, token: int, logprob: float, top: TopLogprobs | None) -> bool:
+        keep, reason = self.params.accept(token, len(self.tokens))
+        if keep:
+            self.tokens.append(token)
+            self.logprobs.append(logprob)
+            self.top.append(top)
+        self.sampled += keep or reason == "stop"
+        self.finish = reason
+        self._changed.set()
+        return reason is not None
+
+    def _fail(self, message: str) -> None:
+        self.error = message
+        self._changed.set()
+
+    async def wait(self) -> None:
+        await self._changed.wait()
+        self._changed.clear()
+
+    @property
+    def done(self) -> bool:
+        return self.finish is not None or self.error is not None
+
+
+class EngineClient:
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.ctx = zmq.asyncio.Context()
+        self.requests = self.ctx.socket(zmq.PUSH)
+        self.requests.connect(cfg.endpoint("requests"))
+        self.events = self.ctx.socket(zmq.SUB)
+        self.events.setsockopt(zmq.SUBSCRIBE, b"")
+        self.events.setsockopt(zmq.RCVHWM, 1 << 14)
+        self.events.connect(cfg.endpoint("events"))
+        self.status = self.ctx.socket(zmq.PULL)
+        self.status.bind(cfg.endpoint("status"))
+        self.event_decoder = protocol.decoder(protocol.EventMsg)
+        self.status_decoder = protocol.decoder(protocol.StatusMsg)
+        self.streams: dict[int, OutputStream] = {}
+        self.stats: protocol.Stats | None = None
+        self.dead: str | None = None
+        self._rids = itertools.count()
+        self._next_step = 0
+        self._tasks: list[asyncio.Task] = []
+
+    def start(self) -> None:
+        self._tasks = [asyncio.create_task(self._follow_events()), asyncio.create_task(self._follow_status())]
+
+    def submit(self, prompt: list[int], params: SamplingParams) -> OutputStream:
+        if self.dead:
+            raise EngineDead(self.dead)
+        stream = OutputStream(next(self._rids), len(prompt), params)
+        self.streams[stream.rid] = stream
+        self.requests.send(protocol.encode(protocol.Submit(stream.rid, prompt, params)))
+        return stream
+
+    def abort(self, stream: OutputStream) -> None:
+        """Stops generation for a stream that is not done (stop string hit, client gone)."""
+        if self.streams.pop(stream.rid, None) is not None and not self.dead:
+            self.requests.send(protocol.encode(protocol.Abort(stream.rid)))
+
+    def drain(self) -> None:
+        self.requests.send(protocol.encode(protocol.Drain()))
+
+    def fail_all(self, message: str) -> None:
+        """The engine died: every waiting route gets an error now."""
+        self.dead = message
+        for stream in self.streams.values():
+            stream._fail(message)
+        self.streams.clear()
+
+    async def _follow_events(self) -> None:
+        while True:
+            frame = await self.events.recv(copy=False)
+            result: StepResult = self.event_decoder.decode(frame.buffer)
+            if result.step_id != self._next_step:
+                self.fail_all(f"token events lost: expected step {self._next_step}, got {result.step_id}")
+                return
+            self._next_step += 1
+            self._apply(result)
+
+    def _apply(self, result: StepResult) -> None:
+        streams = self.streams
+        for p in result.prompt:
+            stream = streams.get(p.rid)
+            if stream is None:
+                continue
+            for j, lp in enumerate(p.logprobs):
+                pos = p.start + j
+                if pos < stream.prompt_len:  # a recomputed sequence also scores its own output
+                    stream.prompt_logprobs[pos] = lp
+                    stream.prompt_top[pos] = p.top[j] if p.top else None
+        tops = dict(zip(result.top_rows, result.top))
+        for i, (rid, token, lp) in enumerate(zip(result.rids, result.tokens, result.logprobs)):
+            stream = streams.get(rid)
+            if stream is not None and stream._add(token, lp, tops.get(i)):
+                del streams[rid]
+
+    async def _follow_status(self) -> None:
+        while True:
+            self.stats = self.status_decoder.decode(await self.status.recv())
+
+    def close(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        self.ctx.destroy(linger=0)

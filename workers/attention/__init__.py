@@ -1,0 +1,51 @@
+"""Attention behind one small interface: the runner calls `plan()` once per step with the batch's
+layout, then every layer calls `forward()` with its projected q, k, v.
+
+`AttentionBatch` fields and where they live:
+  qo_indptr, page_indptr, page_indices, last_page_len, kv_lens: int32 tensors on the rank's device
+  q_lens_host, kv_lens_host: python lists (host), num_prefill: rows [0, num_prefill) are prefill
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class AttentionBatch:
+    qo_indptr: torch.Tensor  # [rows + 1]
+    page_indptr: torch.Tensor  # [rows + 1]
+    page_indices: torch.Tensor  # [pages used]
+    last_page_len: torch.Tensor  # [rows]
+    kv_lens: torch.Tensor  # [rows]
+    positions: torch.Tensor  # [tokens]
+    q_lens_host: list[int]
+    kv_lens_host: list[int]
+    page_indptr_host: list[int]
+    num_prefill: int
+
+
+class AttentionBackend:
+    """plan() may be called once per step before the forward; forward() once per layer after it."""
+
+    def plan(self, batch: AttentionBatch) -> None:
+        raise NotImplementedError
+
+    def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q: [tokens, heads, head_dim]; k, v: [tokens, kv_heads, head_dim]. Appends k, v to the
+        cache at the batch's positions, then returns causal attention output [tokens, heads, head_dim]."""
+        raise NotImplementedError
+
+
+def make_backend(name: str, cache, num_heads: int, head_dim: int) -> AttentionBackend:
+    if name == "torch":
+        from workers.attention.torch_ref import TorchAttention
+
+        return TorchAttention(cache, num_heads, head_dim)
+    if name == "flashinfer":
+        from workers.attention.flashinfer_backend import FlashInferAttention
+
+        return FlashInferAttention(cache, num_heads, head_dim)
+    raise ValueError(f"unknown attention backend {name!r}")

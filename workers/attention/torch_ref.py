@@ -1,0 +1,70 @@
+"""Plain-torch paged attention: the CPU backend and the reference the FlashInfer backend is tested
+against. Scores and softmax run in float32 whatever the cache dtype."""
+
+from __future__ import annotations
+
+import torch
+
+from workers.attention import AttentionBackend, AttentionBatch
+
+
+class TorchAttention(AttentionBackend):
+    def __init__(self, cache, num_heads: int, head_dim: int):
+        self.cache = cache
+        self.num_heads = num_heads
+        self.scale = head_dim**-0.5
+
+    def plan(self, batch: AttentionBatch) -> None:
+        ps = self.cache.page_size
+        self.batch = batch
+        rows = torch.arange(len(batch.q_lens_host), device=batch.positions.device)
+        q_lens = torch.tensor(batch.q_lens_host, device=rows.device)
+        row_of_token = rows.repeat_interleave(q_lens)
+        pos = batch.positions.long()
+        # where each new token's k/v goes: (page, offset in page)
+        self.write_page = batch.page_indices[batch.page_indptr[row_of_token].long() + pos // ps].long()
+        self.write_off = pos % ps
+        # decode rows read their whole context at once, padded to the longest
+        dec = range(batch.num_prefill, len(batch.q_lens_host))
+        if len(dec):
+            max_len = max(batch.kv_lens_host[r] for r in dec)
+            j = torch.arange(max_len, device=rows.device)
+            drows = rows[batch.num_prefill :]
+            kv_lens = batch.kv_lens[batch.num_prefill :].long()
+            self.dec_valid = j[None, :] < kv_lens[:, None]
+            slot = (batch.page_indptr[drows].long()[:, None] + j[None, :] // ps)
+            slot = slot.clamp(max=batch.page_indices.numel() - 1)
+            self.dec_page = batch.page_indices[slot].long()
+            self.dec_off = (j % ps)[None, :].expand_as(self.dec_page)
+
+    def forward(self, layer, q, k, v):
+        kv = self.cache.layers[layer]
+        kv[self.write_page, 0, self.write_off] = k.to(kv.dtype)
+        kv[self.write_page, 1, self.write_off] = v.to(kv.dtype)
+        b = self.batch
+        out = torch.empty_like(q)
+        start = 0
+        for r in range(b.num_prefill):
+            q_len, kv_len = b.q_lens_host[r], b.kv_lens_host[r]
+            pages = b.page_indices[b.page_indptr_host[r] : b.page_indptr_host[r + 1]].long()
+            keys = kv[pages, 0].flatten(0, 1)[:kv_len]
+            vals = kv[pages, 1].flatten(0, 1)[:kv_len]
+            qpos = torch.arange(kv_len - q_len, kv_len, device=q.device)
+            mask = torch.arange(kv_len, device=q.device)[None, :] <= qpos[:, None]
+            out[start : start + q_len] = self._attend(q[start : start + q_len][None], keys[None], vals[None], mask[None])[0]
+            start += q_len
+        if start < q.shape[0]:
+            keys = kv[self.dec_page, 0, self.dec_off]  # [rows, len, kv_heads, d]
+            vals = kv[self.dec_page, 1, self.dec_off]
+            out[start:] = self._attend(q[start:, None], keys, vals, self.dec_valid[:, None, :])[:, 0]
+        return out
+
+    def _attend(self, q, k, v, mask):
+        """q: [B, Q, H, D]; k, v: [B, K, KVH, D]; mask: [B, Q, K] (True = attend)."""
+        groups = self.num_heads // k.shape[2]
+        k = k.float().repeat_interleave(groups, dim=2)
+        v = v.float().repeat_interleave(groups, dim=2)
+        scores = torch.einsum("bqhd,bkhd->bhqk", q.float(), k) * self.scale
+        scores = scores.masked_fill(~mask[:, None], float("-inf"))
+        probs = scores.softmax(dim=-1)
+        return torch.einsum("bhqk,bkhd->bqhd", probs, v).to(q.dtype)

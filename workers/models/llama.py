@@ -1,0 +1,81 @@
+"""Llama (and the architectures that differ from it only by flags: see qwen2, qwen3, mistral)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from workers.layers.attention import ForwardContext, SelfAttention
+from workers.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from workers.layers.mlp import GatedMLP
+from workers.layers.norm import RMSNorm
+from workers.layers.parallel import TPGroup
+from workers.layers.rotary import RotaryEmbedding, rope_parameters
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg, layer_id: int, rope: RotaryEmbedding, tp: TPGroup, qkv_bias: bool, qk_norm: bool):
+        super().__init__()
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = SelfAttention(
+            layer_id, cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, head_dim, rope, tp,
+            qkv_bias=qkv_bias, qk_norm_eps=cfg.rms_norm_eps if qk_norm else None,
+        )
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, tp)
+
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), ctx)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, cfg, tp: TPGroup, qkv_bias: bool, qk_norm: bool):
+        super().__init__()
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        rope = RotaryEmbedding(head_dim, cfg.max_position_embeddings, rope_parameters(cfg))
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp)
+        self.layers = nn.ModuleList(
+            DecoderLayer(cfg, i, rope, tp, qkv_bias, qk_norm) for i in range(cfg.num_hidden_layers)
+        )
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, input_ids: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            x = layer(x, ctx)
+        return self.norm(x)
+
+
+class LlamaForCausalLM(nn.Module):
+    # Flags the variants set; checkpoint names that load into fused parameters.
+    qkv_bias = False
+    qk_norm = False
+    packed = {
+        "q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"), "v_proj": ("qkv_proj", "v"),
+        "gate_proj": ("gate_up_proj", "gate"), "up_proj": ("gate_up_proj", "up"),
+    }
+
+    def __init__(self, cfg, tp: TPGroup):
+        super().__init__()
+        self.config = cfg
+        qkv_bias = getattr(cfg, "attention_bias", False) or self.qkv_bias
+        self.model = LlamaModel(cfg, tp, qkv_bias, self.qk_norm)
+        tied = self.model.embed_tokens if cfg.tie_word_embeddings else None
+        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, tp, tied=tied)
+
+    @classmethod
+    def check_config(cls, cfg, max_model_len: int) -> None:
+        """Called at launch: refuses settings this implementation would silently get wrong."""
+        if getattr(cfg, "mlp_bias", False):
+            raise ValueError("mlp_bias=True is not supported")
+        if getattr(cfg, "hidden_act", "silu") != "silu":
+            raise ValueError(f"hidden_act {cfg.hidden_act!r} is not supported (silu only)")
+
+    def forward(self, input_ids: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """Final-norm hidden states [tokens, hidden]; `logits` maps the rows that need them."""
+        return self.model(input_ids, ctx)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)

@@ -1,0 +1,82 @@
+"""Sampling and logprobs on the rank's device, with no host synchronization.
+
+Randomness is a hash of (request seed, token position, vocab id) rather than a generator's state:
+a request's samples do not depend on which other requests share its batch, on preemption and
+recomputation, or on which rank draws them, so seeded outputs are reproducible and tensor-parallel
+ranks agree without communicating. The Gumbel-max trick turns the hashed uniforms into a sample
+from exactly the distribution whose logprobs are reported: softmax(logits / temperature), after
+top-k and top-p (greedy rows, temperature 0, report the untempered distribution).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+_M32 = 0xFFFFFFFF
+MIN_LOGPROB = -9999.0
+
+
+def fold_seed(seed: int) -> int:
+    """Any Python int -> the 32-bit seed the hash takes."""
+    seed &= (1 << 64) - 1
+    return (seed ^ (seed >> 32)) & _M32
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit avalanche mix (lowbias32) on int64 tensors holding values below 2**32."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _M32
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & _M32
+    return x ^ (x >> 16)
+
+
+def gumbel(seeds: torch.Tensor, positions: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Gumbel noise [rows, V] for vocab `ids` ([V] or [rows, V]); seeds, positions: [rows] int64."""
+    row = _mix32((seeds * 0x9E3779B1 + positions * 0x85EBCA77 + 0x165667B1) & _M32)
+    x = _mix32((row[:, None] + ids * 0xC2B2AE3D) & _M32)
+    u = ((x >> 8).float() + 0.5) * (1.0 / (1 << 24))  # in (0, 1), exact in float32
+    return -torch.log(-torch.log(u))
+
+
+@dataclass
+class SamplingBatch:
+    """Per-row settings, all [rows] tensors on the logits' device."""
+
+    temperature: torch.Tensor  # float32; 0 = greedy
+    top_p: torch.Tensor  # float32 in (0, 1]
+    top_k: torch.Tensor  # int64; 0 = off
+    seeds: torch.Tensor  # int64, folded to 32 bits
+    positions: torch.Tensor  # int64: the position the sampled token will take
+    filtered: bool  # host-known: does any row use top-p or top-k
+    num_top: int  # host-known: the most alternatives any row asked for
+
+
+def sample(logits: torch.Tensor, b: SamplingBatch):
+    """logits: [rows, V] float32. Returns tokens [rows], their logprobs [rows], and the num_top best
+    (ids, logprobs) [rows, num_top] of the reported distribution."""
+    greedy = b.temperature <= 0
+    temp = torch.where(greedy, torch.ones_like(b.temperature), b.temperature)
+    logprobs = torch.log_softmax(logits / temp[:, None], dim=-1)
+    vocab = torch.arange(logits.shape[-1], device=logits.device)
+    if b.filtered:
+        sorted_lp, order = logprobs.sort(dim=-1, descending=True)
+        probs = sorted_lp.exp()
+        before = probs.cumsum(dim=-1) - probs  # mass strictly ahead of each token
+        keep = (before < b.top_p[:, None]) | (b.top_p[:, None] >= 1.0)  # rounding must not cut the tail
+        keep &= (b.top_k[:, None] <= 0) | (vocab[None, :] < b.top_k[:, None])
+        sorted_lp = sorted_lp.masked_fill(~keep, float("-inf"))
+        renorm = torch.logsumexp(sorted_lp, dim=-1, keepdim=True)
+        logprobs = torch.full_like(logprobs, float("-inf")).scatter_(1, order, sorted_lp - renorm)
+    noisy = logprobs + gumbel(b.seeds, b.positions, vocab)
+    tokens = torch.where(greedy, logits.argmax(dim=-1), noisy.argmax(dim=-1))
+    # -inf (filtered out) is reported as -9999, as OpenAI-style APIs do: JSON has no infinity
+    chosen = logprobs.gather(1, tokens[:, None])[:, 0].clamp(min=MIN_LOGPROB)
+    if b.num_top > 0:
+        top_lp, top_ids = logprobs.topk(b.num_top, dim=-1)
+        top_lp = top_lp.clamp(min=MIN_LOGPROB)
+    else:
+        top_lp = top_ids = None
+    return tokens, chosen, top_ids, top_lp

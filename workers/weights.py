@@ -1,0 +1,100 @@
+"""Loading Hugging Face safetensors checkpoints (one file or sharded with an index) into our modules.
+
+Checkpoint names map to our modules declaratively: a name is our module path, except that the
+model's `packed` table sends e.g. `q_proj` to the `q` part of `qkv_proj`. Every module that holds
+weights has `load(tensor, shard, is_bias)` and slices out its own tensor-parallel part. Loading is
+strict: an unexpected tensor or one never loaded is an error that names it.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+# Buffers some checkpoints carry that our modules recompute.
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def checkpoint_files(folder: str) -> list[str]:
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            names = sorted(set(json.load(f)["weight_map"].values()))
+        return [os.path.join(folder, n) for n in names]
+    files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
+    if not files:
+        raise FileNotFoundError(f"no .safetensors files in {folder}")
+    return files
+
+
+def expected_targets(model: nn.Module) -> set[tuple[str, str, bool]]:
+    """(module path, shard, is_bias) of every tensor the checkpoint must provide."""
+    targets = set()
+    for path, module in model.named_modules():
+        if not hasattr(module, "load"):
+            continue
+        if getattr(module, "weight", None) is not None and _tied_to_other(model, path, module):
+            continue
+        shards = list(getattr(module, "layout", {"": None}))
+        for shard in shards:
+            targets.add((path, shard, False))
+            if getattr(module, "bias", None) is not None:
+                targets.add((path, shard, True))
+    return targets
+
+
+def _tied_to_other(model: nn.Module, path: str, module: nn.Module) -> bool:
+    tied = getattr(model, "lm_head", None)
+    return path == "lm_head" and model.config.tie_word_embeddings and tied is module
+
+
+def resolve(model: nn.Module, name: str) -> tuple[str, str, bool]:
+    """Checkpoint name -> (our module path, shard, is_bias)."""
+    module_path, _, kind = name.rpartition(".")
+    if kind not in ("weight", "bias"):
+        raise KeyError(name)
+    parent, _, leaf = module_path.rpartition(".")
+    shard = ""
+    if leaf in model.packed:
+        leaf, shard = model.packed[leaf]
+        module_path = f"{parent}.{leaf}" if parent else leaf
+    return module_path, shard, kind == "bias"
+
+
+def load_checkpoint(model: nn.Module, folder: str) -> None:
+    expected = expected_targets(model)
+    loaded: set[tuple[str, str, bool]] = set()
+    tied = model.config.tie_word_embeddings
+    for path in checkpoint_files(folder):
+        with safe_open(path, framework="pt") as f:
+            for name in f.keys():
+                if name.endswith(IGNORED_SUFFIXES) or (tied and name == "lm_head.weight"):
+                    continue
+                try:
+                    target = resolve(model, name)
+                    module = model.get_submodule(target[0])
+                except (KeyError, AttributeError):
+                    raise ValueError(f"unexpected tensor {name!r} in {os.path.basename(path)}") from None
+                if target not in expected:
+                    raise ValueError(f"unexpected tensor {name!r} in {os.path.basename(path)}")
+                module.load(f.get_tensor(name), target[1], target[2])
+                loaded.add(target)
+    missing = sorted(expected - loaded)
+    if missing:
+        names = [f"{p}[{s}]{'.bias' if b else ''}" if s else f"{p}{'.bias' if b else '.weight'}" for p, s, b in missing]
+        raise ValueError(f"checkpoint {folder} lacks {len(missing)} tensors: {', '.join(names[:10])}")
+
+
+def init_random(model: nn.Module, seed: int) -> None:
+    """Random weights for benchmarks: small normal matrices, unit norms, so activations stay finite."""
+    for i, (name, p) in enumerate(model.named_parameters()):
+        if name.endswith("norm.weight"):
+            p.data.fill_(1.0)
+        else:
+            gen = torch.Generator(device=p.device).manual_seed(seed * 100003 + i)
+            p.data.normal_(0.0, 0.02, generator=gen)

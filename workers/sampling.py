@@ -5,7 +5,7 @@ a request's samples do not depend on which other requests share its batch, on pr
 recomputation, or on which rank draws them, so seeded outputs are reproducible and tensor-parallel
 ranks agree without communicating. The Gumbel-max trick turns the hashed uniforms into a sample
 from exactly the distribution whose logprobs are reported: softmax(logits / temperature), after
-top-k and top-p (greedy rows, temperature 0, report the untempered distribution).
+top-k and top-p (greedy rows, temperature 0, report the model's unfiltered distribution).
 """
 
 from __future__ import annotations
@@ -67,6 +67,7 @@ def sample(logits: torch.Tensor, b: SamplingBatch):
         before = probs.cumsum(dim=-1) - probs  # mass strictly ahead of each token
         keep = (before < b.top_p[:, None]) | (b.top_p[:, None] >= 1.0)  # rounding must not cut the tail
         keep &= (b.top_k[:, None] <= 0) | (vocab[None, :] < b.top_k[:, None])
+        keep |= greedy[:, None]  # the argmax needs no filter, and its logprobs stay the model's own
         sorted_lp = sorted_lp.masked_fill(~keep, float("-inf"))
         renorm = torch.logsumexp(sorted_lp, dim=-1, keepdim=True)
         logprobs = torch.full_like(logprobs, float("-inf")).scatter_(1, order, sorted_lp - renorm)

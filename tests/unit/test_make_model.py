@@ -1,15 +1,13 @@
 """The random-model generator writes folders that transformers loads as-is and that behave usefully."""
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # tools/ is not an installed package
-from tools.make_model import SHAPES, make_model, param_shapes  # noqa: E402
+from tools.make_model import SHAPES, make_model, param_shapes
 
 TINY = [name for name in SHAPES if name.startswith("tiny-")]
 

@@ -1,0 +1,145 @@
+"""Shared test helpers: an in-process rank for parity tests and a launched server for e2e tests."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import requests
+
+from toka.config import EngineConfig
+from toka.protocol import SeqParams, StepPlan
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def local_runner(model: str, dtype: str = "float32", device: str = "cpu", kv_tokens: int = 8192, max_seqs: int = 16):
+    """A rank's ModelRunner in this process, for driving step plans directly."""
+    from workers.rank import build
+
+    cfg = EngineConfig(model=model, device=device, dtype=dtype, kv_cache_tokens=kv_tokens, max_seqs=max_seqs).resolve()
+    runner, _ = build(cfg, 0)
+    return runner
+
+
+def prefill_plan(step: int, prompts: list[list[int]], page_size: int, prompt_logprobs: int = -1,
+                 temperature: float = 0.0, logprobs: int = 0) -> StepPlan:
+    """One step that prefills every prompt whole, row r in slot r, pages laid out consecutively."""
+    indptr, indices, page = [0], [], 0
+    for p in prompts:
+        n = -(-len(p) // page_size)
+        indices += list(range(page, page + n))
+        page += n
+        indptr.append(len(indices))
+    return StepPlan(
+        step_id=step, rids=list(range(len(prompts))), slots=list(range(len(prompts))),
+        q_lens=[len(p) for p in prompts], kv_lens=[len(p) for p in prompts], emit=[True] * len(prompts),
+        num_prefill=len(prompts), prefill_tokens=[t for p in prompts for t in p],
+        page_indptr=indptr, page_indices=indices,
+        admit=[SeqParams(r, temperature, 1.0, 0, 0, logprobs, prompt_logprobs) for r in range(len(prompts))],
+        prefill_next=[-1] * len(prompts) if prompt_logprobs >= 0 else [],
+    )
+
+
+class Server:
+    """`toka-launch` in a subprocess; stop() sends SIGTERM and returns the exit code."""
+
+    def __init__(self, *args: str, timeout: float = 300.0, env: dict | None = None):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"toka-test-{self.port}.log", "w+")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "toka.launch", "--port", str(self.port), *args],
+            stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+        )
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.output()}")
+            try:
+                if requests.get(self.url + "/health", timeout=1).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise TimeoutError(f"server not healthy in {timeout}s:\n{self.output()}")
+            time.sleep(0.25)
+
+    def output(self) -> str:
+        self.log.flush()
+        self.log.seek(0)
+        return self.log.read()[-5000:]
+
+    def stop(self, timeout: float = 60) -> int:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+def compare_with_hf(url: str, path: str, dtype, prompts: list[str], max_tokens: int) -> dict:
+    """Greedy chat completions with logprobs from the server at `url`, scored by transformers in
+    `dtype` on the same tokens (teacher forcing). Returns token match, mean relative and max
+    absolute logprob differences."""
+    import torch
+    from openai import OpenAI
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    client = OpenAI(base_url=url + "/v1", api_key="none")
+    outputs = []
+    for prompt in prompts:
+        messages = [{"role": "user", "content": prompt}]
+        resp = client.chat.completions.create(
+            model="any", messages=messages, temperature=0, max_tokens=max_tokens, logprobs=True, top_logprobs=5,
+        )
+        content = resp.choices[0].logprobs.content
+        assert len(content) > 0 and resp.usage.completion_tokens >= len(content)
+        ids = tokenizer.convert_tokens_to_ids([c.token for c in content])
+        assert resp.choices[0].message.content.strip() == tokenizer.decode(ids, skip_special_tokens=True).strip()
+        for c in content:  # the chosen token's logprob is at least its best alternative's (greedy)
+            assert len(c.top_logprobs) == 5 and c.logprob >= c.top_logprobs[0].logprob - 1e-6
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        outputs.append((tokenizer(text, add_special_tokens=False).input_ids, ids, [c.logprob for c in content]))
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    matches, diffs, refs = [], [], []
+    for prompt_ids, ids, ours in outputs:
+        full = torch.tensor([prompt_ids + ids], device=device)
+        with torch.no_grad():
+            logprobs = torch.log_softmax(model(full).logits[0].float(), dim=-1)[len(prompt_ids) - 1 : -1]
+        target = torch.tensor(ids, device=device)
+        ref = logprobs.gather(1, target[:, None])[:, 0].cpu()
+        matches += (logprobs.argmax(-1) == target).cpu().tolist()
+        diffs += (torch.tensor(ours) - ref).abs().tolist()
+        refs += ref.abs().tolist()
+    return {
+        "tokens": len(matches),
+        "token_match": sum(matches) / len(matches),
+        "mean_rel_diff": sum(diffs) / max(sum(refs), 1e-6),
+        "max_abs_diff": max(diffs),
+    }
+
+
+def assert_within_tolerance(stats: dict, dtype) -> None:
+    """float32: identical greedy tokens, logprobs within 1e-3; otherwise the public tolerances."""
+    import torch
+
+    if dtype == torch.float32:
+        assert stats["token_match"] == 1.0 and stats["max_abs_diff"] <= 1e-3, stats
+    else:
+        assert stats["token_match"] >= 0.95 and stats["mean_rel_diff"] <= 0.1 and stats["max_abs_diff"] <= 0.2, stats

@@ -1,0 +1,500 @@
+"""Scheduler driven by simulated ranks: plans run in order, up to K in flight, each answered with the
+token a deterministic fake model gives. The fake ranks keep a paged token cache and a slot -> last
+token table like the real ones, and check on every step that each row's whole context read back
+through its page table is exactly the request's prompt followed by the model's tokens."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter, deque
+
+import pytest
+
+from toka.protocol import SamplingParams, StepPlan, StepResult
+from toka.scheduler.batching import Scheduler, StepOrderError
+
+STOP = 7
+VOCAB = 50
+
+
+def model_token(rid: int, position: int) -> int:
+    """The fake model: the token sampled to take `position` of request `rid`."""
+    return (rid * 31 + position) % VOCAB
+
+
+def expected_output(rid: int, prompt: list[int], params: SamplingParams) -> tuple[list[int], str]:
+    out: list[int] = []
+    if params.max_tokens == 0:
+        return out, "length"
+    for i in range(params.max_tokens):
+        t = model_token(rid, len(prompt) + i)
+        if t in params.stop_token_ids:
+            return out, "stop"
+        out.append(t)
+    return out, "length"
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+class FakeRanks:
+    """What the ranks do with a plan, on tokens instead of tensors, with checks on every plan."""
+
+    def __init__(self, h: "Harness"):
+        self.h = h
+        self.cache: dict[int, list[int | None]] = {}  # page -> the token at each offset
+        self.last_token: dict[int, int] = {}  # slot -> last sampled token
+        self.slot_rid: dict[int, int] = {}  # slot -> the rid its settings were admitted for
+        self.next_step = 0
+
+    def execute(self, plan: StepPlan) -> StepResult:
+        h, ps = self.h, self.h.page_size
+        assert plan.step_id == self.next_step, "plans must run in order"
+        self.next_step += 1
+        for a in plan.admit:
+            rid = plan.rids[plan.slots.index(a.slot)]
+            p = h.requests[rid][1]
+            assert (a.temperature, a.top_p, a.top_k, a.seed, a.logprobs, a.prompt_logprobs) == (
+                p.temperature, p.top_p, p.top_k, p.seed, p.logprobs, p.prompt_logprobs)
+            self.slot_rid[a.slot] = rid
+        tokens_in = list(plan.prefill_tokens)
+        result = StepResult(plan.step_id, [], [], [])
+        cursor = 0
+        for r, rid in enumerate(plan.rids):
+            slot, q, kv = plan.slots[r], plan.q_lens[r], plan.kv_lens[r]
+            assert self.slot_rid.get(slot) == rid, f"row {r}: slot {slot} was not admitted for rid {rid}"
+            if r < plan.num_prefill:
+                inputs = tokens_in[cursor : cursor + q]
+                cursor += q
+            else:
+                inputs = [self.last_token[slot]]
+            pages = plan.page_indices[plan.page_indptr[r] : plan.page_indptr[r + 1]]
+            for i, tok in enumerate(inputs):
+                pos = kv - q + i
+                self.cache.setdefault(pages[pos // ps], [None] * ps)[pos % ps] = tok
+            context = [self.cache[pages[p // ps]][p % ps] for p in range(kv)]
+            assert context == h.true_sequence(rid, kv), f"step {plan.step_id} rid {rid}: wrong KV context"
+            if plan.emit[r]:
+                tok = model_token(rid, kv)
+                self.last_token[slot] = tok
+                result.rids.append(rid)
+                result.tokens.append(tok)
+                result.logprobs.append(-0.5)
+                h.emitted_at[(plan.step_id, rid)] = kv
+        assert cursor == len(tokens_in)
+        return result
+
+
+class Harness:
+    def __init__(self, num_pages=64, page_size=4, max_seqs=8, max_tokens_per_forward=32, steps_ahead=2, seed=0):
+        self.sched = Scheduler(num_pages, page_size, max_seqs, max_tokens_per_forward)
+        self.num_pages, self.page_size = num_pages, page_size
+        self.max_seqs, self.budget, self.K = max_seqs, max_tokens_per_forward, steps_ahead
+        self.rng = random.Random(seed)
+        self.ranks = FakeRanks(self)
+        self.inflight: deque[StepPlan] = deque()
+        self.requests: dict[int, tuple[list[int], SamplingParams]] = {}
+        self.seq_objs = {}
+        self.live: dict[int, list[int]] = {}  # server side: tokens accepted so far
+        self.ended: dict[int, tuple[str, list[int]]] = {}
+        self.emitted_at: dict[tuple[int, int], int] = {}
+        self.admitted_known: dict[int, int] = {}  # rid -> known tokens when (re)admitted
+        self.page_last_use: dict[int, tuple[int, int]] = {}  # page -> (rid, step)
+        self.plans: list[StepPlan] = []
+        self.max_inflight_seen = 0
+
+    # ---- what the sequences are -------------------------------------------------------------------
+    def true_sequence(self, rid: int, n: int) -> list[int]:
+        prompt = self.requests[rid][0]
+        return [prompt[i] if i < len(prompt) else model_token(rid, i) for i in range(n)]
+
+    # ---- driving --------------------------------------------------------------------------------
+    def add(self, rid: int, prompt: list[int], params: SamplingParams) -> None:
+        self.requests[rid] = (prompt, params)
+        self.sched.add(rid, prompt, params)
+        self.seq_objs[rid] = self.sched.seqs[rid]
+        self.live[rid] = []
+        self.sched.check()
+
+    def abort(self, rid: int) -> None:
+        self.sched.abort(rid)
+        self.sched.check()
+        if rid in self.live:
+            self.ended[rid] = ("abort", self.live.pop(rid))
+
+    def schedule(self) -> StepPlan | None:
+        plan = self.sched.schedule()
+        self.sched.check()
+        if plan is not None:
+            self.check_plan(plan)
+            self.inflight.append(plan)
+            self.plans.append(plan)
+            self.max_inflight_seen = max(self.max_inflight_seen, len(self.inflight))
+        return plan
+
+    def complete(self) -> list[tuple[int, str]]:
+        plan = self.inflight.popleft()
+        result = self.ranks.execute(plan)
+        ended = self.sched.update(result)
+        self.sched.check()
+        self.check_result(result, ended)
+        return ended
+
+    def check_plan(self, plan: StepPlan) -> None:
+        s, ps = self.sched, self.page_size
+        rows = len(plan.rids)
+        assert rows > 0
+        assert len(plan.slots) == len(plan.q_lens) == len(plan.kv_lens) == len(plan.emit) == rows
+        assert rows <= self.max_seqs
+        assert sum(plan.q_lens) <= self.budget, "token budget exceeded"
+        assert len(set(plan.rids)) == rows and len(set(plan.slots)) == rows
+        assert all(0 <= sl < self.max_seqs for sl in plan.slots)
+        assert 0 <= plan.num_prefill <= rows
+        assert len(plan.prefill_tokens) == sum(plan.q_lens[: plan.num_prefill])
+        assert all(q == 1 for q in plan.q_lens[plan.num_prefill :]), "decode rows compute one token"
+        assert all(plan.emit[plan.num_prefill :]), "decode rows always sample"
+        assert all(0 < q <= kv for q, kv in zip(plan.q_lens, plan.kv_lens))
+        assert len(plan.page_indptr) == rows + 1 and plan.page_indptr[0] == 0
+        assert plan.page_indptr[-1] == len(plan.page_indices)
+        assert len(set(plan.page_indices)) == len(plan.page_indices), "one page in two rows"
+        assert all(0 <= p < self.num_pages for p in plan.page_indices)
+        assert not set(plan.page_indices) & set(s.pages._free), "a planned page is free"
+        wanting = []
+        for r, rid in enumerate(plan.rids):
+            kv, q = plan.kv_lens[r], plan.q_lens[r]
+            n = plan.page_indptr[r + 1] - plan.page_indptr[r]
+            assert n == cdiv(kv, ps), f"rid {rid}: {n} pages for {kv} tokens"
+            assert rid in self.live, "a plan row for a request that ended or was aborted"
+            prompt, params = self.requests[rid]
+            known = len(prompt) + len(self.live[rid])
+            if r < plan.num_prefill:
+                if kv - q == 0:  # (re)admission: prefill starts from scratch with everything known
+                    self.admitted_known[rid] = known
+                # prefill tokens are the prompt followed by what was generated so far
+                assert kv <= self.admitted_known[rid]
+                assert plan.emit[r] == (kv == self.admitted_known[rid])
+                if params.prompt_logprobs >= 0:
+                    wanting.append(r)
+            else:
+                assert params.max_tokens > 0, "a prompt-only request decodes"
+            for p in plan.page_indices[plan.page_indptr[r] : plan.page_indptr[r + 1]]:
+                owner = self.page_last_use.get(p)
+                if owner is not None and owner[0] != rid:
+                    # a page moves to another request only once every step that used it completed
+                    assert owner[1] <= s.done_step, f"page {p} reused while step {owner[1]} is in flight"
+                self.page_last_use[p] = (rid, plan.step_id)
+        # prompt-logprob rows get the token after their chunk
+        assert len(plan.prefill_next) == len(wanting)
+        cursor = 0
+        offsets = {}
+        for r in range(plan.num_prefill):
+            offsets[r] = cursor
+            chunk = plan.prefill_tokens[cursor : cursor + plan.q_lens[r]]
+            cursor += plan.q_lens[r]
+            kv = plan.kv_lens[r]
+            assert chunk == self.true_sequence(plan.rids[r], kv)[kv - plan.q_lens[r] :]
+        for r, nxt in zip(wanting, plan.prefill_next):
+            rid, kv = plan.rids[r], plan.kv_lens[r]
+            known = self.admitted_known[rid]
+            assert nxt == (self.true_sequence(rid, known)[kv] if kv < known else -1)
+        admitted_slots = {a.slot for a in plan.admit}
+        for r in range(plan.num_prefill):
+            if plan.kv_lens[r] == plan.q_lens[r]:
+                assert plan.slots[r] in admitted_slots, "a (re)admitted sequence without its settings"
+
+    def check_result(self, result: StepResult, ended: list[tuple[int, str]]) -> None:
+        mine = []
+        for rid, tok in zip(result.rids, result.tokens):
+            if rid not in self.live:
+                continue
+            prompt, params = self.requests[rid]
+            gen = self.live[rid]
+            assert self.emitted_at[(result.step_id, rid)] == len(prompt) + len(gen), \
+                f"rid {rid}: a token sampled for the wrong position"
+            keep, reason = params.accept(tok, len(gen))
+            if keep:
+                gen.append(tok)
+            if reason is not None:
+                mine.append((rid, reason))
+                self.ended[rid] = (reason, self.live.pop(rid))
+        assert sorted(ended) == sorted(mine)
+        for rid, gen in self.live.items():
+            assert self.seq_objs[rid].generated == gen
+
+    def run(self, arrivals=(), abort_prob=0.0, max_iters=200_000):
+        """Interleaves arrivals, aborts, planning (up to K in flight) and results until all is done."""
+        arrivals = deque(arrivals)
+        rng = self.rng
+        for _ in range(max_iters):
+            if arrivals and (rng.random() < 0.3 or (self.sched.idle and not self.inflight)):
+                self.add(*arrivals.popleft())
+                continue
+            if abort_prob and self.live and rng.random() < abort_prob:
+                self.abort(rng.choice(sorted(self.live)))
+                continue
+            plan = None
+            if len(self.inflight) < self.K and rng.random() < 0.7:
+                plan = self.schedule()
+                if plan is not None:
+                    continue
+            if self.inflight:
+                self.complete()
+                continue
+            if plan is None and len(self.inflight) < self.K:
+                plan = self.schedule()
+                if plan is not None:
+                    continue
+            if not arrivals:
+                assert self.sched.idle, f"stuck: nothing planned, nothing in flight, {len(self.live)} live"
+                break
+        else:
+            raise AssertionError("did not finish: livelock?")
+        self.final_checks()
+
+    def final_checks(self):
+        s = self.sched
+        assert not self.live and not self.inflight
+        assert s.idle and not s.running and not s.waiting and not s.seqs
+        assert s.pages.num_free == self.num_pages, "pages leaked"
+        assert s.pages.num_pending == 0
+        assert sorted(s.free_slots) == list(range(self.max_seqs)), "slots leaked"
+        for rid, (reason, toks) in self.ended.items():
+            want_toks, want_reason = expected_output(rid, *self.requests[rid])
+            if reason == "abort":
+                assert toks == want_toks[: len(toks)]
+            else:
+                assert (reason, toks) == (want_reason, want_toks), f"rid {rid}"
+                assert self.seq_objs[rid].generated == toks
+        st = s.stats()
+        assert st.finished == {k: v for k, v in Counter(r for r, _ in self.ended.values()).items()}
+        assert st.tokens_generated == sum(len(t) for r, t in self.ended.values())
+        assert st.running == st.waiting == 0 and st.free_pages == st.total_pages == self.num_pages
+        assert st.steps == len(self.plans)
+
+
+def params(max_tokens, stop=(STOP,), **kw) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, stop_token_ids=list(stop), **kw)
+
+
+def first_stop_distance(rid: int, start: int) -> int:
+    """How many tokens the fake model gives before it samples STOP."""
+    i = 0
+    while model_token(rid, start + i) != STOP:
+        i += 1
+    return i
+
+
+# ---- small scenarios -------------------------------------------------------------------------------
+def test_single_request_runs_to_max_tokens():
+    h = Harness(steps_ahead=1)
+    h.run([(1, [3, 4, 5, 6, 8], params(6, stop=()))])
+    assert h.ended[1] == ("length", [model_token(1, p) for p in range(5, 11)])
+    # one prefill step, then one decode step per further token
+    assert len(h.plans) == 6
+    assert h.plans[0].num_prefill == 1 and h.plans[0].kv_lens == [5] and h.plans[0].emit == [True]
+    assert [p.kv_lens for p in h.plans[1:]] == [[6], [7], [8], [9], [10]]
+
+
+def test_stop_token_ends_without_being_output():
+    rid, prompt = 2, [1, 2, 3]
+    n = first_stop_distance(rid, len(prompt))
+    h = Harness(steps_ahead=3)
+    h.run([(rid, prompt, params(n + 10))])
+    reason, toks = h.ended[rid]
+    assert reason == "stop" and len(toks) == n and STOP not in toks
+
+
+def test_max_tokens_one():
+    h = Harness()
+    h.run([(5, [1, 2], params(1, stop=()))])
+    assert h.ended[5] == ("length", [model_token(5, 2)])
+    assert len(h.plans) == 1
+
+
+def test_prompt_only_request_ends_after_prefill_with_length():
+    h = Harness(steps_ahead=3, max_tokens_per_forward=4)
+    h.run([(9, list(range(10)), params(0, prompt_logprobs=0))])
+    assert h.ended[9] == ("length", [])
+    assert all(p.num_prefill == len(p.rids) == 1 for p in h.plans), "no decode row for max_tokens=0"
+    assert [p.q_lens for p in h.plans] == [[4], [4], [2]]
+    assert [p.emit for p in h.plans] == [[False], [False], [True]]
+    assert [p.prefill_next for p in h.plans] == [[4], [8], [-1]]
+
+
+def test_chunked_prefill_respects_the_budget_and_emits_once():
+    h = Harness(max_tokens_per_forward=5, steps_ahead=2)
+    prompt = [i % 50 for i in range(23)]
+    h.run([(3, prompt, params(3, stop=()))])
+    pre = [p for p in h.plans if p.num_prefill]
+    assert [p.q_lens[0] for p in pre] == [5, 5, 5, 5, 3]
+    assert [p.emit[0] for p in pre] == [False] * 4 + [True]
+    assert h.ended[3][0] == "length" and len(h.ended[3][1]) == 3
+
+
+def test_decode_continues_while_results_are_in_flight():
+    h = Harness(steps_ahead=3)
+    h.add(1, [1, 2, 3], params(10, stop=()))
+    for _ in range(3):
+        assert h.schedule() is not None
+    assert h.sched.inflight_steps == 3
+    assert [p.kv_lens for p in h.plans] == [[3], [4], [5]]
+    # never more decode steps than max_tokens, however far ahead we may plan
+    h.run()
+    assert h.ended[1] == ("length", [model_token(1, p) for p in range(3, 13)])
+    assert len(h.plans) == 10
+
+
+def test_nothing_to_do_returns_none():
+    s = Scheduler(8, 4, 2, 16)
+    assert s.schedule() is None and s.idle
+
+
+def test_mixed_batch_decode_rows_first_budget_and_slots():
+    h = Harness(max_seqs=2, max_tokens_per_forward=6, steps_ahead=2)
+    reqs = [(rid, [rid % 50] * (3 + rid), params(4 + rid % 3, stop=())) for rid in range(6)]
+    h.run(reqs)
+    assert all(len(p.rids) <= 2 for p in h.plans)
+    assert any(0 < p.num_prefill < len(p.rids) for p in h.plans), "prefill and decode never shared a step"
+    for rid, prompt, prm in reqs:
+        assert h.ended[rid] == ("length", expected_output(rid, prompt, prm)[0])
+
+
+# ---- aborts ------------------------------------------------------------------------------------------
+def test_abort_waiting_request():
+    h = Harness(max_seqs=1)
+    h.add(1, [1, 2, 3], params(5, stop=()))
+    h.add(2, [4, 5], params(5, stop=()))
+    h.schedule()
+    assert h.plans[0].rids == [1]
+    h.abort(2)
+    assert 2 not in h.sched.seqs and all(s.rid != 2 for s in h.sched.waiting)
+    h.run()
+    assert h.ended[2] == ("abort", [])
+    assert all(2 not in p.rids for p in h.plans)
+    assert h.sched.finished["abort"] == 1
+
+
+def test_abort_running_request_with_steps_in_flight():
+    h = Harness(steps_ahead=3, num_pages=16)
+    h.add(1, [1, 2, 3, 4, 5], params(20, stop=()))
+    h.add(2, [6, 7], params(5, stop=()))
+    for _ in range(3):
+        h.schedule()
+    held = len(h.seq_objs[1].pages)
+    assert held > 0
+    free_before = h.sched.pages.num_free
+    h.abort(1)
+    # pages of in-flight steps are not reusable until those steps complete
+    assert h.sched.pages.num_free == free_before
+    assert h.sched.pages.num_pending == held
+    h.sched.abort(1)  # twice: no-op
+    h.sched.abort(12345)  # unknown: no-op
+    h.sched.check()
+    h.run()  # results for rid 1 still arrive and are ignored
+    assert h.ended[1][0] == "abort"
+    assert h.ended[2] == ("length", expected_output(2, [6, 7], params(5, stop=()))[0])
+    assert h.sched.finished == Counter({"abort": 1, "length": 1})
+
+
+def test_abort_of_finished_request_is_a_no_op():
+    h = Harness()
+    h.run([(1, [1], params(2, stop=()))])
+    h.sched.abort(1)
+    h.sched.check()
+    assert h.sched.finished == Counter({"length": 1})
+
+
+# ---- step order --------------------------------------------------------------------------------------
+def test_out_of_order_result_raises():
+    h = Harness(steps_ahead=3)
+    h.add(1, [1, 2, 3], params(5, stop=()))
+    p0, p1 = h.schedule(), h.schedule()
+    with pytest.raises(StepOrderError):
+        h.sched.update(StepResult(p1.step_id, [1], [0], [0.0]))  # step 0 skipped
+    h.sched.update(h.ranks.execute(p0))
+    with pytest.raises(StepOrderError):  # step 0 again
+        h.sched.update(StepResult(p0.step_id, [1], [0], [0.0]))
+    with pytest.raises(StepOrderError):  # a step never planned
+        h.sched.update(StepResult(7, [1], [0], [0.0]))
+
+
+# ---- preemption --------------------------------------------------------------------------------------
+def test_preemption_recomputes_prompt_plus_generated():
+    # 6 pages of 2 tokens: both sequences fit alone (prompt 4 + 8 tokens = 12), not together
+    h = Harness(num_pages=6, page_size=2, max_seqs=4, max_tokens_per_forward=16, steps_ahead=2)
+    reqs = [(1, [1, 2, 3, 4], params(8, stop=())), (2, [5, 6, 8, 9], params(8, stop=()))]
+    for r in reqs:
+        h.add(*r)
+    h.run()
+    assert h.sched.preemptions > 0
+    # a readmission's prefill covers prompt and tokens generated before the preemption
+    recomputes = [(p, r) for p in h.plans for r in range(p.num_prefill)
+                  if p.kv_lens[r] == p.q_lens[r] and p.kv_lens[r] > 4]
+    assert recomputes, "no recompute prefill longer than the prompt"
+    for p, r in recomputes:
+        rid = p.rids[r]
+        start = sum(p.q_lens[:r])
+        assert p.prefill_tokens[start : start + p.q_lens[r]] == h.true_sequence(rid, p.kv_lens[r])
+    for rid, prompt, prm in reqs:
+        assert h.ended[rid] == ("length", expected_output(rid, prompt, prm)[0])
+
+
+def test_youngest_is_preempted_first():
+    h = Harness(num_pages=6, page_size=2, max_seqs=4, max_tokens_per_forward=16, steps_ahead=1)
+    h.add(1, [1, 2, 3, 4], params(8, stop=()))
+    h.add(2, [5, 6, 8, 9], params(8, stop=()))
+    while h.sched.preemptions == 0:
+        assert h.schedule() is not None
+        h.complete()
+    assert [s.rid for s in h.sched.running] == [1]
+    assert [s.rid for s in h.sched.waiting] == [2]
+    h.run()
+
+
+# ---- stress ------------------------------------------------------------------------------------------
+def _random_requests(rng: random.Random, n: int, max_len: int):
+    reqs = []
+    for rid in range(n):
+        plen = rng.randint(1, max_len // 2)
+        mt = rng.choice([0, 1, rng.randint(1, max_len - plen)])
+        stop = rng.choice([(), (STOP,), (STOP, 13), (rng.randrange(VOCAB),)])
+        kw = dict(temperature=rng.choice([0.0, 0.7]), top_p=rng.choice([1.0, 0.9]), top_k=rng.choice([0, 5]),
+                  seed=rng.randrange(1000), logprobs=rng.choice([-1, 0, 3]), prompt_logprobs=rng.choice([-1, -1, 0, 2]))
+        reqs.append((rid * 7 + 1, [rng.randrange(VOCAB) for _ in range(plen)], params(mt, stop=stop, **kw)))
+    return reqs
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_stress_tight_memory_with_preemptions(seed):
+    rng = random.Random(seed)
+    page_size = rng.choice([1, 2, 4])
+    num_pages = rng.randint(4, 10)
+    max_len = num_pages * page_size  # every request fits alone
+    h = Harness(num_pages=num_pages, page_size=page_size, max_seqs=rng.randint(1, 6),
+                max_tokens_per_forward=rng.randint(1, 12), steps_ahead=rng.randint(1, 4), seed=seed)
+    h.run(_random_requests(rng, 40, max_len), abort_prob=0.01 if seed % 3 == 0 else 0.0)
+    assert len(h.ended) == 40
+
+
+def test_stress_preempts_and_keeps_many_steps_in_flight():
+    total_preemptions = 0
+    for seed in range(4):
+        rng = random.Random(100 + seed)
+        h = Harness(num_pages=8, page_size=2, max_seqs=6, max_tokens_per_forward=8, steps_ahead=3, seed=seed)
+        reqs = [(rid, [rng.randrange(VOCAB) for _ in range(rng.randint(2, 6))], params(rng.randint(4, 10), stop=()))
+                for rid in range(30)]
+        h.run(reqs)
+        total_preemptions += h.sched.preemptions
+        assert h.max_inflight_seen == 3
+        for rid, prompt, prm in reqs:
+            assert h.ended[rid] == ("length", expected_output(rid, prompt, prm)[0])
+    assert total_preemptions > 0
+
+
+def test_stress_roomy_memory_with_aborts():
+    rng = random.Random(7)
+    h = Harness(num_pages=200, page_size=4, max_seqs=8, max_tokens_per_forward=24, steps_ahead=2, seed=7)
+    h.run(_random_requests(rng, 80, 60), abort_prob=0.03)
+    assert h.sched.preemptions == 0
+    assert sum(r == "abort" for r, _ in h.ended.values()) > 0

@@ -440,16 +440,40 @@ def test_preemption_recomputes_prompt_plus_generated():
         assert h.ended[rid] == ("length", expected_output(rid, prompt, prm)[0])
 
 
-def test_youngest_is_preempted_first():
-    h = Harness(num_pages=6, page_size=2, max_seqs=4, max_tokens_per_forward=16, steps_ahead=1)
+def test_preemption_with_nothing_in_flight_does_not_deadlock():
+    """Both sequences fit alone, not together. Results come back before the next plan (as when the
+    ranks are faster than the scheduler loop), so the step that preempts has nothing in flight: the
+    victim's pages must still become usable, or nothing can ever be planned again."""
+    s = Scheduler(num_pages=6, page_size=2, max_seqs=4, max_tokens_per_forward=16)
+    s.add(1, [1, 2, 3, 4], params(8, stop=()))
+    s.add(2, [5, 6, 8, 9], params(8, stop=()))
+    for _ in range(40):
+        if s.idle:
+            break
+        plan = s.schedule()
+        s.check()
+        assert plan is not None, (
+            f"stuck: nothing planned and nothing in flight; free={s.pages.num_free} "
+            f"pending={s.pages.num_pending} waiting={[q.rid for q in s.waiting]}")
+        emit = [r for r, e in zip(plan.rids, plan.emit) if e]
+        s.update(StepResult(plan.step_id, emit, [model_token(r, plan.kv_lens[plan.rids.index(r)]) for r in emit],
+                            [0.0] * len(emit)))
+        s.check()
+    assert s.idle and s.pages.num_free == 6
+    assert s.preemptions > 0
+
+
+@pytest.mark.parametrize("steps_ahead", [1, 2])
+def test_oldest_sequence_is_not_recomputed_when_the_youngest_can_give_way(steps_ahead):
+    """When the older sequence needs a page, the younger one is preempted; its pages come back once its
+    in-flight steps complete, so the older one must wait for them rather than preempt itself too."""
+    h = Harness(num_pages=6, page_size=2, max_seqs=4, max_tokens_per_forward=16, steps_ahead=steps_ahead)
     h.add(1, [1, 2, 3, 4], params(8, stop=()))
     h.add(2, [5, 6, 8, 9], params(8, stop=()))
-    while h.sched.preemptions == 0:
-        assert h.schedule() is not None
-        h.complete()
-    assert [s.rid for s in h.sched.running] == [1]
-    assert [s.rid for s in h.sched.waiting] == [2]
     h.run()
+    assert h.sched.preemptions > 0
+    starts = [p.kv_lens[r] - p.q_lens[r] for p in h.plans for r, rid in enumerate(p.rids) if rid == 1]
+    assert starts.count(0) == 1, f"the oldest sequence was recomputed: {starts}"
 
 
 # ---- stress ------------------------------------------------------------------------------------------

@@ -50,7 +50,8 @@ class _Common(msgspec.Struct, kw_only=True):
 
 
 class CompletionRequest(_Common, kw_only=True):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    # str, list[str], list[int] or list[list[int]] (msgspec allows one list type per union)
+    prompt: str | list[str | int | list[int]]
     max_tokens: int | None = 16
     logprobs: int | None = None
     echo: bool = False
@@ -182,6 +183,9 @@ def completion_requests(req: CompletionRequest, tokenizer, limits: Limits, seed:
         prompts = [prompts]
     if not prompts:
         raise APIError("prompt must not be empty", "prompt")
+    for p in prompts:
+        if not isinstance(p, (str, list)) or (isinstance(p, list) and not all(isinstance(t, int) for t in p)):
+            raise APIError("prompt must be a string, a list of strings, a list of token ids or a list of those", "prompt")
     stop = _stop_strings(req.stop)
     logprobs = -1 if req.logprobs is None else req.logprobs
     out = []

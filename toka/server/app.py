@@ -94,6 +94,11 @@ class Server:
             return _error_response(APIError(f"the body exceeds {self.cfg.max_body_bytes} bytes", None, 413))
         except EngineDead as e:
             return _error_response(APIError(f"the engine failed: {e}", None, 503, "server_error"))
+        except web.HTTPException:
+            raise
+        except Exception as e:  # a bug: answer in the API's format, keep serving
+            log.exception("request failed")
+            return _error_response(APIError(f"internal error: {type(e).__name__}: {e}", None, 500, "server_error"))
 
     # ---- simple routes -------------------------------------------------------------------------
     async def health(self, request):

@@ -21,11 +21,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def local_runner(model: str, dtype: str = "float32", device: str = "cpu", kv_tokens: int = 8192, max_seqs: int = 16):
+def local_runner(model: str, dtype: str = "float32", device: str = "cpu", kv_tokens: int = 8192, max_seqs: int = 16,
+                 cuda_graphs: bool = False):
     """A rank's ModelRunner in this process, for driving step plans directly."""
     from workers.rank import build
 
-    cfg = EngineConfig(model=model, device=device, dtype=dtype, kv_cache_tokens=kv_tokens, max_seqs=max_seqs).resolve()
+    cfg = EngineConfig(model=model, device=device, dtype=dtype, kv_cache_tokens=kv_tokens, max_seqs=max_seqs,
+                       cuda_graphs=cuda_graphs, cuda_graph_max_batch=max_seqs).resolve()
     runner, _ = build(cfg, 0)
     return runner
 

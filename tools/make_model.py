@@ -30,6 +30,9 @@ SHAPES = {
     "tiny-qwen3": dict(_SMALL, model_type="qwen3", head_dim=32, rms_norm_eps=1e-6, tie_word_embeddings=True),
     "tiny-mistral": dict(_SMALL, model_type="mistral", rms_norm_eps=1e-5, sliding_window=None,
                          tie_word_embeddings=False),
+    # small but with a head size FlashInfer's prebuilt kernels cover: GPU tests
+    "small-llama": dict(_SMALL, model_type="llama", hidden_size=256, intermediate_size=512, num_attention_heads=4,
+                        head_dim=64, rms_norm_eps=1e-5, tie_word_embeddings=False),
     "llama-3.2-1b": dict(model_type="llama", hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                          num_attention_heads=32, num_key_value_heads=8, head_dim=64, vocab_size=128256,
                          max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=500000.0,

@@ -24,9 +24,9 @@ def build(cfg: EngineConfig, rank: int):
 
     from workers.attention import make_backend
     from workers.kv_cache import KVCache
+    from workers.runner import ModelRunner
     from workers.layers.parallel import TPGroup
     from workers.models import model_class
-    from workers.runner import ModelRunner
     from workers.weights import init_random, load_checkpoint
 
     device = torch.device(f"cuda:{rank}" if cfg.device == "cuda" else "cpu")
@@ -52,25 +52,79 @@ def build(cfg: EngineConfig, rank: int):
     else:
         load_checkpoint(model, cfg.model)
     attn0 = model.model.layers[0].self_attn
-    num_pages = cfg.kv_cache_tokens // cfg.page_size if cfg.kv_cache_tokens else _pages_from_memory(cfg, hf, attn0, dtype, device)
-    cache = KVCache(hf.num_hidden_layers, num_pages, cfg.page_size, attn0.num_kv_heads, attn0.head_dim, dtype, device)
-    backend = make_backend("flashinfer" if cfg.device == "cuda" else "torch", cache, attn0.num_heads, attn0.head_dim)
-    runner = ModelRunner(model, backend, cfg.max_seqs, cfg.page_size, device)
+    shape = (hf.num_hidden_layers, attn0.num_kv_heads, attn0.head_dim)
+    backend_name = "flashinfer" if cfg.device == "cuda" else "torch"
+
+    def make_runner(num_pages: int) -> ModelRunner:
+        # one page more than the scheduler hands out: the scratch page of CUDA-graph padding rows
+        cache = KVCache(shape[0], num_pages + 1, cfg.page_size, shape[1], shape[2], dtype, device)
+        backend = make_backend(backend_name, cache, attn0.num_heads, attn0.head_dim)
+        return ModelRunner(model, backend, cfg.max_seqs, cfg.page_size, device, scratch_page=num_pages)
+
+    if cfg.kv_cache_tokens:
+        num_pages = cfg.kv_cache_tokens // cfg.page_size
+    else:
+        num_pages = _pages_from_memory(cfg, make_runner, KVCache.bytes_per_token(*shape, dtype), device)
+    runner = make_runner(num_pages)
+    warm_up(runner, cfg, hf.vocab_size, num_pages)
+    if cfg.device == "cuda" and cfg.cuda_graphs:
+        sizes = graph_sizes(min(cfg.cuda_graph_max_batch, cfg.max_seqs))
+        runner.capture_graphs(sizes)
+        log.info("captured CUDA graphs for decode batches %s", sizes)
     log.info("rank %d: %s on %s, %s, %d KV pages of %d tokens", rank, hf.model_type, device, cfg.dtype, num_pages, cfg.page_size)
     return runner, num_pages
 
 
-def _pages_from_memory(cfg, hf, attn0, dtype, device) -> int:
-    from workers.kv_cache import KVCache
+def graph_sizes(largest: int) -> list[int]:
+    sizes = [1, 2, 4, 8] + list(range(16, largest + 1, 16))
+    return sorted({s for s in sizes if s <= largest} | {largest})
 
+
+def warm_up(runner, cfg: EngineConfig, vocab: int, num_pages: int) -> None:
+    """Runs the largest steps the scheduler may plan: a full prefill budget, then a decode of
+    max_seqs rows sampling with top-p/top-k and the most logprobs. Whatever memory they need
+    is thereby known to fit before READY."""
+    from toka.protocol import SeqParams, StepPlan
+
+    ps = cfg.page_size
+    budget = min(cfg.max_tokens_per_forward, num_pages * ps, cfg.max_model_len)
+    pages = -(-budget // ps)
+    tokens = [i % vocab for i in range(budget)]
+    admit = [SeqParams(0, 1.0, 0.9, 50, 0, 20, -1)]
+    runner.step(StepPlan(-1, [0], [0], [budget], [budget], [True], 1, tokens, [0, pages], list(range(pages)), admit))
+    rows = min(cfg.max_seqs, num_pages, cfg.max_tokens_per_forward)
+    admit = [SeqParams(r, 1.0, 0.9, 50, 0, 20, -1) for r in range(rows)]
+    plan = StepPlan(-1, list(range(rows)), list(range(rows)), [1] * rows, [1] * rows, [True] * rows, 0, [],
+                    list(range(rows + 1)), list(range(rows)), admit)
+    runner.step(plan)
+    if cfg.device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _pages_from_memory(cfg, make_runner, bytes_per_token: int, device) -> int:
+    """KV pages that fit in gpu_memory_utilization of the card after the weights and the peak of
+    a warm-up at the largest batch (measured with a small cache)."""
+    probe_pages = -(-cfg.max_tokens_per_forward // cfg.page_size) + cfg.max_seqs
+    torch.cuda.reset_peak_memory_stats(device)
+    probe = make_runner(probe_pages)
+    warm_up(probe, cfg, probe.model.config.vocab_size, probe_pages)
+    peak = torch.cuda.max_memory_allocated(device)
+    probe_cache = probe.attn.cache.data.numel() * probe.attn.cache.data.element_size()
+    del probe
+    torch.cuda.empty_cache()
     free, total = torch.cuda.mem_get_info(device)
-    budget = free - (1 - cfg.gpu_memory_utilization) * total
-    per_token = KVCache.bytes_per_token(hf.num_hidden_layers, attn0.num_kv_heads, attn0.head_dim, dtype)
-    pages = int(budget // (per_token * cfg.page_size))
+    reserve = 1 << 30  # CUDA graphs, FlashInfer workspaces, allocator slack
+    others = total - free - torch.cuda.memory_reserved(device)  # CUDA context, other processes
+    budget = total * cfg.gpu_memory_utilization - (peak - probe_cache) - reserve - others
+    pages = int(budget // (bytes_per_token * cfg.page_size))
     if pages < 1:
-        raise RuntimeError(f"no GPU memory is left for the KV cache ({free / 2**30:.1f} GiB free after loading)")
-    log.info("KV cache: %.1f GiB free of %.1f GiB, using %.1f GiB = %d tokens", free / 2**30, total / 2**30,
-             pages * cfg.page_size * per_token / 2**30, pages * cfg.page_size)
+        raise RuntimeError(
+            f"the KV cache does not fit: peak {peak / 2**30:.1f} GiB for weights and activations of "
+            f"{total / 2**30:.1f} GiB; lower --max-tokens-per-forward/--max-seqs or raise --gpu-memory-utilization")
+    log.info(
+        "KV cache: %d tokens (%.1f GiB) = %.2f x %.1f GiB card - %.1f GiB peak of weights and warm-up "
+        "activations - 1 GiB reserve", pages * cfg.page_size, pages * cfg.page_size * bytes_per_token / 2**30,
+        cfg.gpu_memory_utilization, total / 2**30, (peak - probe_cache) / 2**30)
     return pages
 
 
@@ -95,16 +149,30 @@ def rank_main(cfg: EngineConfig, rank: int) -> None:
 
 
 def serve(runner, plans: Channel, events: Channel | None) -> None:
+    """Runs plans in step order. Step N+1 is launched before step N's tokens are copied out, when
+    its plan is already here, so the device never waits for the host between them."""
     expected = 0
+    pending = None
     if events is not None:
         events.wait_subscribers(2, timeout=600, name="events")  # scheduler and server
     while True:
+        if pending is not None and not plans.poll(0):
+            pending = _publish(runner, pending, events)
         msg = plans.recv()
         if msg.step_id != expected:
             raise RuntimeError(f"step plans out of order: expected {expected}, got {msg.step_id}")
         expected += 1
         if isinstance(msg, protocol.Stop):
+            _publish(runner, pending, events)
             return
-        result = runner.step(msg)
+        launched = runner.launch(msg)
+        _publish(runner, pending, events)
+        pending = launched
+
+
+def _publish(runner, launched, events: Channel | None) -> None:
+    if launched is not None:
+        result = runner.finish(launched)
         if events is not None:
             events.send(result)
+    return None

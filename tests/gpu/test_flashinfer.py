@@ -1,0 +1,99 @@
+"""FlashInfer backend and CUDA graphs against the torch reference (CUDA only)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+from workers.attention import make_backend  # noqa: E402
+from workers.kv_cache import KVCache  # noqa: E402
+from workers.runner import ModelRunner  # noqa: E402
+
+PAGE = 16
+
+
+def make_batch(runner, rows, page_size):
+    """rows: (q_len, kv_len) with prefill rows first; random distinct pages per row."""
+    rng = random.Random(0)
+    pool = list(range(runner.scratch_page))
+    rng.shuffle(pool)
+    indptr, indices = [0], []
+    for _, kv in rows:
+        n = -(-kv // page_size)
+        indices += [pool.pop() for _ in range(n)]
+        indptr.append(len(indices))
+    num_prefill = sum(1 for q, _ in rows if q > 1)
+    return runner._attention_batch([q for q, _ in rows], [kv for _, kv in rows], indptr, indices, num_prefill)
+
+
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(32, 8, 64), (16, 8, 128)])
+@pytest.mark.parametrize("kind", ["prefill", "decode", "mixed"])
+def test_flashinfer_equals_torch(heads, kv_heads, head_dim, kind):
+    torch.manual_seed(0)
+    dev = torch.device("cuda")
+    rows = {
+        "prefill": [(37, 37), (16, 16), (5, 40), (33, 65)],  # some continue earlier chunks
+        "decode": [(1, 1), (1, 16), (1, 17), (1, 300), (1, 33)],
+        "mixed": [(20, 20), (7, 39), (1, 16), (1, 129), (1, 2)],
+    }[kind]
+    caches, outs = {}, {}
+    for name in ("torch", "flashinfer"):
+        cache = KVCache(1, 128, PAGE, kv_heads, head_dim, torch.bfloat16, dev)
+        caches[name] = cache
+    # history already in the cache (positions before each row's queries), identical in both
+    for name in caches:
+        torch.manual_seed(1)
+        caches[name].data.normal_()
+    for name, cache in caches.items():
+        backend = make_backend(name, cache, heads, head_dim)
+        runner = ModelRunner(None, backend, 8, PAGE, dev, scratch_page=127)
+        batch = make_batch(runner, rows, PAGE)
+        torch.manual_seed(2)
+        t = sum(q for q, _ in rows)
+        q = torch.randn(t, heads, head_dim, dtype=torch.bfloat16, device=dev)
+        k = torch.randn(t, kv_heads, head_dim, dtype=torch.bfloat16, device=dev)
+        v = torch.randn(t, kv_heads, head_dim, dtype=torch.bfloat16, device=dev)
+        backend.plan(batch)
+        outs[name] = backend.forward(0, q, k, v).float()
+    ref, got = outs["torch"], outs["flashinfer"]
+    assert torch.isfinite(got).all()
+    rel = ((got - ref).norm() / ref.norm()).item()
+    assert rel <= 1e-2, rel
+    assert torch.equal(caches["torch"].data, caches["flashinfer"].data), "appended K/V differ"
+
+
+def test_cuda_graph_and_eager_give_the_same_tokens(tmp_path):
+    from tests.helpers import local_runner, prefill_plan
+    from toka.protocol import StepPlan
+    from tools.make_model import make_model
+
+    path = make_model("small-llama", tmp_path / "m", dtype="bfloat16")
+    outputs = []
+    for graphs in (False, True):
+        runner = local_runner(str(path), dtype="bfloat16", device="cuda", kv_tokens=4096, max_seqs=16,
+                              cuda_graphs=graphs)
+        assert bool(runner.graphs) == graphs
+        prompts = [[(7 * r + i) % 500 for i in range(5 + 3 * r)] for r in range(5)]
+        plan = prefill_plan(0, prompts, PAGE)
+        tokens = [runner.step(plan).tokens]
+        kv_lens = list(plan.kv_lens)
+        pages = [plan.page_indices[plan.page_indptr[r] : plan.page_indptr[r + 1]] for r in range(5)]
+        nxt = max(plan.page_indices) + 1
+        for step in range(1, 20):
+            kv_lens = [n + 1 for n in kv_lens]
+            for r in range(5):
+                if len(pages[r]) * PAGE < kv_lens[r]:
+                    pages[r].append(nxt)
+                    nxt += 1
+            indptr = [0]
+            for p in pages:
+                indptr.append(indptr[-1] + len(p))
+            plan = StepPlan(step, list(range(5)), list(range(5)), [1] * 5, kv_lens, [True] * 5, 0, [],
+                            indptr, [x for p in pages for x in p])
+            tokens.append(runner.step(plan).tokens)
+        outputs.append(tokens)
+    assert outputs[0] == outputs[1]

@@ -1,0 +1,152 @@
+"""Throughput benchmark through the HTTP API.
+
+    python tools/bench.py --launch "--model DIR --load-format random" --workload random \
+        --requests 1024 --input-len 256 --output-len 256 --out result.json
+
+Workloads (all with ignore_eos and fixed seeds, submitted at once):
+  random         N requests of exactly --input-len random prompt tokens and --output-len outputs
+  sharegpt-like  N requests (default 65,536; --quick 16,384), prompt and output lengths uniform in
+                 [1, 512], n=1, temperature 0
+  shared-prefix  N prompts (default 128; --quick 32) of 800 tokens, n=1024, 256 outputs, temperature 0.6
+Reports output and total tokens/s, the mean running batch (sampled from /metrics) and the KV size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import shlex
+import socket
+import subprocess
+import sys
+import time
+
+import aiohttp
+
+
+def workload(args) -> list[dict]:
+    rng = random.Random(args.seed)
+    lo, hi = 100, args.vocab  # skip the low ids where special tokens usually live
+    reqs = []
+    if args.workload == "random":
+        for _ in range(args.requests or 1024):
+            reqs.append(dict(prompt=[rng.randrange(lo, hi) for _ in range(args.input_len)],
+                             max_tokens=args.output_len, temperature=0.0))
+    elif args.workload == "sharegpt-like":
+        for _ in range(args.requests or (16384 if args.quick else 65536)):
+            reqs.append(dict(prompt=[rng.randrange(lo, hi) for _ in range(rng.randint(1, 512))],
+                             max_tokens=rng.randint(1, 512), temperature=0.0))
+    elif args.workload == "shared-prefix":
+        for i in range(args.requests or (32 if args.quick else 128)):
+            reqs.append(dict(prompt=[rng.randrange(lo, hi) for _ in range(800)], max_tokens=256,
+                             temperature=0.6, n=1024, seed=i))
+    for r in reqs:
+        r.update(model="bench", ignore_eos=True)
+    return reqs
+
+
+async def scrape(session, url: str) -> dict[str, float]:
+    async with session.get(url + "/metrics") as resp:
+        text = await resp.text()
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out
+
+
+async def run(url: str, reqs: list[dict]) -> dict:
+    timeout = aiohttp.ClientTimeout(total=None)
+    async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as session:
+        running: list[float] = []
+        stop = asyncio.Event()
+
+        async def sample_metrics():
+            while not stop.is_set():
+                running.append((await scrape(session, url)).get("toka_running", 0.0))
+                await asyncio.sleep(0.5)
+
+        async def one(body):
+            async with session.post(url + "/v1/completions", json=body) as resp:
+                data = await resp.json()
+                if resp.status != 200:
+                    raise RuntimeError(f"{resp.status}: {data}")
+                return data["usage"]
+
+        sampler = asyncio.create_task(sample_metrics())
+        start = time.perf_counter()
+        usages = await asyncio.gather(*(one(r) for r in reqs))
+        elapsed = time.perf_counter() - start
+        stop.set()
+        await sampler
+        metrics = await scrape(session, url)
+    out_tokens = sum(u["completion_tokens"] for u in usages)
+    prompt_tokens = sum(u["prompt_tokens"] for u in usages)
+    busy = [r for r in running if r > 0]
+    return {
+        "requests": len(reqs),
+        "seconds": elapsed,
+        "output_tokens": out_tokens,
+        "prompt_tokens": prompt_tokens,
+        "output_tok_s": out_tokens / elapsed,
+        "total_tok_s": (out_tokens + prompt_tokens) / elapsed,
+        "mean_running_batch": sum(busy) / max(len(busy), 1),
+        "kv_tokens": metrics.get("toka_total_pages", 0) * 16,
+    }
+
+
+def launch(flags: str) -> tuple[subprocess.Popen, str]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "toka.launch", "--port", str(port), *shlex.split(flags)])
+    url = f"http://127.0.0.1:{port}"
+    import urllib.request
+
+    while True:
+        if proc.poll() is not None:
+            sys.exit(f"server exited with {proc.returncode}")
+        try:
+            if urllib.request.urlopen(url + "/health", timeout=1).status == 200:
+                return proc, url
+        except OSError:
+            time.sleep(1)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--url", default="http://127.0.0.1:10210")
+    p.add_argument("--launch", help="start toka-launch with these flags instead of using --url")
+    p.add_argument("--workload", default="random", choices=["random", "sharegpt-like", "shared-prefix"])
+    p.add_argument("--requests", type=int, default=0)
+    p.add_argument("--input-len", type=int, default=256)
+    p.add_argument("--output-len", type=int, default=256)
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out")
+    args = p.parse_args()
+    proc = None
+    url = args.url
+    if args.launch:
+        proc, url = launch(args.launch)
+    try:
+        result = asyncio.run(run(url, workload(args)))
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(60)
+    result.update(workload=args.workload, quick=args.quick, launch=args.launch)
+    print(json.dumps(result, indent=2))
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""Decode step time against its floor, in one process on one GPU.
+
+    python tools/bench_step.py MODEL_DIR --batches 1,64,256,1024 --context 512
+
+For each batch size: the median time of a decode step (every row one token at `--context` cached
+tokens, CUDA graphs where captured), the host time to build and launch it, and the floor:
+max(2 x params x batch FLOPs at the measured matmul rate, (weights + KV read) bytes at the
+measured copy bandwidth).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from toka.config import EngineConfig
+from toka.protocol import SeqParams, StepPlan
+
+
+def measured_rates(device) -> tuple[float, float]:
+    """(bf16 matmul FLOP/s, device memory bytes/s counting reads and writes)."""
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    x = torch.empty(2**28, dtype=torch.uint8, device=device)
+    y = torch.empty_like(x)
+
+    def timed(fn, reps=20):
+        fn()
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(reps):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / 1e3 / reps
+
+    flops = 2 * 8192**3 / timed(lambda: a @ b)
+    bandwidth = 2 * x.numel() / timed(lambda: y.copy_(x))
+    return flops, bandwidth
+
+
+def decode_plan(step: int, batch: int, context: int, page_size: int) -> StepPlan:
+    pages = -(-context // page_size)
+    return StepPlan(step, list(range(batch)), list(range(batch)), [1] * batch, [context] * batch, [True] * batch, 0,
+                    [], [r * pages for r in range(batch + 1)], list(range(batch * pages)))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model")
+    p.add_argument("--batches", default="1,16,64,256,1024")
+    p.add_argument("--context", type=int, default=512)
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--no-cuda-graphs", action="store_true")
+    p.add_argument("--out")
+    args = p.parse_args()
+    from workers.rank import build
+
+    batches = [int(b) for b in args.batches.split(",")]
+    max_b = max(batches)
+    pages = -(-args.context // 16) * max_b
+    cfg = EngineConfig(model=args.model, device="cuda", load_format="random", kv_cache_tokens=(pages + 1) * 16,
+                       max_seqs=max_b, cuda_graphs=not args.no_cuda_graphs,
+                       cuda_graph_max_batch=max_b).resolve()
+    runner, _ = build(cfg, 0)
+    model = runner.model
+    params = sum(p.numel() for p in model.parameters())
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    kv_per_token = runner.attn.cache.data[:, 0].numel() // runner.attn.cache.data.shape[1] * runner.attn.cache.data.element_size()
+    flops_rate, bandwidth = measured_rates(torch.device("cuda"))
+    rows = []
+    for b in batches:
+        # greedy, no logprobs: the warm-up left other settings in these slots
+        runner._admit(StepPlan(-1, [], [], [], [], [], 0, [], [0], [], [SeqParams(s, 0.0, 1.0, 0, 0, -1, -1) for s in range(b)]))
+        times, host = [], []
+        for i in range(args.steps):
+            plan = decode_plan(i, b, args.context, 16)
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            launched = runner.launch(plan)
+            t1 = time.perf_counter()
+            runner.finish(launched)
+            t2 = time.perf_counter()
+            host.append(t1 - t0)
+            times.append(t2 - t0)
+        step = statistics.median(times[5:])
+        floor = max(2 * params * b / flops_rate, (weight_bytes + b * args.context * kv_per_token) / bandwidth)
+        rows.append(dict(batch=b, context=args.context, step_ms=step * 1e3, host_ms=statistics.median(host[5:]) * 1e3,
+                         floor_ms=floor * 1e3, pct_of_floor=100 * floor / step, tok_s=b / step))
+    print(f"matmul {flops_rate / 1e12:.0f} TFLOP/s, copy {bandwidth / 1e12:.2f} TB/s, params {params / 1e9:.2f} B")
+    print(f"{'batch':>6} {'ctx':>5} {'step ms':>8} {'host ms':>8} {'floor ms':>9} {'% floor':>8} {'tok/s':>9}")
+    for r in rows:
+        print(f"{r['batch']:>6} {r['context']:>5} {r['step_ms']:>8.2f} {r['host_ms']:>8.2f} {r['floor_ms']:>9.2f} "
+              f"{r['pct_of_floor']:>8.1f} {r['tok_s']:>9.0f}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(dict(flops=flops_rate, bandwidth=bandwidth, params=params, rows=rows), f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

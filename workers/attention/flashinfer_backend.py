@@ -1,0 +1,108 @@
+"""FlashInfer attention over the paged KV cache (CUDA).
+
+Per step, `plan()` runs FlashInfer's planners once (on host metadata, outside the layers and
+outside CUDA graphs); every layer then appends its new K/V into the cache and runs the prefill
+rows through the paged prefill wrapper and the decode rows through the paged decode wrapper.
+
+CUDA graphs: a decode-only step of `bs` rows can run inside a captured graph. Each captured size
+has its own decode wrapper whose metadata lives in fixed device buffers (FlashInfer's
+use_cuda_graph mode) and fixed buffers for the append; `plan()` refills them before a replay.
+"""
+
+from __future__ import annotations
+
+import flashinfer
+import torch
+
+from workers.attention import AttentionBackend, AttentionBatch
+
+WORKSPACE_BYTES = 256 * 1024 * 1024
+
+
+class _GraphSlot:
+    """Fixed buffers of one captured decode batch size."""
+
+    def __init__(self, bs: int, max_pages: int, device, workspace):
+        i32 = dict(dtype=torch.int32, device=device)
+        self.indptr = torch.zeros(bs + 1, **i32)
+        self.indices = torch.zeros(max_pages, **i32)
+        self.last_len = torch.ones(bs, **i32)
+        self.rows = torch.arange(bs, **i32)
+        self.positions = torch.zeros(bs, **i32)
+        self.wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+            workspace, "NHD", use_cuda_graph=True, paged_kv_indptr_buffer=self.indptr,
+            paged_kv_indices_buffer=self.indices, paged_kv_last_page_len_buffer=self.last_len,
+        )
+
+
+class FlashInferAttention(AttentionBackend):
+    def __init__(self, cache, num_heads: int, head_dim: int):
+        self.cache = cache
+        self.num_heads = num_heads
+        self.num_kv_heads = cache.layers[0].shape[3]
+        self.head_dim = head_dim
+        device = cache.data.device
+        self.dtype = cache.data.dtype
+        self.prefill_ws = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
+        self.decode_ws = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
+        self.prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.prefill_ws, "NHD")
+        self.decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(self.decode_ws, "NHD")
+        self.graph_slots: dict[int, _GraphSlot] = {}
+        self.graph: _GraphSlot | None = None
+
+    def add_graph_size(self, bs: int, max_pages: int) -> None:
+        """Buffers for replaying decode steps of `bs` rows with up to `max_pages` pages in all."""
+        self.graph_slots[bs] = _GraphSlot(bs, max_pages, self.cache.data.device, self.decode_ws)
+
+    def plan(self, batch: AttentionBatch, graph_size: int | None = None) -> None:
+        """Plans the step. With `graph_size`, the batch is decode-only and padded to that size, and
+        the metadata goes into that size's fixed buffers for a graph replay."""
+        dev = self.cache.data.device
+        ps = self.cache.page_size
+        q_lens, kv_lens, indptr = batch.q_lens_host, batch.kv_lens_host, batch.page_indptr_host
+        n_pre = batch.num_prefill
+        last_len = [(n - 1) % ps + 1 for n in kv_lens]
+        common = dict(q_data_type=self.dtype, kv_data_type=self.dtype)
+        heads = (self.num_heads, self.num_kv_heads, self.head_dim, ps)
+        if graph_size is not None:
+            slot = self.graph = self.graph_slots[graph_size]
+            slot.positions.copy_(batch.positions, non_blocking=True)
+            slot.wrapper.plan(torch.tensor(indptr, dtype=torch.int32), batch.page_indices,
+                              torch.tensor(last_len, dtype=torch.int32), *heads, **common)
+            # the graph reads these fixed buffers, which plan() just refilled
+            self.append_args = (slot.rows, slot.positions, slot.indices, slot.indptr, slot.last_len)
+            self.num_prefill_tokens = 0
+            return
+        self.graph = None
+        rows = torch.arange(len(q_lens), dtype=torch.int32).repeat_interleave(torch.tensor(q_lens))
+        self.append_args = (rows.to(dev, non_blocking=True), batch.positions.to(torch.int32), batch.page_indices,
+                            batch.page_indptr, batch.last_page_len)
+        self.num_prefill_tokens = sum(q_lens[:n_pre])
+        if n_pre:
+            qo = [0]
+            for n in q_lens[:n_pre]:
+                qo.append(qo[-1] + n)
+            self.prefill.plan(
+                torch.tensor(qo, dtype=torch.int32), torch.tensor(indptr[: n_pre + 1], dtype=torch.int32),
+                batch.page_indices[: indptr[n_pre]], torch.tensor(last_len[:n_pre], dtype=torch.int32),
+                *heads, causal=True, **common,
+            )
+        if n_pre < len(q_lens):
+            base = indptr[n_pre]
+            self.decode.plan(
+                torch.tensor([i - base for i in indptr[n_pre:]], dtype=torch.int32), batch.page_indices[base:],
+                torch.tensor(last_len[n_pre:], dtype=torch.int32), *heads, **common,
+            )
+
+    def forward(self, layer, q, k, v):
+        kv = self.cache.layers[layer]
+        rows, positions, indices, indptr, last_len = self.append_args
+        flashinfer.append_paged_kv_cache(k, v, rows, positions, kv, indices, indptr, last_len, "NHD")
+        if self.graph is not None:
+            return self.graph.wrapper.run(q, kv)
+        t = self.num_prefill_tokens
+        if t == q.shape[0]:
+            return self.prefill.run(q, kv)
+        if t == 0:
+            return self.decode.run(q, kv)
+        return torch.cat([self.prefill.run(q[:t], kv), self.decode.run(q[t:], kv)])

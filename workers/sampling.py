@@ -37,7 +37,7 @@ def gumbel(seeds: torch.Tensor, positions: torch.Tensor, ids: torch.Tensor) -> t
     """Gumbel noise [rows, V] for vocab `ids` ([V] or [rows, V]); seeds, positions: [rows] int64."""
     row = _mix32((seeds * 0x9E3779B1 + positions * 0x85EBCA77 + 0x165667B1) & _M32)
     x = _mix32((row[:, None] + ids * 0xC2B2AE3D) & _M32)
-    u = ((x >> 8).float() + 0.5) * (1.0 / (1 << 24))  # in (0, 1), exact in float32
+    u = ((x >> 9) * 2 + 1).float() * (1.0 / (1 << 24))  # odd / 2**24: exact in float32, strictly in (0, 1)
     return -torch.log(-torch.log(u))
 
 

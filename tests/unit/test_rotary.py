@@ -83,7 +83,6 @@ def test_inverse_frequencies_match_transformers(kind):
 
 
 def test_llama3_scales_low_frequencies_only():
-    base = ours(config("default-big-theta"))  # theta 1e6, no scaling
     cfg = config("llama3")
     emb = ours(cfg)
     half = HEAD_DIM // 2
@@ -97,7 +96,6 @@ def test_llama3_scales_low_frequencies_only():
     torch.testing.assert_close(angles[low], inv[low] / 8.0, atol=1e-7, rtol=1e-6)
     mid = ~high & ~low
     assert ((angles[mid] < inv[mid]) & (angles[mid] > inv[mid] / 8.0)).all()
-    assert base.cos_sin.shape[0] == 128
 
 
 @pytest.mark.parametrize("length", [1, 17, 32, 33, 48, 100])

@@ -397,6 +397,23 @@ def test_abort_running_request_with_steps_in_flight():
     assert h.sched.finished == Counter({"abort": 1, "length": 1})
 
 
+def test_abort_with_nothing_in_flight_gives_the_pages_back():
+    """Every step of the aborted sequence has completed, so its pages are free now: a new request that
+    needs the whole pool must be planned (nothing else will ever complete to release them)."""
+    h = Harness(num_pages=4, page_size=2, max_seqs=2, max_tokens_per_forward=16, steps_ahead=1)
+    h.add(1, [1, 2, 3, 4, 5, 6, 8], params(20, stop=()))
+    h.schedule()
+    h.complete()
+    assert len(h.seq_objs[1].pages) == 4 and h.sched.inflight_steps == 0
+    h.abort(1)
+    assert h.sched.idle
+    assert h.sched.stats().free_pages == 4, "an idle scheduler with pages still held back"
+    h.add(2, [9] * 8, params(0, stop=()))  # its prompt fills all 4 pages
+    assert h.schedule() is not None, "stuck: the aborted sequence's pages never come back"
+    h.run()
+    assert h.ended[2] == ("length", [])
+
+
 def test_abort_of_finished_request_is_a_no_op():
     h = Harness()
     h.run([(1, [1], params(2, stop=()))])

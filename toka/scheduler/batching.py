@@ -140,8 +140,8 @@ class Scheduler:
         """Gives `seq` pages for kv_len tokens, preempting the youngest sequences if needed."""
         need = -(-kv_len // self.page_size) - len(seq.pages)
         while need > self.pages.num_free:
-            if not preempt:
-                return False
+            if not preempt or need <= self.pages.num_free + self.pages.num_pending:
+                return False  # pages are on their way back: wait for them rather than preempt more
             victim = self.running[-1]
             self._preempt(victim)
             if victim is seq:

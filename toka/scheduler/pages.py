@@ -18,6 +18,7 @@ class PageAllocator:
         self._free: list[int] = list(range(num_pages - 1, -1, -1))  # pop() hands out low pages first
         self._used: set[int] = set()
         self._pending: list[tuple[int, list[int]]] = []  # (last step using them, pages)
+        self._done = -1  # the last step known complete
 
     @property
     def num_free(self) -> int:
@@ -38,14 +39,20 @@ class PageAllocator:
         """Frees `pages` once step `after_step` has completed (see `completed`)."""
         if not pages:
             return
+        if len(set(pages)) != len(pages):
+            raise ValueError("releasing a page twice")
         missing = [p for p in pages if p not in self._used]
         if missing:
             raise ValueError(f"releasing pages that are not allocated: {missing[:8]}")
         self._used.difference_update(pages)
-        self._pending.append((after_step, list(pages)))
+        if after_step <= self._done:  # no step in flight uses them
+            self._free.extend(pages)
+        else:
+            self._pending.append((after_step, list(pages)))
 
     def completed(self, step_id: int) -> None:
         """Step `step_id` and every step before it have finished on the ranks."""
+        self._done = max(self._done, step_id)
         if not self._pending:
             return
         keep = []

@@ -149,13 +149,13 @@ def _stop_strings(stop) -> list[str]:
 
 
 def _params(req: _Common, limits: Limits, prompt_len: int, max_tokens: int | None, logprobs: int,
-            prompt_logprobs: int, seed: int) -> SamplingParams:
+            prompt_logprobs: int, seed: int, prompt_field: str) -> SamplingParams:
     if prompt_len > limits.max_model_len:
-        raise APIError(f"the prompt has {prompt_len} tokens; the context window is {limits.max_model_len}", "prompt")
+        raise APIError(f"the prompt has {prompt_len} tokens; the context window is {limits.max_model_len}", prompt_field)
     if max_tokens is None:  # chat default: whatever room the context window leaves
         max_tokens = limits.max_model_len - prompt_len
         if max_tokens == 0:
-            raise APIError(f"the prompt fills the whole context window of {limits.max_model_len} tokens", "messages")
+            raise APIError(f"the prompt fills the whole context window of {limits.max_model_len} tokens", prompt_field)
     if max_tokens < 0:
         raise APIError("max_tokens must be >= 0", "max_tokens")
     if prompt_len + max_tokens > limits.max_model_len:
@@ -199,7 +199,7 @@ def completion_requests(req: CompletionRequest, tokenizer, limits: Limits, seed:
         if not ids:
             raise APIError("prompt must contain at least one token", "prompt")
         prompt_lp = logprobs if req.echo else -1
-        params = _params(req, limits, len(ids), req.max_tokens, logprobs, prompt_lp, seed)
+        params = _params(req, limits, len(ids), req.max_tokens, logprobs, prompt_lp, seed, "prompt")
         out.append(EngineRequest(ids, params, req.n, stop, echo=req.echo))
     return out
 
@@ -241,5 +241,5 @@ def chat_request(req: ChatRequest, tokenizer, limits: Limits, seed: int) -> Engi
     if max_tokens == 0:
         raise APIError("max_tokens must be >= 1", "max_tokens")
     logprobs = (req.top_logprobs or 0) if req.logprobs else -1
-    params = _params(req, limits, len(ids), max_tokens, logprobs, -1, seed)
+    params = _params(req, limits, len(ids), max_tokens, logprobs, -1, seed, "messages")
     return EngineRequest(ids, params, req.n, _stop_strings(req.stop))

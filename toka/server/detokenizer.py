@@ -49,12 +49,15 @@ class StopMatcher:
 
     def feed(self, delta: str, final: bool = False) -> str:
         """Adds text; returns what can be released now (all of it once final or stopped)."""
+        if self.stopped:
+            return ""
         start = max(0, len(self.text) - self.hold)
         self.text += delta
         if self.stops and not self.stopped:
-            hits = [i for i in (self.text.find(s, start) for s in self.stops) if i >= 0]
+            # the stop that ends first wins, whatever the split of the text into deltas
+            hits = [(i + len(s), i) for s in self.stops if (i := self.text.find(s, start)) >= 0]
             if hits:
-                self.text = self.text[: min(hits)]
+                self.text = self.text[: min(hits)[1]]
                 self.stopped = True
         end = len(self.text) if final or self.stopped else max(self.sent, len(self.text) - self.hold)
         out = self.text[self.sent : end]

@@ -119,20 +119,23 @@ def compare_with_hf(url: str, path: str, dtype, prompts: list[str], max_tokens: 
         outputs.append((tokenizer(text, add_special_tokens=False).input_ids, ids, [c.logprob for c in content]))
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
-    matches, diffs, refs = [], [], []
+    matches, diffs, rdiffs = [], [], []
     for prompt_ids, ids, ours in outputs:
         full = torch.tensor([prompt_ids + ids], device=device)
         with torch.no_grad():
             logprobs = torch.log_softmax(model(full).logits[0].float(), dim=-1)[len(prompt_ids) - 1 : -1]
         target = torch.tensor(ids, device=device)
         ref = logprobs.gather(1, target[:, None])[:, 0].cpu()
+        ours_t = torch.tensor(ours)
         matches += (logprobs.argmax(-1) == target).cpu().tolist()
-        diffs += (torch.tensor(ours) - ref).abs().tolist()
-        refs += ref.abs().tolist()
+        diff = (ours_t - ref).abs()
+        diffs += diff.tolist()
+        # per token, relative to the two values' mean magnitude (as Tokasaurus's test does)
+        rdiffs += (2 * diff / (ours_t.abs() + ref.abs() + 1e-3)).tolist()
     return {
         "tokens": len(matches),
         "token_match": sum(matches) / len(matches),
-        "mean_rel_diff": sum(diffs) / max(sum(refs), 1e-6),
+        "mean_rel_diff": sum(rdiffs) / len(rdiffs),
         "max_abs_diff": max(diffs),
     }
 

@@ -2,7 +2,8 @@
 
     MODEL=<folder or hub id> pytest tests/test_logprobs.py -k test_logprobs -s
 
-MODEL defaults to the embedded SmolLM2-135M-Instruct. TOKA_ARGS adds launch flags (e.g.
+Without MODEL it runs the embedded SmolLM2-135M-Instruct and tiny random models of every
+architecture (written by tools/make_model.py), all offline. TOKA_ARGS adds launch flags (e.g.
 "--dtype bfloat16 --tp 2"). The server answers chat requests with greedy decoding and logprobs;
 transformers scores the same tokens in one forward pass (teacher forcing) in the server's dtype.
 Tolerances: float32 must match closely (tokens identical, logprobs within 1e-3); lower precision
@@ -18,6 +19,7 @@ import shlex
 import pytest
 import torch
 
+from tests.conftest import TINY_SHAPES
 from tests.helpers import Server, assert_within_tolerance, compare_with_hf
 
 PROMPTS = [
@@ -25,27 +27,32 @@ PROMPTS = [
     "Write a short story about a robot who learns to paint.",
     "List three uses of a paperclip.",
     "Explain why the sky is blue in two sentences.",
+    "Please repeat the following pattern: " + "a b c d e f g h i j k l m n o p " * 6,
 ]
 MAX_TOKENS = 48
 
 
-def model_path() -> str:
+def models() -> list[str]:
+    """MODEL, or offline: the default model and a tiny random model of every architecture."""
     if os.environ.get("MODEL"):
-        return os.environ["MODEL"]
-    from toka.default_model import default_model_path
-
-    return str(default_model_path())
+        return [os.environ["MODEL"]]
+    return ["default", *TINY_SHAPES]
 
 
-@pytest.fixture(scope="module")
-def served():
+@pytest.fixture(scope="module", params=models())
+def served(request, tiny_models, default_model):
+    name = request.param
+    path = {"default": default_model, **tiny_models}.get(name, name)
     args = shlex.split(os.environ.get("TOKA_ARGS", ""))
-    server = Server("--model", model_path(), *args)
+    if name in tiny_models:
+        args += ["--max-tokens-per-forward", "32"]  # long prompts then prefill in several chunks
+    server = Server("--model", path, *args)
+    server.model_path = path
     yield server
     server.stop()
 
 
-def server_dtype(server: Server) -> torch.dtype:
+def server_dtype() -> torch.dtype:
     args = shlex.split(os.environ.get("TOKA_ARGS", ""))
     if "--dtype" in args:
         return getattr(torch, args[args.index("--dtype") + 1])
@@ -53,7 +60,7 @@ def server_dtype(server: Server) -> torch.dtype:
 
 
 def test_logprobs(served):
-    dtype = server_dtype(served)
-    stats = compare_with_hf(served.url, model_path(), dtype, PROMPTS, MAX_TOKENS)
-    print(f"\n{model_path()} ({dtype}): {stats}")
+    dtype = server_dtype()
+    stats = compare_with_hf(served.url, served.model_path, dtype, PROMPTS, MAX_TOKENS)
+    print(f"\n{served.model_path} ({dtype}): {stats}")
     assert_within_tolerance(stats, dtype)

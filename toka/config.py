@@ -28,7 +28,8 @@ class EngineConfig:
     host: str = _flag("address the HTTP server binds", default="127.0.0.1")
     port: int = _flag("HTTP port", default=10210)
     device: str | None = _flag("cuda or cpu (default: cuda when available)", default=None)
-    dtype: str | None = _flag("bfloat16, float16 or float32 (default: bfloat16 on cuda, float32 on cpu)", default=None)
+    dtype: str | None = _flag("bfloat16, float16 or float32 (default: float32 on cpu; on cuda float16 for "
+                              "float16 checkpoints, else bfloat16)", default=None)
     tp: int = _flag("tensor-parallel ranks, one process each", default=1)
     kv_cache_tokens: int | None = _flag("KV cache size in tokens (default: from free memory)", default=None)
     gpu_memory_utilization: float = _flag("fraction of GPU memory the engine may use", default=0.9)
@@ -91,7 +92,8 @@ class EngineConfig:
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ConfigError("--device cuda was asked for but no CUDA device is visible")
         gpu = self.device == "cuda"
-        self.dtype = self.dtype or ("bfloat16" if gpu else "float32")
+        if self.dtype is None:
+            self.dtype = ("float16" if info.checkpoint_dtype == "float16" else "bfloat16") if gpu else "float32"
         if self.dtype not in ("bfloat16", "float16", "float32"):
             raise ConfigError(f"--dtype must be bfloat16, float16 or float32, not {self.dtype!r}")
         if self.tp < 1:

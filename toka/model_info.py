@@ -16,6 +16,12 @@ class ModelInfo:
     eos_token_ids: list[int]
     sampling_defaults: dict  # what generation_config.json sets of temperature, top_p, top_k
 
+    @property
+    def checkpoint_dtype(self) -> str | None:
+        """The dtype config.json names (`dtype` in transformers 5, `torch_dtype` before)."""
+        dtype = getattr(self.hf_config, "dtype", None) or getattr(self.hf_config, "torch_dtype", None)
+        return str(dtype).removeprefix("torch.") if dtype is not None else None
+
     @classmethod
     def load(cls, model: str) -> "ModelInfo":
         from transformers import AutoConfig, GenerationConfig

@@ -62,5 +62,8 @@ class ModelInfo:
         cfg = self.hf_config
         if cfg.num_attention_heads % tp:
             raise ConfigError(f"--tp {tp} does not divide the {cfg.num_attention_heads} attention heads")
+        kv = cfg.num_key_value_heads
+        if kv % tp and tp % kv:
+            raise ConfigError(f"--tp {tp} neither divides nor is a multiple of the {kv} KV heads")
         if cfg.intermediate_size % tp:
             raise ConfigError(f"--tp {tp} does not divide the intermediate size {cfg.intermediate_size}")

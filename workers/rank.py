@@ -33,6 +33,8 @@ def build(cfg: EngineConfig, rank: int):
     if cfg.device == "cuda":
         torch.cuda.set_device(device)
     tp = TPGroup(rank, cfg.tp)
+    if cfg.device == "cpu":  # ranks share the cores
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // cfg.tp))
     if cfg.tp > 1:
         import torch.distributed as dist
 

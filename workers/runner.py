@@ -56,6 +56,7 @@ class ModelRunner:
         self.logprobs = [-1] * n
         self.prompt_logprobs = [-1] * n
         self.filtered = [False] * n
+        self.sampled = [False] * n  # temperature > 0
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
 
     def to_device(self, values, dtype=torch.int64) -> torch.Tensor:
@@ -76,6 +77,7 @@ class ModelRunner:
             self.logprobs[a.slot] = a.logprobs
             self.prompt_logprobs[a.slot] = a.prompt_logprobs
             self.filtered[a.slot] = a.top_p < 1.0 or a.top_k > 0
+            self.sampled[a.slot] = a.temperature > 0
 
     def _attention_batch(self, q_lens: list[int], kv_lens: list[int], page_indptr: list[int],
                          page_indices: list[int], num_prefill: int) -> AttentionBatch:
@@ -199,6 +201,7 @@ class ModelRunner:
             seeds=self.seed[slot_t],
             positions=self.to_device([plan.kv_lens[r] for r in rows]),
             filtered=any(self.filtered[s] for s in slots),
+            random=any(self.sampled[s] for s in slots),
             num_top=num_top,
         )
         tokens, chosen, top_ids, top_lp = sample(self.model.logits(hidden[last]), batch)

@@ -51,6 +51,7 @@ class SamplingBatch:
     seeds: torch.Tensor  # int64, folded to 32 bits
     positions: torch.Tensor  # int64: the position the sampled token will take
     filtered: bool  # host-known: does any row use top-p or top-k
+    random: bool  # host-known: does any row sample (temperature > 0); else no noise is drawn
     num_top: int  # host-known: the most alternatives any row asked for
 
 
@@ -71,8 +72,10 @@ def sample(logits: torch.Tensor, b: SamplingBatch):
         sorted_lp = sorted_lp.masked_fill(~keep, float("-inf"))
         renorm = torch.logsumexp(sorted_lp, dim=-1, keepdim=True)
         logprobs = torch.full_like(logprobs, float("-inf")).scatter_(1, order, sorted_lp - renorm)
-    noisy = logprobs + gumbel(b.seeds, b.positions, vocab)
-    tokens = torch.where(greedy, logits.argmax(dim=-1), noisy.argmax(dim=-1))
+    tokens = logits.argmax(dim=-1)
+    if b.random:
+        noisy = logprobs + gumbel(b.seeds, b.positions, vocab)
+        tokens = torch.where(greedy, tokens, noisy.argmax(dim=-1))
     # -inf (filtered out) is reported as -9999, as OpenAI-style APIs do: JSON has no infinity
     chosen = logprobs.gather(1, tokens[:, None])[:, 0].clamp(min=MIN_LOGPROB)
     if b.num_top > 0:

@@ -2,7 +2,8 @@
 
 Checkpoint names map to our modules declaratively: a name is our module path, except that the
 model's `packed` table sends e.g. `q_proj` to the `q` part of `qkv_proj`. Every module that holds
-weights has `load(tensor, shard, is_bias)` and slices out its own tensor-parallel part. Loading is
+weights has `load(tensor, shard, is_bias)` and indexes out its own tensor-parallel part; `tensor`
+is a lazy safetensors slice, so a rank reads only the bytes it keeps. Loading is
 strict: an unexpected tensor or one never loaded is an error that names it.
 """
 
@@ -82,7 +83,8 @@ def load_checkpoint(model: nn.Module, folder: str) -> None:
                     raise ValueError(f"unexpected tensor {name!r} in {os.path.basename(path)}") from None
                 if target not in expected:
                     raise ValueError(f"unexpected tensor {name!r} in {os.path.basename(path)}")
-                module.load(f.get_tensor(name), target[1], target[2])
+                # a lazy slice: each module indexes out only its own tensor-parallel part
+                module.load(f.get_slice(name), target[1], target[2])
                 loaded.add(target)
     missing = sorted(expected - loaded)
     if missing:

@@ -15,12 +15,13 @@ def batch(rows, temperature=1.0, top_p=1.0, top_k=0, seeds=0, positions=None, fi
         return torch.full((rows,), v, dtype=dtype)
 
     tp, tk = col(top_p, torch.float32), col(top_k, torch.int64)
+    temp = col(temperature, torch.float32)
     if filtered is None:
         filtered = bool((tp < 1).any() or (tk > 0).any())
     return SamplingBatch(
-        temperature=col(temperature, torch.float32), top_p=tp, top_k=tk, seeds=col(seeds, torch.int64),
+        temperature=temp, top_p=tp, top_k=tk, seeds=col(seeds, torch.int64),
         positions=torch.arange(rows, dtype=torch.int64) if positions is None else col(positions, torch.int64),
-        filtered=filtered, num_top=num_top,
+        filtered=filtered, random=bool((temp > 0).any()), num_top=num_top,
     )
 
 

@@ -13,7 +13,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
 
     def load(self, tensor: torch.Tensor, shard: str, is_bias: bool) -> None:
-        self.weight.data.copy_(tensor)
+        self.weight.data.copy_(tensor[:])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype

@@ -16,7 +16,7 @@ import torch
 from toka.protocol import PromptLogprobs, StepPlan, StepResult, TopLogprobs
 from workers.attention import AttentionBackend, AttentionBatch
 from workers.layers.attention import ForwardContext
-from workers.sampling import SamplingBatch, fold_seed, sample
+from workers.sampling import MIN_LOGPROB, SamplingBatch, fold_seed, sample
 
 # Rows of logits materialized at once: bounds the float32 [rows, vocab] buffers of large batches.
 LOGIT_CHUNK = 512
@@ -221,14 +221,15 @@ class ModelRunner:
             targets = plan.prefill_tokens[lo + 1 : hi] + ([following] if following >= 0 else [])
             if not targets:
                 continue
-            logprobs = torch.log_softmax(self.model.logits(hidden[lo : lo + len(targets)]), dim=-1)
-            target_t = self.to_device(targets)
-            chosen = logprobs.gather(1, target_t[:, None])[:, 0].tolist()
             k = self.prompt_logprobs[plan.slots[r]]
-            top = []
-            if k > 0:
-                top_lp, top_ids = logprobs.topk(k, dim=-1)
-                top = [TopLogprobs(i, p) for i, p in zip(top_ids.tolist(), top_lp.tolist())]
+            chosen, top = [], []
+            for c in range(0, len(targets), LOGIT_CHUNK):  # bounded like sampling's logits
+                part = targets[c : c + LOGIT_CHUNK]
+                logprobs = torch.log_softmax(self.model.logits(hidden[lo + c : lo + c + len(part)]), dim=-1)
+                chosen += logprobs.gather(1, self.to_device(part)[:, None])[:, 0].clamp(min=MIN_LOGPROB).tolist()
+                if k > 0:
+                    top_lp, top_ids = logprobs.topk(k, dim=-1)
+                    top += [TopLogprobs(i, p) for i, p in zip(top_ids.tolist(), top_lp.clamp(min=MIN_LOGPROB).tolist())]
             out.append(PromptLogprobs(plan.rids[r], plan.kv_lens[r] - plan.q_lens[r] + 1, chosen, top))
         return out
 

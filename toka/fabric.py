@@ -89,11 +89,15 @@ def watch_parent() -> None:
     """Dies with the parent: the kernel sends SIGKILL when the process that started us exits, so a
     killed launcher leaves no orphans behind."""
     import ctypes
+    import multiprocessing
     import signal
 
     pr_set_pdeathsig = 1
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
-    if os.getppid() == 1:  # the parent died before prctl took effect
+    # The parent may have died before prctl took effect; we were then reparented, to init or to a
+    # subreaper, so compare with the pid multiprocessing (spawn) recorded rather than with 1.
+    parent = multiprocessing.parent_process()
+    if os.getppid() != (parent.pid if parent is not None else os.getppid()):
         os._exit(1)
 
 

@@ -65,9 +65,11 @@ class Launcher:
         try:
             await self.start_processes()
         except LaunchError as e:
-            log.error("launch failed: %s", e)
             self.kill_all()
             await runner.cleanup()
+            if self.stopping:  # SIGTERM during start-up: a clean stop, not a failure
+                return 0
+            log.error("launch failed: %s", e)
             return 1
         engine.start()
         self.server.ready = True
@@ -85,6 +87,7 @@ class Launcher:
         proc = mp.get_context("spawn").Process(target=target, args=(self.cfg, *args), name=name)
         proc.start()
         self.procs.append(proc)
+        log.info("started %s pid %d", name, proc.pid)  # supervisors and tests find the children here
 
     async def wait_ready(self, names: set[str]) -> dict[str, protocol.Ready]:
         decoder = protocol.decoder(protocol.ControlMsg)
@@ -120,27 +123,38 @@ class Launcher:
 
     # ---- supervision and shutdown --------------------------------------------------------------
     async def watch(self) -> None:
-        """Waits for any child to exit or report a fatal error; unless we are stopping, that is death."""
+        """Waits for a child to exit, a child's fatal report or the server losing token events;
+        unless we are stopping, any of them means the engine is dead."""
         loop = asyncio.get_running_loop()
-        sentinels = [p.sentinel for p in self.procs]
+        engine = self.server.engine
         decoder = protocol.decoder(protocol.ControlMsg)
-        exited = loop.run_in_executor(None, multiprocessing.connection.wait, sentinels)
+        exited = loop.run_in_executor(None, multiprocessing.connection.wait, [p.sentinel for p in self.procs])
         fatal = asyncio.ensure_future(self.control.recv())
-        await asyncio.wait([exited, fatal], return_when=asyncio.FIRST_COMPLETED)
+        lost = asyncio.ensure_future(engine.failed.wait())
+        await asyncio.wait([exited, fatal, lost], return_when=asyncio.FIRST_COMPLETED)
+        fatal.cancel()
+        lost.cancel()
         if self.stopping:
             return
-        if fatal.done():
+        if fatal.done() and not fatal.cancelled():
             msg = decoder.decode(fatal.result())
             reason = f"{msg.name} failed: {getattr(msg, 'message', '')}"
+        elif engine.dead:
+            reason = engine.dead
         else:
-            dead = [p for p in self.procs if p.exitcode is not None]
-            reason = ", ".join(f"{p.name} exited with code {p.exitcode}" for p in dead) or "a process exited"
-        fatal.cancel()
+            ended = set(exited.result())
+            for p in self.procs:  # the sentinel closes a moment before the exit code can be read
+                if p.sentinel in ended:
+                    p.join(1)
+            reason = ", ".join(f"{p.name} exited with code {p.exitcode}" for p in self.procs if p.sentinel in ended)
         log.error("engine dead: %s", reason)
-        self.server.engine.fail_all(reason)
         self.stopping = True
-        await asyncio.sleep(0.5)  # let the failed requests' responses go out
-        self.kill_all()
+        engine.fail_all(reason)  # /health answers 503 from here on
+        self.kill_all()  # the rest cannot serve without the dead one
+        # let the failed requests' error responses go out before the listener closes
+        deadline = time.monotonic() + 5
+        while self.server.active and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
         self.exit_code = 1
         self.done.set()
 
@@ -152,14 +166,16 @@ class Launcher:
         engine = self.server.engine
         log.info("shutting down: draining %d sequences (up to %.0fs)", len(engine.streams), self.cfg.drain_timeout)
         deadline = time.monotonic() + self.cfg.drain_timeout
-        while engine.streams and time.monotonic() < deadline and self.server.ready:
+        while self.server.active and time.monotonic() < deadline and self.server.ready and not engine.dead:
             await asyncio.sleep(0.05)
-        if engine.streams:
-            engine.fail_all("the server is shutting down")
-        if self.server.ready:
+        if self.server.ready and not engine.dead:
+            # abort what outlived the timeout, so the scheduler goes idle and stops the ranks
+            engine.abort_all("the server shut down before this request finished")
             engine.drain()
-        for p in self.procs:
-            await asyncio.get_running_loop().run_in_executor(None, p.join, 10)
+            for p in self.procs:
+                await asyncio.get_running_loop().run_in_executor(None, p.join, 10)
+        while self.server.active and time.monotonic() < deadline + 5:  # the aborted requests' errors
+            await asyncio.sleep(0.05)
         self.kill_all()
         self.done.set()
 

@@ -72,7 +72,9 @@ class Loop:
             self.publish_stats()
             if self.sched.inflight_steps and time.monotonic() - self.last_progress > self.cfg.step_timeout:
                 raise TimeoutError(f"no step finished in {self.cfg.step_timeout:.0f}s: the ranks are hung")
-            self.poller.poll(1000 if self.sched.inflight_steps or not self.sched.idle else 200)
+            # wake often enough to notice a hung step soon after --step-timeout
+            wait = min(1.0, self.cfg.step_timeout / 4) if self.sched.inflight_steps or not self.sched.idle else 0.2
+            self.poller.poll(int(wait * 1000))
 
     def on_request(self, msg) -> None:
         if isinstance(msg, protocol.Submit):

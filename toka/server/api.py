@@ -6,6 +6,7 @@ naming the field, which the routes turn into a 400 with an OpenAI-style body.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import msgspec
@@ -15,6 +16,12 @@ from toka.protocol import SamplingParams
 MAX_N = 2048
 MAX_LOGPROBS = 20
 MAX_STOP = 16
+# Below this temperature, logits / temperature overflows float32 on the rank (NaN logprobs); the
+# distribution is the argmax anyway, so it is served as greedy.
+MIN_TEMPERATURE = 1e-5
+# Ranks keep top_p in float32, where a tiny top_p rounds to 0 and filters out every token. Any
+# top_p below 1 / vocab keeps just the most likely token, and so does this floor.
+MIN_TOP_P = 1e-8
 
 
 class APIError(Exception):
@@ -87,6 +94,9 @@ def decode_body(body: bytes, kind):
     except msgspec.ValidationError as e:
         text = str(e)
         param = text.rsplit("`$.", 1)[-1].rstrip("`") if "`$." in text else None
+        missing = re.search(r"missing required field `(\w+)`", text)
+        if missing:  # name the missing field itself, not the object around it
+            param = f"{param}.{missing[1]}" if param else missing[1]
         raise APIError(f"invalid request: {text}", param) from None
     except msgspec.DecodeError as e:
         raise APIError(f"malformed JSON: {e}", None) from None
@@ -122,8 +132,13 @@ def _check_common(req: _Common, limits: Limits) -> None:
             setattr(req, name, limits.sampling_defaults.get(name, fallback))
     if req.temperature < 0:
         raise APIError("temperature must be >= 0", "temperature")
+    if req.temperature < MIN_TEMPERATURE:
+        req.temperature = 0.0
     if not 0 < req.top_p <= 1:
         raise APIError("top_p must be in (0, 1]", "top_p")
+    req.top_p = max(req.top_p, MIN_TOP_P)
+    if req.seed is not None and not -(1 << 63) <= req.seed < 1 << 64:
+        raise APIError("seed must fit in 64 bits", "seed")
     if req.top_k < -1 or req.top_k > vocab_size:
         raise APIError(f"top_k must be -1 or 0 (off) or in [1, {vocab_size}]", "top_k")
     if not 1 <= req.n <= MAX_N:

@@ -5,6 +5,7 @@ token events into JSON or server-sent events; a client that goes away aborts its
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 import random
@@ -66,8 +67,8 @@ class Server:
         self.engine: EngineClient | None = None
         self.ready = False
         self.draining = False
-        self.counters: Counter[str] = Counter()
-        self.queued_tokens = 0
+        self.counters: Counter[int] = Counter()  # error responses by HTTP status
+        self.active = 0  # generation requests in flight (being validated, generated or written)
         self.rng = random.Random(cfg.seed)
 
     # ---- app -----------------------------------------------------------------------------------
@@ -88,17 +89,18 @@ class Server:
         try:
             return await handler(request)
         except APIError as e:
-            self.counters[f"http_{e.status}"] += 1
-            return _error_response(e)
-        except web.HTTPRequestEntityTooLarge:
-            return _error_response(APIError(f"the body exceeds {self.cfg.max_body_bytes} bytes", None, 413))
+            error = e
+        except web.HTTPRequestEntityTooLarge:  # aiohttp's own 413 has no OpenAI body
+            error = APIError(f"the request body exceeds {self.cfg.max_body_bytes} bytes", None)
         except EngineDead as e:
-            return _error_response(APIError(f"the engine failed: {e}", None, 503, "server_error"))
-        except web.HTTPException:
+            error = APIError(f"the engine failed: {e}", None, 503, "server_error")
+        except (web.HTTPException, ConnectionError):  # aiohttp's routing answers; a client gone mid-stream
             raise
         except Exception as e:  # a bug: answer in the API's format, keep serving
             log.exception("request failed")
-            return _error_response(APIError(f"internal error: {type(e).__name__}: {e}", None, 500, "server_error"))
+            error = APIError(f"internal error: {type(e).__name__}: {e}", None, 500, "server_error")
+        self.counters[error.status] += 1
+        return _error_response(error)
 
     # ---- simple routes -------------------------------------------------------------------------
     async def health(self, request):
@@ -112,70 +114,91 @@ class Server:
         }]})
 
     async def metrics(self, request):
-        s = self.engine.stats if self.engine else None
+        """Prometheus text. The scheduler's numbers come from its latest Stats message, sent every
+        STATS_INTERVAL even while idle, so they settle once the engine does."""
         lines = []
 
-        def gauge(name, value, help, labels=""):
-            lines.extend([f"# HELP toka_{name} {help}", f"# TYPE toka_{name} gauge", f"toka_{name}{labels} {value}"])
+        def metric(name, kind, help, values):
+            lines.extend([f"# HELP toka_{name} {help}", f"# TYPE toka_{name} {kind}"])
+            lines.extend(f"toka_{name}{labels} {value}" for labels, value in values)
 
-        gauge("http_streams", len(self.engine.streams) if self.engine else 0, "output sequences in flight in the server")
+        engine = self.engine
+        metric("http_requests", "gauge", "generation requests in flight in the server", [("", self.active)])
+        metric("http_streams", "gauge", "output sequences in flight in the server",
+               [("", len(engine.streams) if engine else 0)])
+        metric("http_errors", "counter", "error responses, by status",
+               [(f'{{status="{k}"}}', v) for k, v in sorted(self.counters.items())])
+        s = engine.stats if engine else None
         if s is not None:
-            gauge("running", s.running, "sequences on the ranks")
-            gauge("waiting", s.waiting, "sequences waiting for a slot or pages")
-            gauge("free_pages", s.free_pages, "free KV-cache pages")
-            gauge("total_pages", s.total_pages, "KV-cache pages")
-            gauge("tokens_generated", s.tokens_generated, "output tokens generated")
-            gauge("preemptions", s.preemptions, "sequences preempted for pages")
-            gauge("steps", s.steps, "steps completed")
-            lines += ["# HELP toka_finished sequences finished, by reason", "# TYPE toka_finished counter"]
-            lines += [f'toka_finished{{reason="{k}"}} {v}' for k, v in sorted(s.finished.items())]
-        for k, v in sorted(self.counters.items()):
-            lines.append(f"toka_{k} {v}")
+            metric("running", "gauge", "sequences on the ranks", [("", s.running)])
+            metric("waiting", "gauge", "sequences waiting for a slot or pages", [("", s.waiting)])
+            metric("free_pages", "gauge", "free KV-cache pages", [("", s.free_pages)])
+            metric("total_pages", "gauge", "KV-cache pages", [("", s.total_pages)])
+            metric("tokens_generated", "counter", "output tokens generated", [("", s.tokens_generated)])
+            metric("preemptions", "counter", "sequences preempted for pages", [("", s.preemptions)])
+            metric("steps", "counter", "steps completed", [("", s.steps)])
+            metric("finished", "counter", "sequences finished, by reason",
+                   [(f'{{reason="{k}"}}', v) for k, v in sorted(s.finished.items())])
         return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
 
     # ---- generation routes ---------------------------------------------------------------------
     async def completions(self, request):
-        req = api.decode_body(await request.read(), api.CompletionRequest)
-        engine_reqs = api.completion_requests(req, self.tokenizer, self.limits, self._seed(req.seed))
-        return await self._generate(request, req, engine_reqs, chat=False)
+        return await self._serve(request, chat=False)
 
     async def chat(self, request):
-        req = api.decode_body(await request.read(), api.ChatRequest)
-        engine_req = api.chat_request(req, self.tokenizer, self.limits, self._seed(req.seed))
-        return await self._generate(request, req, [engine_req], chat=True)
+        return await self._serve(request, chat=True)
+
+    async def _serve(self, request, chat: bool):
+        self.active += 1
+        try:
+            if chat:
+                req = api.decode_body(await request.read(), api.ChatRequest)
+                engine_reqs = [api.chat_request(req, self.tokenizer, self.limits, self._seed(req.seed))]
+            else:
+                req = api.decode_body(await request.read(), api.CompletionRequest)
+                engine_reqs = api.completion_requests(req, self.tokenizer, self.limits, self._seed(req.seed))
+            return await self._generate(request, req, engine_reqs, chat)
+        finally:
+            self.active -= 1
 
     def _seed(self, seed: int | None) -> int:
-        return seed if seed is not None else self.rng.getrandbits(63)
+        """63 bits, so that choice i's seed + i still fits the 64-bit integers msgpack carries."""
+        return seed & ((1 << 63) - 1) if seed is not None else self.rng.getrandbits(63)
 
     def _admit(self, engine_reqs: list[EngineRequest]) -> None:
+        """The scheduler runs up to max_seqs sequences and queues the rest in arrival order, so the
+        sequences in flight past the oldest max_seqs are the waiting ones (at least: a sequence may
+        also wait for pages). A request whose sequences would push that queue past its bounds gets a
+        429. An idle engine takes any valid request, however large, or it could never run."""
         if not self.ready or self.draining:
             raise APIError("the server is not accepting requests", None, 503, "server_error")
         if self.engine.dead:
             raise EngineDead(self.engine.dead)
-        seqs = sum(r.n for r in engine_reqs)
-        tokens = sum(len(r.prompt) * r.n for r in engine_reqs)
+        streams = self.engine.streams
+        if not streams:
+            return
         cfg = self.cfg
-        if len(self.engine.streams) + seqs > cfg.max_seqs + cfg.max_waiting_requests or (
-            self.queued_tokens + tokens > cfg.max_waiting_tokens and self.engine.streams
-        ):
-            raise APIError("too many requests are waiting; retry later", None, 429, "rate_limit_error")
+        queued = list(itertools.islice(reversed(streams.values()), max(0, len(streams) - cfg.max_seqs)))
+        new = [len(r.prompt) for r in engine_reqs for _ in range(r.n)]
+        new = new[max(0, cfg.max_seqs - len(streams)):]  # those that find a free slot do not wait
+        if len(queued) + len(new) > cfg.max_waiting_requests:
+            raise APIError(f"{len(queued)} sequences are waiting already; retry later", None, 429, "rate_limit_error")
+        if sum(s.prompt_len for s in queued) + sum(new) > cfg.max_waiting_tokens:
+            raise APIError("too many prompt tokens are waiting; retry later", None, 429, "rate_limit_error")
 
     async def _generate(self, request, req, engine_reqs: list[EngineRequest], chat: bool):
         self._admit(engine_reqs)
         choices: list[Choice] = []
-        for r in engine_reqs:
-            for i in range(r.n):
-                params = r.params if i == 0 else _reseed(r.params, r.params.seed + i)
-                choices.append(Choice(len(choices), self.engine.submit(r.prompt, params), r, self.tokenizer))
-        held = sum(len(c.req.prompt) for c in choices)
-        self.queued_tokens += held
         try:
+            for r in engine_reqs:
+                for i in range(r.n):
+                    params = r.params if i == 0 else _reseed(r.params, r.params.seed + i)
+                    choices.append(Choice(len(choices), self.engine.submit(r.prompt, params), r, self.tokenizer))
             if req.stream:
                 return await self._stream(request, req, choices, chat)
             await asyncio.gather(*(self._drain(c) for c in choices))
             return web.json_response(self._full_response(req, choices, chat), dumps=_dumps)
-        finally:
-            self.queued_tokens -= held
+        finally:  # finished, failed, or cancelled because the client went away
             for c in choices:
                 if not c.stream.done:
                     self.engine.abort(c.stream)

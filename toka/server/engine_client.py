@@ -79,6 +79,7 @@ class EngineClient:
         self.streams: dict[int, OutputStream] = {}
         self.stats: protocol.Stats | None = None
         self.dead: str | None = None
+        self.failed = asyncio.Event()  # set with `dead`: the launcher treats it like a dead process
         self._rids = itertools.count()
         self._next_step = 0
         self._tasks: list[asyncio.Task] = []
@@ -102,9 +103,16 @@ class EngineClient:
     def drain(self) -> None:
         self.requests.send(protocol.encode(protocol.Drain()))
 
+    def abort_all(self, message: str) -> None:
+        """Ends every open stream with an error (the drain timed out); the engine stays usable."""
+        for stream in list(self.streams.values()):
+            self.abort(stream)
+            stream._fail(message)
+
     def fail_all(self, message: str) -> None:
         """The engine died: every waiting route gets an error now."""
-        self.dead = message
+        self.dead = self.dead or message
+        self.failed.set()
         for stream in self.streams.values():
             stream._fail(message)
         self.streams.clear()

@@ -1,0 +1,59 @@
+"""Admission control: the waiting queue is bounded in sequences and in prompt tokens; past either
+bound a request gets a 429 with Retry-After and an OpenAI error body, while the admitted requests
+finish correctly."""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import requests
+
+from tests.reliability.conftest import metrics, wait_idle
+
+LONG = {"prompt": [10, 11, 12, 13], "max_tokens": 600, "temperature": 0, "ignore_eos": True}
+
+
+def complete(url: str, body: dict) -> requests.Response:
+    return requests.post(url + "/v1/completions", json=body, timeout=120)
+
+
+def wait_streams(url: str, count: int) -> None:
+    deadline = time.monotonic() + 30
+    while metrics(url)["http_streams"] < count:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+
+
+def assert_429(resp: requests.Response) -> None:
+    assert resp.status_code == 429, resp.text
+    assert int(resp.headers["Retry-After"]) >= 1
+    err = resp.json()["error"]
+    assert err["type"] == "rate_limit_error" and err["message"] and set(err) == {"message", "type", "param", "code"}
+
+
+def test_queue_bounds_give_429_and_admitted_requests_finish(fresh):
+    # 2 sequences run, 2 may wait, holding at most 40 prompt tokens
+    server = fresh("--max-seqs", "2", "--max-waiting-requests", "2", "--max-waiting-tokens", "40")
+    url = server.url
+    expected = complete(url, LONG).json()["choices"][0]["text"]
+    with ThreadPoolExecutor(8) as pool:
+        admitted = [pool.submit(complete, url, LONG) for _ in range(3)]  # 2 run, 1 waits (4 tokens)
+        wait_streams(url, 3)
+        assert_429(complete(url, {**LONG, "prompt": [7] * 37, "max_tokens": 1}))  # 4 + 37 tokens > 40
+        admitted.append(pool.submit(complete, url, {**LONG, "prompt": [7] * 36}))  # 4 + 36 tokens: fits
+        wait_streams(url, 4)
+        assert_429(complete(url, {**LONG, "prompt": [7], "max_tokens": 1}))  # a third waiting sequence
+        assert_429(complete(url, {**LONG, "prompt": [7], "max_tokens": 1, "n": 2}))
+        assert requests.get(url + "/health").status_code == 200  # busy, not unhealthy
+        results = [f.result() for f in admitted]
+    for r in results:
+        assert r.status_code == 200, r.text
+        choice = r.json()["choices"][0]
+        assert choice["finish_reason"] == "length" and r.json()["usage"]["completion_tokens"] == 600
+    assert [r.json()["choices"][0]["text"] for r in results[:3]] == [expected] * 3
+    assert metrics(url)['http_errors{status="429"}'] == 3
+    wait_idle(url)
+    # the queue drained: admitted again; an idle engine takes even a request larger than the bounds
+    resp = complete(url, {**LONG, "max_tokens": 4, "n": 6, "prompt": [7] * 50})
+    assert resp.status_code == 200 and len(resp.json()["choices"]) == 6

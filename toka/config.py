@@ -100,6 +100,9 @@ class EngineConfig:
             raise ConfigError("--tp must be at least 1")
         if gpu and self.tp > torch.cuda.device_count():
             raise ConfigError(f"--tp {self.tp} needs {self.tp} GPUs but {torch.cuda.device_count()} are visible")
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        if not gpu and self.tp > cores:  # a CPU rank needs a core of its own
+            raise ConfigError(f"--tp {self.tp} on cpu needs {self.tp} CPU cores but {cores} are available")
         info.check_tp(self.tp)
         self.max_seqs = self.max_seqs or (1024 if gpu else 64)
         self.max_tokens_per_forward = self.max_tokens_per_forward or (8192 if gpu else 1024)

@@ -170,6 +170,8 @@ class Launcher:
             await asyncio.sleep(0.05)
         if self.server.ready and not engine.dead:
             # abort what outlived the timeout, so the scheduler goes idle and stops the ranks
+            if engine.streams:
+                log.warning("drain timeout: aborting %d sequences", len(engine.streams))
             engine.abort_all("the server shut down before this request finished")
             engine.drain()
             for p in self.procs:

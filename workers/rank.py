@@ -65,6 +65,13 @@ def build(cfg: EngineConfig, rank: int):
 
     if cfg.kv_cache_tokens:
         num_pages = cfg.kv_cache_tokens // cfg.page_size
+        # fail now with a clear message, not in an allocation that swaps or gets OOM-killed
+        need = num_pages * cfg.page_size * KVCache.bytes_per_token(*shape, dtype)
+        free = torch.cuda.mem_get_info(device)[0] if cfg.device == "cuda" else \
+            int(next(line.split()[1] for line in open("/proc/meminfo") if line.startswith("MemAvailable"))) * 1024
+        if need > free:
+            raise RuntimeError(f"a KV cache of {cfg.kv_cache_tokens} tokens needs {need / 2**30:.1f} GiB but "
+                               f"{free / 2**30:.1f} GiB is free on {device}; lower --kv-cache-tokens")
     else:
         num_pages = _pages_from_memory(cfg, make_runner, KVCache.bytes_per_token(*shape, dtype), device)
     runner = make_runner(num_pages)

@@ -1,0 +1,108 @@
+"""Process life cycle: no orphans when the launcher is killed, a graceful drain on SIGTERM, and
+launch failures that stop within seconds with a clear message and a non-zero exit."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+
+from tests.helpers import free_port
+from tests.reliability.conftest import child_pids, descendants, metrics, wait_gone
+
+
+def test_sigkill_of_the_launcher_leaves_no_orphans(fresh):
+    server = fresh()
+    family = descendants(server.proc.pid)
+    pids = child_pids(server)
+    assert set(pids.values()) <= set(family) and len(family) >= 3  # ranks, scheduler, resource tracker
+    with ThreadPoolExecutor(1) as pool:  # mid-generation, so every child is busy
+        pool.submit(requests.post, server.url + "/v1/completions",
+                    json={"prompt": "x", "max_tokens": 2000, "ignore_eos": True}, timeout=30)
+        time.sleep(0.3)
+        server.proc.kill()
+        server.proc.wait()
+        assert wait_gone(family, timeout=10) == []
+
+
+def test_sigterm_drains_then_exits_0(fresh):
+    server = fresh("--drain-timeout", "3")
+    url = server.url
+    short = {"prompt": "finish me", "max_tokens": 100, "ignore_eos": True, "temperature": 0}
+    expected = requests.post(url + "/v1/completions", json=short).json()["choices"][0]["text"]
+    long = {"prompt": "too long", "max_tokens": 2000, "ignore_eos": True, "n": 16}  # outlasts the drain
+    family = descendants(server.proc.pid)
+    with ThreadPoolExecutor(4) as pool:
+        shorts = [pool.submit(requests.post, url + "/v1/completions", json=short, timeout=60) for _ in range(3)]
+        longs = pool.submit(requests.post, url + "/v1/completions", json=long, timeout=60)
+        deadline = time.monotonic() + 30
+        while metrics(url)["http_streams"] < 19:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        t0 = time.monotonic()
+        server.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.1)
+        refused = requests.post(url + "/v1/completions", json=short)
+        assert refused.status_code == 503 and refused.json()["error"]["type"] == "server_error"
+        assert requests.get(url + "/health").status_code == 503
+        for f in shorts:  # in flight at SIGTERM: completed, and correctly
+            r = f.result()
+            assert r.status_code == 200 and r.json()["choices"][0]["text"] == expected
+        r = longs.result()  # still running at the drain timeout: failed cleanly
+        assert r.status_code == 503 and "shut down" in r.json()["error"]["message"], r.text
+        assert 3 <= time.monotonic() - t0 < 8
+    assert server.proc.wait(timeout=15) == 0
+    assert wait_gone(family) == []
+
+
+# ---- launch failures ----------------------------------------------------------------------------
+def launch(*args: str, timeout: float = 60) -> tuple[int, str, float]:
+    t0 = time.monotonic()
+    out = subprocess.run([sys.executable, "-m", "toka.launch", *args], capture_output=True, text=True,
+                         timeout=timeout, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    return out.returncode, out.stderr, time.monotonic() - t0
+
+
+def unsupported_model(tiny_models, tmp_path) -> str:
+    path = tmp_path / "gpt2-ish"
+    shutil.copytree(tiny_models["tiny-llama"], path)
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "model_type": "gpt2"}))
+    return str(path)
+
+
+FAILURES = {
+    "missing model folder": (lambda m, tmp: ["--model", str(tmp / "no" / "such-model")], "does not exist"),
+    "unsupported architecture": (lambda m, tmp: ["--model", unsupported_model(m, tmp)], "'gpt2' is not supported"),
+    "more ranks than cores": (lambda m, tmp: ["--model", m["tiny-llama"], "--tp", str(len(os.sched_getaffinity(0)) + 1)],
+                              "CPU cores"),
+    "KV cache beyond memory": (lambda m, tmp: ["--model", m["tiny-llama"], "--kv-cache-tokens", str(10**13)],
+                               "lower --kv-cache-tokens"),
+}
+
+
+@pytest.mark.parametrize("case", list(FAILURES))
+def test_launch_failure_is_quick_and_clear(tiny_models, tmp_path, case):
+    make_args, message = FAILURES[case]
+    code, stderr, took = launch(*make_args(tiny_models, tmp_path), "--port", str(free_port()))
+    assert code != 0 and message in stderr.strip().splitlines()[-1], stderr[-3000:]  # the last word
+    assert took < 30
+
+
+def test_port_in_use_is_quick_and_clear(tiny_models):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        code, stderr, took = launch("--model", tiny_models["tiny-llama"], "--port", str(port))
+    assert code != 0 and f"port {port} on 127.0.0.1 is already in use" in stderr.strip().splitlines()[-1], stderr
+    assert took < 30

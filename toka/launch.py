@@ -123,8 +123,8 @@ class Launcher:
 
     # ---- supervision and shutdown --------------------------------------------------------------
     async def watch(self) -> None:
-        """Waits for a child to exit, a child's fatal report or the server losing token events;
-        unless we are stopping, any of them means the engine is dead."""
+        """Waits for a child to exit, a child's fatal report or the server losing token events. Any
+        of them means the engine is dead, except children exiting 0 at the end of a drain."""
         loop = asyncio.get_running_loop()
         engine = self.server.engine
         decoder = protocol.decoder(protocol.ControlMsg)
@@ -134,28 +134,30 @@ class Launcher:
         await asyncio.wait([exited, fatal, lost], return_when=asyncio.FIRST_COMPLETED)
         fatal.cancel()
         lost.cancel()
-        if self.stopping:
-            return
         if fatal.done() and not fatal.cancelled():
             msg = decoder.decode(fatal.result())
             reason = f"{msg.name} failed: {getattr(msg, 'message', '')}"
         elif engine.dead:
             reason = engine.dead
         else:
-            ended = set(exited.result())
-            for p in self.procs:  # the sentinel closes a moment before the exit code can be read
-                if p.sentinel in ended:
-                    p.join(1)
-            reason = ", ".join(f"{p.name} exited with code {p.exitcode}" for p in self.procs if p.sentinel in ended)
+            ended = [p for p in self.procs if p.sentinel in exited.result()]
+            for p in ended:  # the sentinel closes a moment before the exit code can be read
+                p.join(1)
+            if self.stopping and all(p.exitcode == 0 for p in ended):
+                return  # the drain stopped them
+            reason = ", ".join(f"{p.name} exited with code {p.exitcode}" for p in ended)
         log.error("engine dead: %s", reason)
-        self.stopping = True
         engine.fail_all(reason)  # /health answers 503 from here on
-        self.kill_all()  # the rest cannot serve without the dead one
-        # let the failed requests' error responses go out before the listener closes
-        deadline = time.monotonic() + 5
-        while self.server.active and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
         self.exit_code = 1
+        if self.stopping:
+            return  # shutdown() sees the engine dead and finishes the job
+        self.stopping = True
+        self.kill_all()  # the rest cannot serve without the dead one
+        # let the failed requests' error responses go out, and health checks see 503, before the
+        # listener closes
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 0.5 or (self.server.active and time.monotonic() - t0 < 5):
+            await asyncio.sleep(0.05)
         self.done.set()
 
     async def shutdown(self) -> None:

@@ -11,7 +11,7 @@ import time
 import aiohttp
 import requests
 
-from tests.reliability.conftest import wait_idle
+from tests.reliability.conftest import metrics, wait_idle
 
 REQUESTS = 2000
 CLIENTS = 200
@@ -67,6 +67,7 @@ def test_2000_requests_from_200_clients(shared):
         async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=300)) as session:
             await asyncio.gather(*(client(session) for _ in range(CLIENTS)))
 
+    before = metrics(url)
     t0 = time.monotonic()
     asyncio.run(main())
     took = time.monotonic() - t0
@@ -75,4 +76,6 @@ def test_2000_requests_from_200_clients(shared):
     assert not wrong, f"{len(wrong)} outputs differ from the prompt's output alone, e.g. request {wrong[0]}"
     m = wait_idle(url)  # no request state in the server, no running or waiting sequence, every page free
     assert m["http_streams"] == 0 and m["free_pages"] == m["total_pages"]
+    finished = m['requests_finished{reason="length"}'] - before['requests_finished{reason="length"}']
+    assert finished == REQUESTS
     print(f"{REQUESTS} requests from {CLIENTS} clients in {took:.1f}s")

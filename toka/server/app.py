@@ -68,6 +68,7 @@ class Server:
         self.ready = False
         self.draining = False
         self.counters: Counter[int] = Counter()  # error responses by HTTP status
+        self.finished: Counter[str] = Counter()  # choices by how they ended for the client
         self.active = 0  # generation requests in flight (being validated, generated or written)
         self.rng = random.Random(cfg.seed)
 
@@ -94,7 +95,11 @@ class Server:
             error = APIError(f"the request body exceeds {self.cfg.max_body_bytes} bytes", None)
         except EngineDead as e:
             error = APIError(f"the engine failed: {e}", None, 503, "server_error")
-        except (web.HTTPException, ConnectionError):  # aiohttp's routing answers; a client gone mid-stream
+        except web.HTTPException as e:  # aiohttp's own answers (404, 405): in the API's format
+            if e.status < 400:
+                raise
+            error = APIError(e.reason, None, e.status)
+        except ConnectionError:  # the client went away mid-stream: nobody to answer
             raise
         except Exception as e:  # a bug: answer in the API's format, keep serving
             log.exception("request failed")
@@ -128,6 +133,9 @@ class Server:
                [("", len(engine.streams) if engine else 0)])
         metric("http_errors", "counter", "error responses, by status",
                [(f'{{status="{k}"}}', v) for k, v in sorted(self.counters.items())])
+        metric("requests_finished", "counter", "choices (one output sequence each) returned or given up, by "
+               "finish reason: stop, length, abort (the client left) or error (the engine failed)",
+               [(f'{{reason="{k}"}}', v) for k, v in sorted(self.finished.items())])
         s = engine.stats if engine else None
         if s is not None:
             metric("running", "gauge", "sequences on the ranks", [("", s.running)])
@@ -137,7 +145,8 @@ class Server:
             metric("tokens_generated", "counter", "output tokens generated", [("", s.tokens_generated)])
             metric("preemptions", "counter", "sequences preempted for pages", [("", s.preemptions)])
             metric("steps", "counter", "steps completed", [("", s.steps)])
-            metric("finished", "counter", "sequences finished, by reason",
+            metric("finished", "counter", "sequences the scheduler finished, by reason (abort: a stop string, "
+                   "a client gone, a drain timeout)",
                    [(f'{{reason="{k}"}}', v) for k, v in sorted(s.finished.items())])
         return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
 
@@ -202,6 +211,7 @@ class Server:
             for c in choices:
                 if not c.stream.done:
                     self.engine.abort(c.stream)
+                self.finished[c.finish or ("error" if c.stream.error else "abort")] += 1
 
     async def _drain(self, choice: Choice) -> None:
         async for _ in choice.deltas(self.engine):

@@ -1,0 +1,39 @@
+"""/metrics: Prometheus text with the engine's state, which settles to the truth once the engine is
+idle (the scheduler keeps sending its stats while idle, not only while busy)."""
+
+from __future__ import annotations
+
+import time
+
+import requests
+
+from tests.reliability.conftest import metrics, wait_idle
+
+REQUIRED = ["http_requests", "http_streams", "http_errors", "requests_finished", "running", "waiting",
+            "free_pages", "total_pages", "tokens_generated", "finished"]
+
+
+def test_metrics_are_prometheus_text_and_settle_while_idle(shared):
+    url = shared.url
+    wait_idle(url)
+    time.sleep(0.6)
+    before = metrics(url)
+    body = {"prompt": "count my tokens", "max_tokens": 7, "ignore_eos": True, "n": 2}
+    assert requests.post(url + "/v1/completions", json=body).status_code == 200
+    deadline = time.monotonic() + 5
+    while (m := metrics(url))["tokens_generated"] != before["tokens_generated"] + 14:  # no traffic since
+        assert time.monotonic() < deadline, (before, m)
+        time.sleep(0.1)
+    delta = {k: m.get(k, 0) - before.get(k, 0) for k in m}
+    assert delta['finished{reason="length"}'] == 2 and delta['requests_finished{reason="length"}'] == 2
+    assert delta["steps"] >= 7 and m["free_pages"] == m["total_pages"] and m["running"] == m["waiting"] == 0
+    text = requests.get(url + "/metrics").text
+    for name in REQUIRED:
+        assert f"# TYPE toka_{name} " in text and f"# HELP toka_{name} " in text, name
+
+
+def test_unknown_route_is_an_openai_error(shared):
+    resp = requests.post(shared.url + "/v1/embeddings", json={"input": "x"})
+    assert resp.status_code == 404 and resp.json()["error"]["message"]
+    resp = requests.get(shared.url + "/v1/completions")
+    assert resp.status_code == 405 and resp.json()["error"]["message"]

@@ -71,7 +71,8 @@ def main() -> None:
     model = runner.model
     params = sum(p.numel() for p in model.parameters())
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    kv_per_token = runner.attn.cache.data[:, 0].numel() // runner.attn.cache.data.shape[1] * runner.attn.cache.data.element_size()
+    cache = runner.attn.cache.data  # [layers, pages, 2, page_size, kv_heads, head_dim]
+    kv_per_token = cache[:, 0, :, 0].numel() * cache.element_size()
     flops_rate, bandwidth = measured_rates(torch.device("cuda"))
     rows = []
     for b in batches:

@@ -85,7 +85,8 @@ def build(cfg: EngineConfig, rank: int):
 
 
 def graph_sizes(largest: int) -> list[int]:
-    sizes = [1, 2, 4, 8] + list(range(16, largest + 1, 16))
+    # fine steps where padding costs most, coarser above (each size is one capture at start-up)
+    sizes = [1, 2, 4, 8] + list(range(16, 257, 16)) + list(range(320, largest + 1, 64))
     return sorted({s for s in sizes if s <= largest} | {largest})
 
 

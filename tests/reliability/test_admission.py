@@ -33,15 +33,15 @@ def assert_429(resp: requests.Response) -> None:
 
 
 def test_queue_bounds_give_429_and_admitted_requests_finish(fresh):
-    # 2 sequences run, 2 may wait, holding at most 40 prompt tokens
+    # 2 sequences run, 2 may wait; while some wait, at most 40 prompt tokens may be in flight
     server = fresh("--max-seqs", "2", "--max-waiting-requests", "2", "--max-waiting-tokens", "40")
     url = server.url
     expected = complete(url, LONG).json()["choices"][0]["text"]
     with ThreadPoolExecutor(8) as pool:
-        admitted = [pool.submit(complete, url, LONG) for _ in range(3)]  # 2 run, 1 waits (4 tokens)
+        admitted = [pool.submit(complete, url, LONG) for _ in range(3)]  # 2 run, 1 waits: 12 tokens
         wait_streams(url, 3)
-        assert_429(complete(url, {**LONG, "prompt": [7] * 37, "max_tokens": 1}))  # 4 + 37 tokens > 40
-        admitted.append(pool.submit(complete, url, {**LONG, "prompt": [7] * 36}))  # 4 + 36 tokens: fits
+        assert_429(complete(url, {**LONG, "prompt": [7] * 29, "max_tokens": 1}))  # 12 + 29 tokens > 40
+        admitted.append(pool.submit(complete, url, {**LONG, "prompt": [7] * 28}))  # 12 + 28 tokens: fits
         wait_streams(url, 4)
         assert_429(complete(url, {**LONG, "prompt": [7], "max_tokens": 1}))  # a third waiting sequence
         assert_429(complete(url, {**LONG, "prompt": [7], "max_tokens": 1, "n": 2}))

@@ -5,7 +5,6 @@ token events into JSON or server-sent events; a client that goes away aborts its
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
 import logging
 import random
@@ -176,9 +175,9 @@ class Server:
 
     def _admit(self, engine_reqs: list[EngineRequest]) -> None:
         """The scheduler runs up to max_seqs sequences and queues the rest in arrival order, so the
-        sequences in flight past the oldest max_seqs are the waiting ones (at least: a sequence may
-        also wait for pages). A request whose sequences would push that queue past its bounds gets a
-        429. An idle engine takes any valid request, however large, or it could never run."""
+        sequences in flight past max_seqs are the waiting ones (at least: a sequence may also wait for
+        pages). The token bound counts the prompts of every sequence in flight. A request that would
+        push either past its bound gets a 429; one that does not wait is always taken."""
         if not self.ready or self.draining:
             raise APIError("the server is not accepting requests", None, 503, "server_error")
         if self.engine.dead:
@@ -187,13 +186,13 @@ class Server:
         if not streams:
             return
         cfg = self.cfg
-        queued = list(itertools.islice(reversed(streams.values()), max(0, len(streams) - cfg.max_seqs)))
-        new = [len(r.prompt) for r in engine_reqs for _ in range(r.n)]
-        new = new[max(0, cfg.max_seqs - len(streams)):]  # those that find a free slot do not wait
-        if len(queued) + len(new) > cfg.max_waiting_requests:
-            raise APIError(f"{len(queued)} sequences are waiting already; retry later", None, 429, "rate_limit_error")
-        if sum(s.prompt_len for s in queued) + sum(new) > cfg.max_waiting_tokens:
-            raise APIError("too many prompt tokens are waiting; retry later", None, 429, "rate_limit_error")
+        new = sum(r.n for r in engine_reqs)
+        waiting = max(0, len(streams) + new - cfg.max_seqs)  # O(1): this runs for every request
+        if waiting > cfg.max_waiting_requests:
+            raise APIError(f"{waiting - new} sequences are waiting already; retry later", None, 429, "rate_limit_error")
+        tokens = self.engine.prompt_tokens + sum(len(r.prompt) * r.n for r in engine_reqs)
+        if waiting and tokens > cfg.max_waiting_tokens:
+            raise APIError("too many prompt tokens are queued; retry later", None, 429, "rate_limit_error")
 
     async def _generate(self, request, req, engine_reqs: list[EngineRequest], chat: bool):
         self._admit(engine_reqs)
@@ -202,7 +201,8 @@ class Server:
             for r in engine_reqs:
                 for i in range(r.n):
                     params = r.params if i == 0 else _reseed(r.params, r.params.seed + i)
-                    choices.append(Choice(len(choices), self.engine.submit(r.prompt, params), r, self.tokenizer))
+                    stream = self.engine.submit(r.prompt, params, each_token=req.stream or bool(r.stop))
+                    choices.append(Choice(len(choices), stream, r, self.tokenizer))
             if req.stream:
                 return await self._stream(request, req, choices, chat)
             await asyncio.gather(*(self._drain(c) for c in choices))

@@ -24,7 +24,7 @@ class OutputStream:
     """One sequence's output as rank 0 reports it; `accept` (shared with the scheduler) decides which
     tokens belong to it and when it ends."""
 
-    def __init__(self, rid: int, prompt_len: int, params: SamplingParams):
+    def __init__(self, rid: int, prompt_len: int, params: SamplingParams, each_token: bool = True):
         self.rid = rid
         self.prompt_len = prompt_len
         self.params = params
@@ -36,6 +36,9 @@ class OutputStream:
         self.sampled = 0  # tokens counted as completion tokens: kept ones and a final stop token
         self.finish: str | None = None
         self.error: str | None = None
+        # a reader that only needs the final result (no streaming, no stop strings) is woken once at
+        # the end instead of once per token: the per-token path is the server's hot loop
+        self.each_token = each_token
         self._changed = asyncio.Event()
 
     def _add(self, token: int, logprob: float, top: TopLogprobs | None) -> bool:
@@ -46,7 +49,8 @@ class OutputStream:
             self.top.append(top)
         self.sampled += keep or reason == "stop"
         self.finish = reason
-        self._changed.set()
+        if self.each_token or reason is not None:
+            self._changed.set()
         return reason is not None
 
     def _fail(self, message: str) -> None:
@@ -77,6 +81,7 @@ class EngineClient:
         self.event_decoder = protocol.decoder(protocol.EventMsg)
         self.status_decoder = protocol.decoder(protocol.StatusMsg)
         self.streams: dict[int, OutputStream] = {}
+        self.prompt_tokens = 0  # prompt tokens of every sequence in self.streams
         self.stats: protocol.Stats | None = None
         self.dead: str | None = None
         self.failed = asyncio.Event()  # set with `dead`: the launcher treats it like a dead process
@@ -87,17 +92,20 @@ class EngineClient:
     def start(self) -> None:
         self._tasks = [asyncio.create_task(self._follow_events()), asyncio.create_task(self._follow_status())]
 
-    def submit(self, prompt: list[int], params: SamplingParams) -> OutputStream:
+    def submit(self, prompt: list[int], params: SamplingParams, each_token: bool = True) -> OutputStream:
         if self.dead:
             raise EngineDead(self.dead)
-        stream = OutputStream(next(self._rids), len(prompt), params)
+        stream = OutputStream(next(self._rids), len(prompt), params, each_token)
         self.streams[stream.rid] = stream
+        self.prompt_tokens += stream.prompt_len
         self.requests.send(protocol.encode(protocol.Submit(stream.rid, prompt, params)))
         return stream
 
     def abort(self, stream: OutputStream) -> None:
         """Stops generation for a stream that is not done (stop string hit, client gone)."""
-        if self.streams.pop(stream.rid, None) is not None and not self.dead:
+        if self.streams.pop(stream.rid, None) is not None:
+            self.prompt_tokens -= stream.prompt_len
+        if not self.dead and not stream.done:
             self.requests.send(protocol.encode(protocol.Abort(stream.rid)))
 
     def drain(self) -> None:
@@ -116,6 +124,7 @@ class EngineClient:
         for stream in self.streams.values():
             stream._fail(message)
         self.streams.clear()
+        self.prompt_tokens = 0
 
     async def _follow_events(self) -> None:
         while True:
@@ -143,6 +152,7 @@ class EngineClient:
             stream = streams.get(rid)
             if stream is not None and stream._add(token, lp, tops.get(i)):
                 del streams[rid]
+                self.prompt_tokens -= stream.prompt_len
 
     async def _follow_status(self) -> None:
         while True:

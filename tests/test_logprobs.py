@@ -40,11 +40,16 @@ def models() -> list[str]:
 
 
 @pytest.fixture(scope="module", params=models())
-def served(request, tiny_models, default_model):
+def served(request):
     name = request.param
-    path = {"default": default_model, **tiny_models}.get(name, name)
+    tiny = name in TINY_SHAPES
+    if name == "default" or tiny:  # fixtures only when needed: MODEL alone must work anywhere
+        path = request.getfixturevalue("default_model" if name == "default" else "tiny_models")
+        path = path[name] if tiny else path
+    else:
+        path = name
     args = shlex.split(os.environ.get("TOKA_ARGS", ""))
-    if name in tiny_models:
+    if tiny:
         args += ["--max-tokens-per-forward", "32"]  # long prompts then prefill in several chunks
     server = Server("--model", path, *args)
     server.model_path = path

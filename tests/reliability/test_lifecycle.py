@@ -35,19 +35,23 @@ def test_sigkill_of_the_launcher_leaves_no_orphans(fresh):
 
 
 def test_sigterm_drains_then_exits_0(fresh):
-    server = fresh("--drain-timeout", "3")
+    server = fresh("--drain-timeout", "3", "--kv-cache-tokens", "16384")  # no preemption: steady steps
     url = server.url
     short = {"prompt": "finish me", "max_tokens": 100, "ignore_eos": True, "temperature": 0}
     expected = requests.post(url + "/v1/completions", json=short).json()["choices"][0]["text"]
-    long = {"prompt": "too long", "max_tokens": 2000, "ignore_eos": True, "n": 16}  # outlasts the drain
+    long = {"prompt": "too long", "max_tokens": 2000, "ignore_eos": True, "n": 4}  # ~8 s: outlasts the drain
     family = descendants(server.proc.pid)
-    with ThreadPoolExecutor(4) as pool:
-        shorts = [pool.submit(requests.post, url + "/v1/completions", json=short, timeout=60) for _ in range(3)]
-        longs = pool.submit(requests.post, url + "/v1/completions", json=long, timeout=60)
+    def wait_streams(count):
         deadline = time.monotonic() + 30
-        while metrics(url)["http_streams"] < 19:
+        while metrics(url)["http_streams"] < count:
             assert time.monotonic() < deadline
             time.sleep(0.02)
+
+    with ThreadPoolExecutor(4) as pool:
+        shorts = [pool.submit(requests.post, url + "/v1/completions", json=short, timeout=60) for _ in range(3)]
+        wait_streams(3)  # the short ones first: the older sequences, never preempted for the long ones
+        longs = pool.submit(requests.post, url + "/v1/completions", json=long, timeout=60)
+        wait_streams(7)
         t0 = time.monotonic()
         server.proc.send_signal(signal.SIGTERM)
         time.sleep(0.1)

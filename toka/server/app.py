@@ -205,7 +205,12 @@ class Server:
                     choices.append(Choice(len(choices), stream, r, self.tokenizer))
             if req.stream:
                 return await self._stream(request, req, choices, chat)
-            await asyncio.gather(*(self._drain(c) for c in choices))
+            tasks = [asyncio.ensure_future(self._drain(c)) for c in choices]
+            try:
+                await asyncio.gather(*tasks)
+            finally:  # one choice failing leaves no other waiting forever
+                for t in tasks:
+                    t.cancel()
             return web.json_response(self._full_response(req, choices, chat), dumps=_dumps)
         finally:  # finished, failed, or cancelled because the client went away
             for c in choices:
@@ -230,25 +235,32 @@ class Server:
                     await queue.put(self._chunk(req, c, text, start, end, chat, first, rid, created))
                     first = False
             except EngineDead as e:
-                await queue.put({"error": {"message": f"the engine failed: {e}", "type": "server_error"}})
+                await queue.put(APIError(f"the engine failed: {e}", None, 503, "server_error"))
+            except Exception as e:  # a bug: tell the client rather than end its stream silently
+                log.exception("stream failed")
+                await queue.put(APIError(f"internal error: {type(e).__name__}: {e}", None, 500, "server_error"))
             finally:
                 await queue.put(None)
 
         tasks = [asyncio.create_task(pump(c)) for c in choices]
         try:
-            remaining = len(tasks)
+            remaining, failed = len(tasks), False
             while remaining:
                 item = await queue.get()
                 if item is None:
                     remaining -= 1
                     continue
+                if isinstance(item, APIError):  # an error event, then the stream ends as usual
+                    failed, item = True, item.body()
                 await resp.write(b"data: " + _dumps(item).encode() + b"\n\n")
-            if req.stream_options and req.stream_options.include_usage:
+            if req.stream_options and req.stream_options.include_usage and not failed:
                 usage = {"id": rid, "object": _object(chat, True), "created": created, "model": self.cfg.model_name,
                          "choices": [], "usage": _usage(choices)}
                 await resp.write(b"data: " + _dumps(usage).encode() + b"\n\n")
             await resp.write(b"data: [DONE]\n\n")
             await resp.write_eof()
+        except ConnectionResetError:
+            pass  # the client went away; _generate aborts what is still running
         finally:
             for t in tasks:
                 t.cancel()

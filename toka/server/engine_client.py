@@ -127,14 +127,18 @@ class EngineClient:
         self.prompt_tokens = 0
 
     async def _follow_events(self) -> None:
-        while True:
-            frame = await self.events.recv(copy=False)
-            result: StepResult = self.event_decoder.decode(frame.buffer)
-            if result.step_id != self._next_step:
-                self.fail_all(f"token events lost: expected step {self._next_step}, got {result.step_id}")
-                return
-            self._next_step += 1
-            self._apply(result)
+        try:
+            while True:
+                frame = await self.events.recv(copy=False)
+                result: StepResult = self.event_decoder.decode(frame.buffer)
+                if result.step_id != self._next_step:
+                    self.fail_all(f"token events lost: expected step {self._next_step}, got {result.step_id}")
+                    return
+                self._next_step += 1
+                self._apply(result)
+        except Exception as e:  # without this task no request would ever finish: the engine is dead
+            log.exception("reading token events failed")
+            self.fail_all(f"reading token events failed: {type(e).__name__}: {e}")
 
     def _apply(self, result: StepResult) -> None:
         streams = self.streams

@@ -13,6 +13,7 @@ import asyncio
 import logging
 import multiprocessing as mp
 import multiprocessing.connection
+import os
 import signal
 import socket
 import sys
@@ -210,6 +211,11 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as e:
         print(f"toka-launch: error: {e}", file=sys.stderr)
         sys.exit(2)
+    if cfg.device == "cpu":
+        # The ranks' OpenMP threads share the cores with the server, the scheduler and each other;
+        # spinning while waiting (libgomp's default) then starves them all: steps get tens of times
+        # slower. Sleeping waiters cost a little latency and avoid that. Set before ranks start.
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     cfg.run_dir = make_run_dir()
     try:
         import uvloop

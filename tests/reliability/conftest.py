@@ -76,6 +76,20 @@ def wait_idle(url: str, timeout: float = 30) -> dict[str, float]:
         time.sleep(0.2)
 
 
+def settled(url: str, timeout: float = 30) -> dict[str, float]:
+    """Metrics once idle and no longer changing: the scheduler's stats arrive every 0.5 s, so two
+    equal readings 0.6 s apart include every step that ran."""
+    m = wait_idle(url, timeout)
+    deadline = time.monotonic() + timeout
+    while True:
+        time.sleep(0.6)
+        again = wait_idle(url, timeout)
+        if again == m:
+            return m
+        assert time.monotonic() < deadline, "metrics keep changing"
+        m = again
+
+
 def child_pids(server: Server) -> dict[str, int]:
     """The launcher logs "started <name> pid <pid>" for each child it spawns."""
     with open(server.log.name) as f:

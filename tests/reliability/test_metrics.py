@@ -7,7 +7,7 @@ import time
 
 import requests
 
-from tests.reliability.conftest import metrics, wait_idle
+from tests.reliability.conftest import metrics, settled
 
 REQUIRED = ["http_requests", "http_streams", "http_errors", "requests_finished", "running", "waiting",
             "free_pages", "total_pages", "tokens_generated", "finished"]
@@ -15,9 +15,7 @@ REQUIRED = ["http_requests", "http_streams", "http_errors", "requests_finished",
 
 def test_metrics_are_prometheus_text_and_settle_while_idle(shared):
     url = shared.url
-    wait_idle(url)
-    time.sleep(0.6)
-    before = metrics(url)
+    before = settled(url)
     body = {"prompt": "count my tokens", "max_tokens": 7, "ignore_eos": True, "n": 2}
     assert requests.post(url + "/v1/completions", json=body).status_code == 200
     deadline = time.monotonic() + 5

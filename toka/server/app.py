@@ -189,7 +189,8 @@ class Server:
         new = sum(r.n for r in engine_reqs)
         waiting = max(0, len(streams) + new - cfg.max_seqs)  # O(1): this runs for every request
         if waiting > cfg.max_waiting_requests:
-            raise APIError(f"{waiting - new} sequences are waiting already; retry later", None, 429, "rate_limit_error")
+            raise APIError(f"{max(0, waiting - new)} sequences are waiting already; retry later", None, 429,
+                           "rate_limit_error")
         tokens = self.engine.prompt_tokens + sum(len(r.prompt) * r.n for r in engine_reqs)
         if waiting and tokens > cfg.max_waiting_tokens:
             raise APIError("too many prompt tokens are queued; retry later", None, 429, "rate_limit_error")

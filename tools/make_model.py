@@ -54,9 +54,24 @@ CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
+# Recipe of the small shapes (tiny-*, small-llama), used by the float32 CPU tests.
 LOGIT_STD = 10.0  # std of final logits: top-1 probability is usually > 0.5, so greedy decoding is stable
 ATTN_SCALE = 2.0  # extra query scale: attention scores get std ~2, so outputs depend on which tokens came before
 BIAS_STD = 0.2  # enough for a missing q/k/v bias to change most argmaxes without swamping the inputs
+# Recipe of the real shapes, which are also run in bfloat16 (see init_real_params). bfloat16 rounds
+# the residual stream at each of the 2 * layers additions, so the final hidden state is off by
+# 1-2% whatever the weights, and every logit by that fraction of the logits' spread. The logits
+# are therefore kept small (std ~1) except for a few designed candidates per position.
+REAL_EMBED_STD = 1.5  # embedding entries: a large, exactly stored part of the residual stream
+REAL_ATTN_SCALE = 1.0  # extra query scale (sharper attention amplifies rounding)
+NEXT_TOKENS = 3  # candidate next tokens per token, written by the last layer's MLP
+NEXT_SPREAD = 0.08  # candidate strengths are U(1 - NEXT_SPREAD, 1): context decides between close ones
+TOP_LOGIT = 15.0  # logit of a full-strength candidate
+BULK_STD = 1.0  # std of all other logits (more if hidden < 900); bfloat16 moves them by ~1-2% of this
+LOOKUP_GATE = 4.0  # gate and up pre-activations of the last MLP's neuron for the current token
+# variance per element that one random decoder layer adds to the residual stream (measured)
+LAYER_VAR = {"llama": 0.67, "qwen3": 0.79}
+FIRST_WORD_ID = 256 + len(SPECIAL_TOKENS)  # ids below are bytes and special tokens: never candidates
 DEFAULT_SHARD_MB = 2000  # models above this size are sharded even without --shard-size-mb
 _LETTER_FREQ = dict(zip("etaoinshrdlcumwfgypbvkjxqz", [12.7, 9.1, 8.2, 7.5, 7.0, 6.7, 6.3, 6.1, 6.0, 4.3, 4.0, 2.8,
                                                       2.8, 2.4, 2.4, 2.2, 2.0, 2.0, 1.9, 1.5, 1.0, .8, .15, .15, .1, .07]))
@@ -170,7 +185,7 @@ def param_shapes(config) -> list[tuple[str, tuple[int, ...]]]:
 
 
 def init_param(name: str, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
-    """Random float32 values chosen so the model is confident and its output depends on the context.
+    """Small shapes: random float32 values chosen so the model is confident and its output depends on the context.
 
     Linear weights are N(0, 1/fan_in), so every sub-layer output is O(1) whatever the width; queries
     are ATTN_SCALE times larger (through q_proj, or q_norm for Qwen3) so attention is not just an
@@ -188,6 +203,95 @@ def init_param(name: str, shape: tuple[int, ...], gen: torch.Generator) -> torch
         return torch.randn(shape, generator=gen) * BIAS_STD
     scale = ATTN_SCALE if name.endswith("q_proj.weight") else 1.0
     return torch.randn(shape, generator=gen) * (scale / math.sqrt(shape[1]))
+
+
+def is_real_shape(config) -> bool:
+    """Real shapes get init_real_params; the small test shapes keep init_param."""
+    return config.vocab_size > 4 * FIRST_WORD_ID and config.intermediate_size // NEXT_TOKENS > FIRST_WORD_ID + 1
+
+
+def _unembedding_rows(seed: int, rows: int, hidden: int, chunk: int = 4096) -> torch.Tensor:
+    """The first `rows` rows of an untied lm_head, drawn in fixed chunks from their own generator,
+    so the last MLP can use some rows before the whole lm_head is drawn and written."""
+    gen = torch.Generator().manual_seed(seed + 2_000_003)
+    out = [torch.randn(min(chunk, rows - start), hidden, generator=gen) / math.sqrt(hidden)
+           for start in range(0, rows, chunk)]
+    return torch.cat(out)
+
+
+def init_real_params(config, seed: int):
+    """Yield (name, float32 tensor) in file order for a real shape: a random transformer whose last
+    MLP is a next-token lookup, made to give close logprobs in bfloat16 and float32.
+
+    Every layer but the last is random as for the small shapes: norm weights U(0.5, 1.5), linears
+    N(0, 1/fan_in), queries REAL_ATTN_SCALE larger. Embedding entries have std REAL_EMBED_STD, so
+    the embedding (stored, hence exact) is a large part of the residual stream.
+
+    The last layer's MLP gives each token t of ids [0, K), K = intermediate_size // NEXT_TOKENS,
+    NEXT_TOKENS neurons: gate and up rows along t's embedding (they fire when t is the current
+    token) and down columns along the unembedding rows of candidate next tokens (random word pieces
+    other than t) with strengths U(1 - NEXT_SPREAD, 1). The final norm weights have random signs,
+    which the down columns share, so a candidate's logit is about TOP_LOGIT times its strength,
+    while the current token's own embedding (tied models) adds nothing on average. All other logits
+    are random with a std below 1; the context, through the random layers, shifts every logit by a
+    fraction of that and so decides between candidates of similar strength. bfloat16 rounding moves
+    logits by ~1% of that std only, so argmaxes rarely flip and logprobs stay close, and greedy
+    text (lowercase word pieces) depends on the prompt without repeating the current token.
+    """
+    h, inter, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    tied = config.tie_word_embeddings
+    specs = param_shapes(config)
+    gen = torch.Generator().manual_seed(seed)
+    sgen = torch.Generator().manual_seed(seed + 1_000_003)
+    signs = torch.randint(0, 2, (h,), generator=sgen).float() * 2 - 1
+    count = inter // NEXT_TOKENS
+    token = torch.arange(inter) % count  # neuron -> current token; the first few tokens get one more
+    cand = torch.randint(FIRST_WORD_ID, count - 1, (inter,), generator=sgen)
+    cand += (cand >= token).long() * (token >= FIRST_WORD_ID).long()  # never the token itself
+    strength = 1 - NEXT_SPREAD * torch.rand(inter, generator=sgen)
+    final_gain = torch.rand(h, generator=sgen) * 0.2 + 0.9
+    # residual stream rms at the last layer: embedding plus layers - 1 random layers
+    layer_var = LAYER_VAR.get(config.model_type, 0.72)
+    rms = math.sqrt(REAL_EMBED_STD ** 2 + layer_var * (layers - 0.5))
+    # A candidate's logit is sqrt(h) * share times the std of the other logits, where share is the
+    # part of the final hidden state along its unembedding row. The candidates of one token are
+    # near-orthogonal, so each adds share^2 of the final squared norm and the stream keeps the rest.
+    share = min(TOP_LOGIT / (math.sqrt(h) * BULK_STD), math.sqrt(0.75 / NEXT_TOKENS))  # cap for small h
+    bulk_std = TOP_LOGIT / (math.sqrt(h) * share)
+    out_ratio = share / math.sqrt(1 - NEXT_TOKENS * share ** 2)  # one candidate's norm / stream norm
+    unembed_norm = REAL_EMBED_STD * math.sqrt(h) if tied else 1.0
+    last = f"model.layers.{layers - 1}.mlp."
+    embed_rows = None
+    for name, shape in specs:
+        if name == "model.embed_tokens.weight":
+            t = torch.randn(shape, generator=gen) * REAL_EMBED_STD
+            embed_rows = t[:count].clone()
+        elif name.startswith(last):
+            if not name.endswith("down_proj.weight"):
+                unit = embed_rows / embed_rows.norm(dim=1, keepdim=True)
+                # dot with the normed input is ~1 for the current token, ~1/sqrt(h) for others
+                t = unit[token] * (LOOKUP_GATE * rms / (math.sqrt(h) * REAL_EMBED_STD))
+                if name.endswith("up_proj.weight"):
+                    t *= strength[:, None]
+            else:
+                rows = embed_rows if tied else _unembedding_rows(seed, count, h)
+                u = rows[cand]
+                u = u / u.norm(dim=1, keepdim=True)
+                act = LOOKUP_GATE * LOOKUP_GATE / (1 + math.exp(-LOOKUP_GATE))  # silu(gate) * up
+                t = (signs[:, None] * u.T) * (out_ratio * math.sqrt(h) * rms / act)
+        elif name == "model.norm.weight":
+            t = signs * final_gain * (bulk_std / unembed_norm)
+        elif name == "lm_head.weight":
+            t = _unembedding_rows(seed, shape[0], h)
+        elif name.endswith("norm.weight"):
+            scale = REAL_ATTN_SCALE if name.endswith("q_norm.weight") else 1.0
+            t = (torch.rand(shape, generator=gen) + 0.5) * scale
+        elif name.endswith(".bias"):
+            t = torch.randn(shape, generator=gen) * BIAS_STD
+        else:
+            scale = REAL_ATTN_SCALE if name.endswith("q_proj.weight") else 1.0
+            t = torch.randn(shape, generator=gen) * (scale / math.sqrt(shape[1]))
+        yield name, t.contiguous()
 
 
 def write_weights(config, out_dir: Path, seed: int, dtype: str, shard_size_mb: float | None) -> list[Path]:
@@ -216,13 +320,18 @@ def write_weights(config, out_dir: Path, seed: int, dtype: str, shard_size_mb: f
         names = ["model.safetensors"]
     else:
         names = [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))]
-    gen = torch.Generator().manual_seed(seed)
+    if is_real_shape(config):
+        params = init_real_params(config, seed)
+    else:
+        gen = torch.Generator().manual_seed(seed)
+        params = ((name, init_param(name, shape, gen)) for name, shape in specs)
     weight_map = {}
     for fname, members in zip(names, shards):
         tensors = {}
         for i in members:
-            name, shape = specs[i]
-            tensors[name] = init_param(name, shape, gen).to(torch_dtype)
+            name, tensor = next(params)
+            assert name == specs[i][0] and tuple(tensor.shape) == specs[i][1], name
+            tensors[name] = tensor.to(torch_dtype)
             weight_map[name] = fname
         save_file(tensors, str(out_dir / fname), metadata={"format": "pt"})
         del tensors

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from tools.make_model import SHAPES, make_model, param_shapes
+from tools.make_model import FIRST_WORD_ID, SHAPES, make_model, param_shapes
 
 TINY = [name for name in SHAPES if name.startswith("tiny-")]
 
@@ -76,3 +76,29 @@ def test_sharding_keeps_the_same_weights(tmp_path):
     a = AutoModelForCausalLM.from_pretrained(one).state_dict()
     b = AutoModelForCausalLM.from_pretrained(sharded).state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+MID = dict(model_type="llama", hidden_size=512, intermediate_size=1536, num_hidden_layers=3, num_attention_heads=4,
+           num_key_value_heads=2, head_dim=128, vocab_size=2048, max_position_embeddings=2048, rms_norm_eps=1e-5,
+           tie_word_embeddings=True)
+
+
+def test_real_shape_recipe_is_peaked_context_dependent_and_shard_independent(tmp_path, monkeypatch):
+    """Real shapes use init_real_params (a next-token lookup in the last MLP); checked on a mid-size
+    stand-in: peaked, never just the current token, sensitive to earlier tokens, same for any sharding."""
+    monkeypatch.setitem(SHAPES, "mid-llama", MID)
+    one = make_model("mid-llama", tmp_path / "one")
+    sharded = make_model("mid-llama", tmp_path / "sharded", shard_size_mb=2)
+    a = AutoModelForCausalLM.from_pretrained(one).eval()
+    b = AutoModelForCausalLM.from_pretrained(sharded).state_dict()
+    assert all(torch.equal(v, b[k]) for k, v in a.state_dict().items())
+    assert (a.model.norm.weight < 0).any() and (a.model.norm.weight > 0).any()
+    ids = torch.randint(FIRST_WORD_ID, 512, (8, 48), generator=torch.Generator().manual_seed(0))
+    other = ids.clone()
+    other[:, :8] = torch.randint(FIRST_WORD_ID, 512, (8, 8), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        probs = a(ids).logits.softmax(-1)
+        changed = (a(other).logits.argmax(-1) != probs.argmax(-1))[:, 16:].float().mean()
+    assert probs.max(-1).values.mean() > 0.3
+    assert (probs.argmax(-1) == ids).float().mean() < 0.05
+    assert changed > 0.05

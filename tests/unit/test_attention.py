@@ -12,6 +12,7 @@ import torch
 from workers.attention import AttentionBatch, make_backend
 from workers.attention.torch_ref import TorchAttention
 from workers.kv_cache import KVCache
+from workers.runner import ModelRunner
 
 PAGE = 4
 
@@ -36,26 +37,10 @@ class Seqs:
         self.used = {p for ps in self.pages for p in ps}
 
 
-def attention_batch(q_lens, kv_lens, page_indptr, page_indices, num_prefill, page_size=PAGE) -> AttentionBatch:
-    """The AttentionBatch of a step plan, built the way workers/runner.py builds it (on CPU)."""
-    q = torch.tensor(q_lens)
-    kv = torch.tensor(kv_lens)
-    qo_indptr = torch.zeros(len(q_lens) + 1, dtype=torch.int64)
-    torch.cumsum(q, 0, out=qo_indptr[1:])
-    offsets = torch.arange(int(qo_indptr[-1])) - qo_indptr[:-1].repeat_interleave(q)
-    positions = (kv - q).repeat_interleave(q) + offsets
-    return AttentionBatch(
-        qo_indptr=qo_indptr.to(torch.int32),
-        page_indptr=torch.tensor(page_indptr, dtype=torch.int32),
-        page_indices=torch.tensor(page_indices, dtype=torch.int32),
-        last_page_len=((kv - 1) % page_size + 1).to(torch.int32),
-        kv_lens=kv.to(torch.int32),
-        positions=positions,
-        q_lens_host=q_lens,
-        kv_lens_host=kv_lens,
-        page_indptr_host=page_indptr,
-        num_prefill=num_prefill,
-    )
+def attention_batch(q_lens, kv_lens, page_indptr, page_indices, num_prefill) -> AttentionBatch:
+    """The AttentionBatch of a step plan, built by the runner's own code (on CPU)."""
+    runner = ModelRunner(None, None, max_seqs=1, page_size=PAGE, device=torch.device("cpu"), scratch_page=0)
+    return runner._attention_batch(q_lens, kv_lens, page_indptr, page_indices, num_prefill)
 
 
 def plan_for(rows, seqs: Seqs, num_prefill: int) -> AttentionBatch:

@@ -233,9 +233,9 @@ def init_real_params(config, seed: int):
     other than t) with strengths U(1 - NEXT_SPREAD, 1). The final norm weights have random signs,
     which the down columns share, so a candidate's logit is about TOP_LOGIT times its strength,
     while the current token's own embedding (tied models) adds nothing on average. All other logits
-    are random with a std below 1; the context, through the random layers, shifts every logit by a
+    are random with std BULK_STD; the context, through the random layers, shifts every logit by a
     fraction of that and so decides between candidates of similar strength. bfloat16 rounding moves
-    logits by ~1% of that std only, so argmaxes rarely flip and logprobs stay close, and greedy
+    logits by only ~1-2% of BULK_STD, so argmaxes rarely flip and logprobs stay close, and greedy
     text (lowercase word pieces) depends on the prompt without repeating the current token.
     """
     h, inter, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
@@ -250,7 +250,7 @@ def init_real_params(config, seed: int):
     cand += (cand >= token).long() * (token >= FIRST_WORD_ID).long()  # never the token itself
     strength = 1 - NEXT_SPREAD * torch.rand(inter, generator=sgen)
     final_gain = torch.rand(h, generator=sgen) * 0.2 + 0.9
-    # residual stream rms at the last layer: embedding plus layers - 1 random layers
+    # residual stream rms at the last MLP's input: embedding, layers - 1 random layers, one attention
     layer_var = LAYER_VAR.get(config.model_type, 0.72)
     rms = math.sqrt(REAL_EMBED_STD ** 2 + layer_var * (layers - 0.5))
     # A candidate's logit is sqrt(h) * share times the std of the other logits, where share is the

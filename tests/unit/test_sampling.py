@@ -130,18 +130,20 @@ def test_empirical_distribution_matches_softmax_of_tempered_logits():
     torch.testing.assert_close(chosen, torch.log_softmax(logits / T, -1)[tokens])
 
 
+def assert_draws_follow(tokens, probs, kept) -> None:
+    """Draws never leave the kept tokens and follow `probs` renormalized over them."""
+    counts = torch.bincount(tokens, minlength=probs.numel()).double()
+    mask = torch.zeros(probs.numel(), dtype=torch.bool)
+    mask[kept] = True
+    assert counts[~mask].sum() == 0
+    renorm = torch.where(mask, probs, 0.0)
+    assert _chi2(counts, renorm / renorm.sum()) < CHI2_LIMIT
+
+
 def test_empirical_distribution_of_top_k_is_the_renormalized_top_k():
     logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -0.5, -1.0, 1.5, -3.0])
     tokens, _, _, _ = _draw(logits, 20000, temperature=1.2, top_k=3, seed=5)
-    counts = torch.bincount(tokens, minlength=8).double()
-    probs = torch.softmax(logits.double() / 1.2, -1)
-    allowed = torch.tensor([0, 6, 1])
-    mask = torch.zeros(8, dtype=torch.bool)
-    mask[allowed] = True
-    assert counts[~mask].sum() == 0
-    renorm = torch.where(mask, probs, 0.0)
-    renorm /= renorm.sum()
-    assert _chi2(counts, renorm) < CHI2_LIMIT
+    assert_draws_follow(tokens, torch.softmax(logits.double() / 1.2, -1), kept=torch.tensor([0, 6, 1]))
 
 
 def test_empirical_distribution_of_top_p_is_the_renormalized_nucleus():
@@ -154,13 +156,7 @@ def test_empirical_distribution_of_top_p_is_the_renormalized_nucleus():
     k = int((cum < top_p).sum()) + 1
     kept = order[:k]
     tokens, _, _, _ = _draw(logits, 20000, top_p=top_p, seed=9)
-    counts = torch.bincount(tokens, minlength=8).double()
-    mask = torch.zeros(8, dtype=torch.bool)
-    mask[kept] = True
-    assert counts[~mask].sum() == 0
-    renorm = torch.where(mask, probs, 0.0)
-    renorm /= renorm.sum()
-    assert _chi2(counts, renorm) < CHI2_LIMIT
+    assert_draws_follow(tokens, probs, kept)
 
 
 @pytest.mark.parametrize("top_k,top_p", [(1, 1.0), (5, 1.0), (0, 0.3), (0, 0.9), (7, 0.6), (0, 1e-6)])

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import requests
+import torch
 
 from toka.config import EngineConfig
 from toka.protocol import SeqParams, StepPlan
@@ -22,12 +23,14 @@ def free_port() -> int:
 
 
 def local_runner(model: str, dtype: str = "float32", device: str = "cpu", kv_tokens: int = 8192, max_seqs: int = 16,
-                 cuda_graphs: bool = False):
-    """A rank's ModelRunner in this process, for driving step plans directly."""
+                 cuda_graphs: bool = False, max_model_len: int | None = None):
+    """A rank's ModelRunner in this process, for driving step plans directly. `max_model_len` may
+    exceed the model's context window, for rope extrapolation tests that plan longer sequences."""
     from workers.rank import build
 
     cfg = EngineConfig(model=model, device=device, dtype=dtype, kv_cache_tokens=kv_tokens, max_seqs=max_seqs,
                        cuda_graphs=cuda_graphs, cuda_graph_max_batch=max_seqs).resolve()
+    cfg.max_model_len = max_model_len or cfg.max_model_len
     runner, _ = build(cfg, 0)
     return runner
 
@@ -35,17 +38,17 @@ def local_runner(model: str, dtype: str = "float32", device: str = "cpu", kv_tok
 def prefill_plan(step: int, prompts: list[list[int]], page_size: int, prompt_logprobs: int = -1,
                  temperature: float = 0.0, logprobs: int = 0) -> StepPlan:
     """One step that prefills every prompt whole, row r in slot r, pages laid out consecutively."""
-    indptr, indices, page = [0], [], 0
-    for p in prompts:
+    slots, cols, pages = [], [], []
+    for r, p in enumerate(prompts):
         n = -(-len(p) // page_size)
-        indices += list(range(page, page + n))
-        page += n
-        indptr.append(len(indices))
+        slots += [r] * n
+        cols += list(range(n))
+        pages += list(range(len(pages), len(pages) + n))
     return StepPlan(
         step_id=step, rids=list(range(len(prompts))), slots=list(range(len(prompts))),
         q_lens=[len(p) for p in prompts], kv_lens=[len(p) for p in prompts], emit=[True] * len(prompts),
         num_prefill=len(prompts), prefill_tokens=[t for p in prompts for t in p],
-        page_indptr=indptr, page_indices=indices,
+        table_slots=slots, table_cols=cols, table_pages=pages,
         admit=[SeqParams(r, temperature, 1.0, 0, 0, logprobs, prompt_logprobs) for r in range(len(prompts))],
         prefill_next=[-1] * len(prompts) if prompt_logprobs >= 0 else [],
     )
@@ -148,3 +151,11 @@ def assert_within_tolerance(stats: dict, dtype) -> None:
         assert stats["token_match"] == 1.0 and stats["max_abs_diff"] <= 1e-3, stats
     else:
         assert stats["token_match"] >= 0.95 and stats["mean_rel_diff"] <= 0.1 and stats["max_abs_diff"] <= 0.2, stats
+
+
+def batch_with_pages(runner, q_lens: list[int], kv_lens: list[int], row_pages: list[list[int]], num_prefill: int):
+    """The runner's AttentionBatch for rows 0..n-1 in slots 0..n-1 whose page tables hold row_pages."""
+    for r, pages in enumerate(row_pages):
+        runner.page_table[r, : len(pages)] = torch.tensor(pages, dtype=torch.int32)
+    batch, _ = runner._attention_batch(list(range(len(q_lens))), q_lens, kv_lens, num_prefill)
+    return batch

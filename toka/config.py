@@ -34,7 +34,7 @@ class EngineConfig:
     kv_cache_tokens: int | None = _flag("KV cache size in tokens (default: from free memory)", default=None)
     gpu_memory_utilization: float = _flag("fraction of GPU memory the engine may use", default=0.9)
     page_size: int = _flag("tokens per KV-cache page", default=16)
-    max_seqs: int | None = _flag("sequences running at once (default: 1024 on cuda, 64 on cpu)", default=None)
+    max_seqs: int | None = _flag("sequences running at once (default: 2048 on cuda, 64 on cpu)", default=None)
     max_tokens_per_forward: int | None = _flag("tokens in one forward pass (default: 8192 on cuda, 1024 on cpu)", default=None)
     max_model_len: int | None = _flag("context window (default: the model's, capped by the KV cache)", default=None)
     served_model_name: str | None = _flag("model name the API reports (default: the model path)", default=None)
@@ -104,7 +104,7 @@ class EngineConfig:
         if not gpu and self.tp > cores:  # a CPU rank needs a core of its own
             raise ConfigError(f"--tp {self.tp} on cpu needs {self.tp} CPU cores but {cores} are available")
         info.check_tp(self.tp)
-        self.max_seqs = self.max_seqs or (1024 if gpu else 64)
+        self.max_seqs = self.max_seqs or (2048 if gpu else 64)
         self.max_tokens_per_forward = self.max_tokens_per_forward or (8192 if gpu else 1024)
         for name in ("page_size", "max_seqs", "max_tokens_per_forward", "steps_ahead", "port"):
             if getattr(self, name) < (0 if name == "port" else 1):

@@ -8,6 +8,7 @@ events turn any remaining loss into a fatal error rather than silent corruption.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -107,3 +108,23 @@ def setup_logging(name: str, level: str) -> None:
         format=f"%(asctime)s {name} %(levelname)s %(name)s: %(message)s",
         force=True,
     )
+
+
+@contextlib.contextmanager
+def profiled(name: str):
+    """With TOKA_PROFILE=DIR in the environment, runs the body under cProfile and writes
+    DIR/<name>.prof (read it with `python -m pstats`): where each process spends its host time."""
+    folder = os.environ.get("TOKA_PROFILE")
+    if not folder:
+        yield
+        return
+    import cProfile
+
+    prof = cProfile.Profile()
+    prof.enable()
+    try:
+        yield
+    finally:
+        prof.disable()
+        os.makedirs(folder, exist_ok=True)
+        prof.dump_stats(os.path.join(folder, f"{name}.prof"))

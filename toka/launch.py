@@ -24,7 +24,7 @@ import zmq.asyncio
 
 from toka import protocol
 from toka.config import ConfigError, EngineConfig, parse_args
-from toka.fabric import make_run_dir, remove_run_dir, setup_logging
+from toka.fabric import make_run_dir, profiled, remove_run_dir, setup_logging
 
 log = logging.getLogger("toka.launch")
 
@@ -220,7 +220,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         import uvloop
 
-        code = uvloop.run(Launcher(cfg).run())
+        with profiled("server"):
+            code = uvloop.run(Launcher(cfg).run())
     finally:
         remove_run_dir(cfg.run_dir)
     sys.exit(code)

@@ -71,7 +71,10 @@ class StepPlan(Struct, tag="plan", array_like=True):
 
     Per row: rid, slot, q_len (tokens computed now), kv_len (cached tokens after this step, so the
     row's positions are kv_len - q_len .. kv_len - 1) and emit (sample a token after the last one).
-    Page table: row r's pages are page_indices[page_indptr[r]:page_indptr[r + 1]].
+    Pages: each rank keeps a page table, slot -> its sequence's pages in order; before the step,
+    entry table_cols[i] of slot table_slots[i] becomes page table_pages[i]. A row reads the first
+    ceil(kv_len / page_size) entries of its slot's table. Only new pages travel, so a plan's size
+    grows with its rows, not with their contexts.
     """
 
     step_id: int
@@ -82,8 +85,9 @@ class StepPlan(Struct, tag="plan", array_like=True):
     emit: list[bool]
     num_prefill: int
     prefill_tokens: list[int]
-    page_indptr: list[int]
-    page_indices: list[int]
+    table_slots: list[int]
+    table_cols: list[int]
+    table_pages: list[int]
     admit: list[SeqParams] = []
     # per prefill row that wants prompt logprobs: the token following its chunk (-1: none)
     prefill_next: list[int] = []

@@ -8,7 +8,11 @@ Workloads (all with ignore_eos and fixed seeds, submitted at once):
   sharegpt-like  N requests (default 65,536; --quick 16,384), prompt and output lengths uniform in
                  [1, 512], n=1, temperature 0
   shared-prefix  N prompts (default 128; --quick 32) of 800 tokens, n=1024, 256 outputs, temperature 0.6
-Reports output and total tokens/s, the mean running batch (sampled from /metrics) and the KV size.
+Reports output and total tokens/s, the mean running batch (sampled from /metrics), the KV size and
+the percentage of the speed of light: the time the workload needs at least on the card,
+2 x matmul params FLOPs per token (prompt and output) at --flops, plus the KV cache bytes each
+decode step reads (its whole context, once per sequence: no prefix sharing) at --bandwidth. The
+default rates are an H100's, measured by tools/bench_step.py.
 """
 
 from __future__ import annotations
@@ -46,6 +50,27 @@ def workload(args) -> list[dict]:
     for r in reqs:
         r.update(model="bench", ignore_eos=True)
     return reqs
+
+
+def model_costs(model_dir: str) -> tuple[float, float]:
+    """(matmul parameters, KV cache bytes per token) of a Hugging Face config, at 2 bytes a value."""
+    from transformers import AutoConfig
+
+    c = AutoConfig.from_pretrained(model_dir)
+    hd = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    kv_heads = c.num_key_value_heads
+    per_layer = c.hidden_size * hd * (2 * c.num_attention_heads + 2 * kv_heads) + 3 * c.hidden_size * c.intermediate_size
+    params = c.num_hidden_layers * per_layer + c.vocab_size * c.hidden_size  # + the LM head; lookups are free
+    return params, c.num_hidden_layers * 2 * kv_heads * hd * 2
+
+
+def speed_of_light_seconds(reqs: list[dict], params: float, kv_bytes: float, flops: float, bandwidth: float) -> float:
+    tokens = kv_reads = 0
+    for r in reqs:
+        p, o, n = len(r["prompt"]), r["max_tokens"], r.get("n", 1)
+        tokens += p + n * o
+        kv_reads += n * (o * p + o * (o - 1) // 2)  # decode step i reads p + i cached tokens
+    return 2 * params * tokens / flops + kv_reads * kv_bytes / bandwidth
 
 
 async def scrape(session, url: str) -> dict[str, float]:
@@ -128,19 +153,28 @@ def main() -> None:
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--model", help="model folder for the speed of light (default: --model in --launch)")
+    p.add_argument("--flops", type=float, default=785e12, help="bf16 matmul FLOP/s of the card")
+    p.add_argument("--bandwidth", type=float, default=2.96e12, help="memory bytes/s of the card")
     p.add_argument("--out")
     args = p.parse_args()
     proc = None
     url = args.url
+    flags = shlex.split(args.launch or "")
+    model = args.model or (flags[flags.index("--model") + 1] if "--model" in flags else None)
+    reqs = workload(args)
     if args.launch:
         proc, url = launch(args.launch)
     try:
-        result = asyncio.run(run(url, workload(args)))
+        result = asyncio.run(run(url, reqs))
     finally:
         if proc is not None:
             proc.terminate()
             proc.wait(60)
     result.update(workload=args.workload, quick=args.quick, launch=args.launch)
+    if model:
+        floor = speed_of_light_seconds(reqs, *model_costs(model), args.flops, args.bandwidth)
+        result.update(speed_of_light_s=floor, pct_of_speed_of_light=100 * floor / result["seconds"])
     print(json.dumps(result, indent=2))
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

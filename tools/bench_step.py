@@ -45,9 +45,34 @@ def measured_rates(device) -> tuple[float, float]:
 
 
 def decode_plan(step: int, batch: int, context: int, page_size: int) -> StepPlan:
+    """Row r decodes in slot r with `context` cached tokens on pages r * pages ...; the first step
+    enters the pages in the page table, later ones only decode."""
     pages = -(-context // page_size)
+    writes = ([], [], []) if step else ([r for r in range(batch) for _ in range(pages)], list(range(pages)) * batch,
+                                        list(range(batch * pages)))
     return StepPlan(step, list(range(batch)), list(range(batch)), [1] * batch, [context] * batch, [True] * batch, 0,
-                    [], [r * pages for r in range(batch + 1)], list(range(batch * pages)))
+                    [], *writes)
+
+
+def profile_steps(runner, batch: int, context: int, steps: int = 10) -> None:
+    """Where a decode step's time goes: host functions (cProfile) and GPU kernels (torch.profiler)."""
+    import cProfile
+    import pstats
+
+    from torch.profiler import ProfilerActivity, profile
+
+    prof = cProfile.Profile()
+    prof.enable()
+    for i in range(steps):
+        runner.finish(runner.launch(decode_plan(i, batch, context, 16)))
+    prof.disable()
+    print(f"--- host, {steps} steps of batch {batch}")
+    pstats.Stats(prof).sort_stats("tottime").print_stats(20)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
+        for i in range(steps):
+            runner.finish(runner.launch(decode_plan(i, batch, context, 16)))
+    print(f"--- GPU kernels, {steps} steps of batch {batch}")
+    print(p.key_averages().table(sort_by="cuda_time_total", row_limit=20))
 
 
 def main() -> None:
@@ -57,6 +82,8 @@ def main() -> None:
     p.add_argument("--context", type=int, default=512)
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--no-cuda-graphs", action="store_true")
+    p.add_argument("--profile", action="store_true",
+                   help="after the sweep, profile steps of the largest batch: host functions and GPU kernels")
     p.add_argument("--out")
     args = p.parse_args()
     from workers.rank import build
@@ -98,6 +125,8 @@ def main() -> None:
     for r in rows:
         print(f"{r['batch']:>6} {r['context']:>5} {r['step_ms']:>8.2f} {r['host_ms']:>8.2f} {r['floor_ms']:>9.2f} "
               f"{r['pct_of_floor']:>8.1f} {r['tok_s']:>9.0f}")
+    if args.profile:
+        profile_steps(runner, max_b, args.context)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(dict(flops=flops_rate, bandwidth=bandwidth, params=params, rows=rows), f, indent=2)

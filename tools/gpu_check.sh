@@ -1,26 +1,44 @@
 #!/usr/bin/env bash
-# GPU verification in one go: writes random-weight models of real shapes, runs the GPU tests,
-# the logprob test in bf16 on them, and the throughput and step benchmarks.
-#   tools/gpu_check.sh OUT_DIR [tests|bench|all]
+# GPU verification in one go: writes random-weight models of real shapes, runs the GPU tests, the
+# logprob test in bf16 on them, the decode step sweep (with a host/kernel profile) and the
+# throughput benchmarks (TOKA_PROFILE: one cProfile per process).
+#   tools/gpu_check.sh OUT_DIR [tests|step|bench|workloads|profile|all]...
 set -uo pipefail
-out=${1:?OUT_DIR}; what=${2:-all}
+out=${1:?OUT_DIR}; shift; what=" ${*:-all} "
 mkdir -p "$out" /tmp/toka-models
 m=/tmp/toka-models
 status=0
 run() { echo "=== $*"; "$@" 2>&1 | tee -a "$out/log.txt"; local rc=${PIPESTATUS[0]}; echo "=== rc=$rc"; [ $rc = 0 ] || status=1; }
+want() { [[ "$what" == *" $1 "* || "$what" == *" all "* ]]; }
 [ -d $m/llama-3.2-1b ] || python tools/make_model.py llama-3.2-1b $m/llama-3.2-1b --dtype bfloat16 &
-[ -d $m/qwen3-0.6b ] || python tools/make_model.py qwen3-0.6b $m/qwen3-0.6b --dtype bfloat16 &
+want tests && { [ -d $m/qwen3-0.6b ] || python tools/make_model.py qwen3-0.6b $m/qwen3-0.6b --dtype bfloat16 & }
 wait
-if [ "$what" = tests ] || [ "$what" = all ]; then
-  run python -m pytest -q -x tests/gpu
+if want tests; then
+  run python -m pytest -q tests/gpu
   for model in qwen3-0.6b llama-3.2-1b; do
     MODEL=$m/$model run python -m pytest tests/test_logprobs.py -k test_logprobs -s -q
   done
 fi
-if [ "$what" = bench ] || [ "$what" = all ]; then
-  run python tools/bench_step.py $m/llama-3.2-1b --batches 1,64,256,1024 --context 512 --out "$out/step.json"
-  run python tools/bench.py --launch "--model $m/llama-3.2-1b --load-format random" --vocab 128000 \
-      --workload random --requests 1024 --input-len 256 --output-len 256 --out "$out/bench.json"
+if want step; then
+  run python tools/bench_step.py $m/llama-3.2-1b --batches 1,64,256,1024,2048 --context 512 --profile \
+      --out "$out/step.json"
 fi
-grep -E "token match|tokens, token|TFLOP|^ +[0-9]+ +[0-9]+ |output_tok_s|total_tok_s|mean_running|passed|failed" "$out/log.txt"
+bench() {  # bench WORKLOAD NAME [flags]: one run through the API on the llama-3.2-1b shape
+  local workload=$1 name=$2; shift 2
+  run python tools/bench.py --launch "--model $m/llama-3.2-1b --load-format random" --vocab 128000 \
+      --workload "$workload" --out "$out/$name.json" "$@"
+}
+want bench && bench random random-1024 --requests 1024 --input-len 256 --output-len 256
+if want workloads; then
+  bench sharegpt-like sharegpt-quick --quick
+  bench shared-prefix shared-prefix-quick --quick
+fi
+if want profile; then  # cProfile slows Python several times: for where time goes, not for figures
+  TOKA_PROFILE=$out/prof bench sharegpt-like sharegpt-4096-profiled --requests 4096
+  for f in "$out"/prof/*.prof; do
+    python -c "import pstats, sys; pstats.Stats(sys.argv[1]).sort_stats('tottime').print_stats(18)" "$f" \
+      >> "$out/profiles.txt"
+  done
+fi
+grep -E "token_match|TFLOP|^ +[0-9]+ +[0-9]+ |output_tok_s|total_tok_s|mean_running|speed_of_light|passed|failed" "$out/log.txt"
 exit $status

@@ -13,7 +13,7 @@ import zmq
 
 from toka import protocol
 from toka.config import EngineConfig
-from toka.fabric import Channel, setup_logging, watch_parent
+from toka.fabric import Channel, profiled, setup_logging, watch_parent
 
 log = logging.getLogger("toka.rank")
 
@@ -61,7 +61,9 @@ def build(cfg: EngineConfig, rank: int):
         # one page more than the scheduler hands out: the scratch page of CUDA-graph padding rows
         cache = KVCache(shape[0], num_pages + 1, cfg.page_size, shape[1], shape[2], dtype, device)
         backend = make_backend(backend_name, cache, attn0.num_heads, attn0.head_dim)
-        return ModelRunner(model, backend, cfg.max_seqs, cfg.page_size, device, scratch_page=num_pages)
+        max_pages_per_seq = min(-(-cfg.max_model_len // cfg.page_size), num_pages)
+        return ModelRunner(model, backend, cfg.max_seqs, cfg.page_size, device, scratch_page=num_pages,
+                           max_pages_per_seq=max_pages_per_seq)
 
     if cfg.kv_cache_tokens:
         num_pages = cfg.kv_cache_tokens // cfg.page_size
@@ -101,11 +103,12 @@ def warm_up(runner, cfg: EngineConfig, vocab: int, num_pages: int) -> None:
     pages = -(-budget // ps)
     tokens = [i % vocab for i in range(budget)]
     admit = [SeqParams(0, 1.0, 0.9, 50, 0, 20, -1)]
-    runner.step(StepPlan(-1, [0], [0], [budget], [budget], [True], 1, tokens, [0, pages], list(range(pages)), admit))
+    runner.step(StepPlan(-1, [0], [0], [budget], [budget], [True], 1, tokens, [0] * pages, list(range(pages)),
+                         list(range(pages)), admit))
     rows = min(cfg.max_seqs, num_pages, cfg.max_tokens_per_forward)
     admit = [SeqParams(r, 1.0, 0.9, 50, 0, 20, -1) for r in range(rows)]
     plan = StepPlan(-1, list(range(rows)), list(range(rows)), [1] * rows, [1] * rows, [True] * rows, 0, [],
-                    list(range(rows + 1)), list(range(rows)), admit)
+                    list(range(rows)), [0] * rows, list(range(rows)), admit)
     runner.step(plan)
     if cfg.device == "cuda":
         torch.cuda.synchronize()
@@ -149,7 +152,8 @@ def rank_main(cfg: EngineConfig, rank: int) -> None:
         plans = Channel(ctx, zmq.SUB, cfg.endpoint("plans"), protocol.PlanMsg, bind=False)
         events = Channel(ctx, zmq.XPUB, cfg.endpoint("events"), None, bind=True) if rank == 0 else None
         control.send(protocol.Ready(name, {"kv_pages": num_pages}))
-        serve(runner, plans, events)
+        with profiled(name):
+            serve(runner, plans, events)
     except Exception as e:
         log.error("%s failed: %s", name, traceback.format_exc())
         control.send(protocol.Fatal(name, f"{type(e).__name__}: {e}"))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from toka.protocol import PromptLogprobs, StepPlan, StepResult, TopLogprobs
@@ -28,7 +29,8 @@ class Launched:
     token, its logprob, then num_top alternative ids and logprobs, all as float32 (ids < 2**24)."""
 
     plan: StepPlan
-    rows: list[int]
+    rows: np.ndarray  # the plan's emitting rows
+    slots: np.ndarray  # their slots
     num_top: int
     packed: torch.Tensor
     done: torch.cuda.Event | None
@@ -37,7 +39,7 @@ class Launched:
 
 class ModelRunner:
     def __init__(self, model, attn: AttentionBackend, max_seqs: int, page_size: int, device: torch.device,
-                 scratch_page: int):
+                 scratch_page: int, max_pages_per_seq: int):
         self.model = model
         self.attn = attn
         self.page_size = page_size
@@ -52,17 +54,20 @@ class ModelRunner:
         self.top_p = torch.ones(n, **f32)
         self.top_k = torch.zeros(n, **i64)
         self.seed = torch.zeros(n, **i64)
-        # host mirrors of what decides tensor shapes, so planning never reads the device
-        self.logprobs = [-1] * n
-        self.prompt_logprobs = [-1] * n
-        self.filtered = [False] * n
-        self.sampled = [False] * n  # temperature > 0
+        # slot -> its sequence's pages in order, filled by the plans' table writes (int32: FlashInfer's)
+        self.page_table = torch.zeros(n, max_pages_per_seq, dtype=torch.int32, device=device)
+        self.page_table[self.scratch_slot, 0] = scratch_page
+        # host mirrors of what decides tensor shapes and code paths, so planning never reads the device
+        self.logprobs = np.full(n, -1, dtype=np.int64)
+        self.prompt_logprobs = np.full(n, -1, dtype=np.int64)
+        self.filtered = np.zeros(n, dtype=bool)
+        self.sampled = np.zeros(n, dtype=bool)  # temperature > 0
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
 
     def to_device(self, values, dtype=torch.int64) -> torch.Tensor:
-        """A host list as a device tensor; pinned and asynchronous on CUDA."""
-        t = torch.tensor(values, dtype=dtype, pin_memory=self.cuda)
-        return t.to(self.device, non_blocking=True)
+        """Host values (list or numpy) as a device tensor; one pinned, asynchronous copy on CUDA."""
+        t = torch.as_tensor(np.asarray(values), dtype=dtype)
+        return t.pin_memory().to(self.device, non_blocking=True) if self.cuda else t
 
     # ---- inputs --------------------------------------------------------------------------------
     def _admit(self, plan: StepPlan) -> None:
@@ -79,40 +84,63 @@ class ModelRunner:
             self.filtered[a.slot] = a.top_p < 1.0 or a.top_k > 0
             self.sampled[a.slot] = a.temperature > 0
 
-    def _attention_batch(self, q_lens: list[int], kv_lens: list[int], page_indptr: list[int],
-                         page_indices: list[int], num_prefill: int) -> AttentionBatch:
-        q = torch.tensor(q_lens)
-        kv = torch.tensor(kv_lens)
-        qo_indptr = torch.zeros(len(q_lens) + 1, dtype=torch.int64)
-        torch.cumsum(q, 0, out=qo_indptr[1:])
-        offsets = torch.arange(int(qo_indptr[-1])) - qo_indptr[:-1].repeat_interleave(q)
-        positions = (kv - q).repeat_interleave(q) + offsets
-        dev = self.device
-        return AttentionBatch(
-            qo_indptr=qo_indptr.to(dev, torch.int32),
-            page_indptr=self.to_device(page_indptr, torch.int32),
-            page_indices=self.to_device(page_indices, torch.int32),
-            last_page_len=((kv - 1) % self.page_size + 1).to(dev, torch.int32),
-            kv_lens=kv.to(dev, torch.int32),
-            positions=positions.pin_memory().to(dev, non_blocking=True) if self.cuda else positions,
-            q_lens_host=q_lens,
-            kv_lens_host=kv_lens,
-            page_indptr_host=page_indptr,
-            num_prefill=num_prefill,
-        )
+    def _write_pages(self, plan: StepPlan) -> None:
+        if plan.table_pages:
+            w = self.to_device([plan.table_slots, plan.table_cols, plan.table_pages])
+            self.page_table[w[0], w[1]] = w[2].to(torch.int32)
 
-    def forward(self, plan: StepPlan) -> tuple[torch.Tensor, list[int]]:
+    def _attention_batch(self, slots, q_lens, kv_lens, num_prefill: int) -> AttentionBatch:
+        """Step metadata from host lists: computed on the host with numpy, sent in one copy; the
+        rows' page lists are gathered from the device page table."""
+        ps = self.page_size
+        q = np.asarray(q_lens, dtype=np.int64)
+        kv = np.asarray(kv_lens, dtype=np.int64)
+        n = len(q)
+        qo_indptr = _cumsum0(q)
+        num_pages = (kv + ps - 1) // ps
+        page_indptr = _cumsum0(num_pages)
+        tokens = int(qo_indptr[-1])
+        token_rows = np.repeat(np.arange(n), q) if tokens != n else np.arange(n)
+        positions = kv[token_rows] - q[token_rows] + np.arange(tokens) - qo_indptr[token_rows]
+        last_page_len = (kv - 1) % ps + 1
+        host = [np.asarray(slots, dtype=np.int64), qo_indptr, page_indptr, kv, last_page_len, num_pages,
+                token_rows, positions, kv[token_rows]]
+        parts = torch.split(self.to_device(np.concatenate(host)), [len(h) for h in host])
+        slots_d, qo_d, page_indptr_d, kv_d, last_d, num_pages_d, token_rows_d, positions_d, seq_lens_d = parts
+        total = int(page_indptr[-1])
+        page_rows = torch.repeat_interleave(torch.arange(n, device=self.device), num_pages_d, output_size=total)
+        cols = torch.arange(total, device=self.device) - page_indptr_d[page_rows]
+        i32 = torch.int32
+        return AttentionBatch(
+            qo_indptr=qo_d.to(i32),
+            page_indptr=page_indptr_d.to(i32),
+            page_indices=self.page_table[slots_d[page_rows], cols],
+            last_page_len=last_d.to(i32),
+            kv_lens=kv_d.to(i32),
+            positions=positions_d,
+            token_rows=token_rows_d.to(i32),
+            seq_lens=seq_lens_d,
+            q_lens_host=q,
+            kv_lens_host=kv,
+            qo_indptr_host=qo_indptr,
+            page_indptr_host=page_indptr,
+            last_page_len_host=last_page_len,
+            num_prefill=num_prefill,
+        ), slots_d
+
+    def forward(self, plan: StepPlan) -> tuple[torch.Tensor, np.ndarray]:
         """Hidden states of every token of the plan, and qo_indptr (host) to find each row's."""
+        self._write_pages(plan)
         n_dec = len(plan.slots) - plan.num_prefill
         if plan.num_prefill == 0 and self.graphs and n_dec <= max(self.graphs):
             return self._replay(plan)
-        batch = self._attention_batch(plan.q_lens, plan.kv_lens, plan.page_indptr, plan.page_indices, plan.num_prefill)
+        batch, slots = self._attention_batch(plan.slots, plan.q_lens, plan.kv_lens, plan.num_prefill)
         self.attn.plan(batch)
-        decode_slots = self.to_device(plan.slots[plan.num_prefill :])
-        ids = torch.cat([self.to_device(plan.prefill_tokens), self.last_token[decode_slots]])
-        seq_lens = batch.kv_lens.long().repeat_interleave(torch.tensor(plan.q_lens, device=self.device))
-        hidden = self.model(ids, ForwardContext(self.attn, batch.positions, seq_lens))
-        return hidden, _indptr(plan.q_lens)
+        ids = self.last_token[slots[plan.num_prefill :]]
+        if plan.num_prefill:
+            ids = torch.cat([self.to_device(plan.prefill_tokens), ids])
+        hidden = self.model(ids, ForwardContext(self.attn, batch.positions, batch.seq_lens))
+        return hidden, batch.qo_indptr_host
 
     # ---- CUDA graphs ---------------------------------------------------------------------------
     def capture_graphs(self, sizes: list[int]) -> None:
@@ -125,7 +153,7 @@ class ModelRunner:
         pool = torch.cuda.graph_pool_handle()
         for bs in sorted(sizes, reverse=True):
             self.attn.add_graph_size(bs, max_pages=bs * 64 + 4096)
-            self._plan_graph(bs, [1] * bs, list(range(bs + 1)), [self.scratch_page] * bs)
+            self._plan_graph(bs, [self.scratch_slot] * bs, [1] * bs)
             ctx = ForwardContext(self.attn, self.g_pos[:bs], self.g_seq[:bs])
             self.model(self.g_ids[:bs], ctx)  # warm-up outside the graph
             graph = torch.cuda.CUDAGraph()
@@ -134,36 +162,37 @@ class ModelRunner:
             self.graphs[bs] = (graph, out)
         torch.cuda.synchronize()
 
-    def _plan_graph(self, bs: int, kv_lens: list[int], indptr: list[int], indices: list[int]) -> None:
-        batch = self._attention_batch([1] * bs, kv_lens, indptr, indices, 0)
+    def _plan_graph(self, bs: int, slots: list[int], kv_lens: list[int]) -> torch.Tensor:
+        batch, slots_d = self._attention_batch(slots, [1] * bs, kv_lens, 0)
         self.g_pos[:bs].copy_(batch.positions)
-        self.g_seq[:bs].copy_(batch.kv_lens)
+        self.g_seq[:bs].copy_(batch.seq_lens)
         self.attn.plan(batch, graph_size=bs)
+        return slots_d
 
     def _replay(self, plan: StepPlan):
         n = len(plan.slots)
         bs = min(s for s in self.graphs if s >= n)
         pad = bs - n
-        indptr = plan.page_indptr + [plan.page_indptr[-1] + i + 1 for i in range(pad)]
-        self._plan_graph(bs, plan.kv_lens + [1] * pad, indptr, plan.page_indices + [self.scratch_page] * pad)
-        slots = self.to_device(plan.slots + [self.scratch_slot] * pad)
+        slots = self._plan_graph(bs, plan.slots + [self.scratch_slot] * pad, plan.kv_lens + [1] * pad)
         torch.index_select(self.last_token, 0, slots, out=self.g_ids[:bs])
         graph, out = self.graphs[bs]
         graph.replay()
-        return out[:n], _indptr(plan.q_lens)
+        return out[:n], _cumsum0(np.ones(n, dtype=np.int64))
 
     # ---- step ----------------------------------------------------------------------------------
     @torch.inference_mode()
     def launch(self, plan: StepPlan) -> Launched:
         self._admit(plan)
         hidden, qo_indptr = self.forward(plan)
-        rows = [r for r, e in enumerate(plan.emit) if e]
-        slots = [plan.slots[r] for r in rows]
-        num_top = max([0] + [self.logprobs[s] for s in slots])
+        rows = np.flatnonzero(plan.emit)
+        slots = np.asarray(plan.slots, dtype=np.int64)[rows]
+        num_top = int(self.logprobs[slots].max(initial=0))
+        last = qo_indptr[rows + 1] - 1  # each emitting row's last token
+        positions = np.asarray(plan.kv_lens, dtype=np.int64)[rows]  # where its sampled token goes
         packed = torch.empty(len(rows), 2 + 2 * num_top, dtype=torch.float32, device=self.device)
         for lo in range(0, len(rows), LOGIT_CHUNK):
-            chunk = rows[lo : lo + LOGIT_CHUNK]
-            packed[lo : lo + len(chunk)] = self._sample(plan, chunk, hidden, qo_indptr, num_top)
+            part = slice(lo, lo + LOGIT_CHUNK)
+            packed[part] = self._sample(slots[part], last[part], positions[part], hidden, num_top)
         host = torch.empty(packed.shape, dtype=torch.float32, pin_memory=self.cuda)
         host.copy_(packed, non_blocking=True)
         done = None
@@ -171,40 +200,39 @@ class ModelRunner:
             done = torch.cuda.Event()
             done.record()
         prompt = self._prompt_logprobs(plan, hidden, qo_indptr)
-        return Launched(plan, rows, num_top, host, done, prompt)
+        return Launched(plan, rows, slots, num_top, host, done, prompt)
 
     def finish(self, launched: Launched) -> StepResult:
         if launched.done is not None:
             launched.done.synchronize()
         plan, k = launched.plan, launched.num_top
-        values = launched.packed.tolist()
-        result = StepResult(plan.step_id, [plan.rids[r] for r in launched.rows],
-                            [int(v[0]) for v in values], [v[1] for v in values], prompt=launched.prompt)
-        for i, (r, v) in enumerate(zip(launched.rows, values)):
-            want = self.logprobs[plan.slots[r]]
-            if want > 0:
-                result.top_rows.append(i)
-                result.top.append(TopLogprobs([int(x) for x in v[2 : 2 + want]], v[2 + k : 2 + k + want]))
+        values = launched.packed.numpy()
+        result = StepResult(plan.step_id, np.asarray(plan.rids, dtype=np.int64)[launched.rows].tolist(),
+                            values[:, 0].astype(np.int64).tolist(), values[:, 1].tolist(), prompt=launched.prompt)
+        wanted = self.logprobs[launched.slots]
+        for i in np.flatnonzero(wanted > 0).tolist():
+            want = int(wanted[i])
+            result.top_rows.append(i)
+            result.top.append(TopLogprobs(values[i, 2 : 2 + want].astype(np.int64).tolist(),
+                                          values[i, 2 + k : 2 + k + want].tolist()))
         return result
 
     def step(self, plan: StepPlan) -> StepResult:
         return self.finish(self.launch(plan))
 
-    def _sample(self, plan, rows, hidden, qo_indptr, num_top) -> torch.Tensor:
-        slots = [plan.slots[r] for r in rows]
-        slot_t = self.to_device(slots)
-        last = self.to_device([int(qo_indptr[r + 1]) - 1 for r in rows])
+    def _sample(self, slots: np.ndarray, last: np.ndarray, positions: np.ndarray, hidden, num_top: int):
+        slot_t, last_t, positions_t = self.to_device(np.stack([slots, last, positions]))
         batch = SamplingBatch(
             temperature=self.temperature[slot_t],
             top_p=self.top_p[slot_t],
             top_k=self.top_k[slot_t],
             seeds=self.seed[slot_t],
-            positions=self.to_device([plan.kv_lens[r] for r in rows]),
-            filtered=any(self.filtered[s] for s in slots),
-            random=any(self.sampled[s] for s in slots),
+            positions=positions_t,
+            filtered=bool(self.filtered[slots].any()),
+            random=bool(self.sampled[slots].any()),
             num_top=num_top,
         )
-        tokens, chosen, top_ids, top_lp = sample(self.model.logits(hidden[last]), batch)
+        tokens, chosen, top_ids, top_lp = sample(self.model.logits(hidden[last_t]), batch)
         self.last_token[slot_t] = tokens
         parts = [tokens.float()[:, None], chosen[:, None]]
         if num_top:
@@ -216,16 +244,17 @@ class ModelRunner:
         Rare (echo requests), so it may synchronize."""
         out = []
         wanting = [r for r in range(plan.num_prefill) if self.prompt_logprobs[plan.slots[r]] >= 0]
+        qo_indptr = qo_indptr.tolist()
         for r, following in zip(wanting, plan.prefill_next):
             lo, hi = qo_indptr[r], qo_indptr[r + 1]  # prefill rows come first: their tokens are here
             targets = plan.prefill_tokens[lo + 1 : hi] + ([following] if following >= 0 else [])
             if not targets:
                 continue
-            k = self.prompt_logprobs[plan.slots[r]]
+            k = int(self.prompt_logprobs[plan.slots[r]])
             chosen, top = [], []
             for c in range(0, len(targets), LOGIT_CHUNK):  # bounded like sampling's logits
                 part = targets[c : c + LOGIT_CHUNK]
-                logprobs = torch.log_softmax(self.model.logits(hidden[lo + c : lo + c + len(part)]), dim=-1)
+                logprobs = torch.log_softmax(self.model.logits(hidden[lo + c : lo + c + len(part)]).float(), dim=-1)
                 chosen += logprobs.gather(1, self.to_device(part)[:, None])[:, 0].clamp(min=MIN_LOGPROB).tolist()
                 if k > 0:
                     top_lp, top_ids = logprobs.topk(k, dim=-1)
@@ -234,8 +263,8 @@ class ModelRunner:
         return out
 
 
-def _indptr(q_lens: list[int]) -> list[int]:
-    out = [0]
-    for n in q_lens:
-        out.append(out[-1] + n)
+def _cumsum0(counts: np.ndarray) -> np.ndarray:
+    """[0, c0, c0 + c1, ...]: the CSR offsets of consecutive runs of these lengths."""
+    out = np.zeros(len(counts) + 1, dtype=np.int64)
+    np.cumsum(counts, out=out[1:])
     return out

@@ -33,10 +33,15 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
+def row_keys(seeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """The hash key of each row's draw: [rows] int64 below 2**32, from its seed and position."""
+    return _mix32((seeds * 0x9E3779B1 + positions * 0x85EBCA77 + 0x165667B1) & _M32)
+
+
 def gumbel(seeds: torch.Tensor, positions: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """Gumbel noise [rows, V] for vocab `ids` ([V] or [rows, V]); seeds, positions: [rows] int64."""
-    row = _mix32((seeds * 0x9E3779B1 + positions * 0x85EBCA77 + 0x165667B1) & _M32)
-    x = _mix32((row[:, None] + ids * 0xC2B2AE3D) & _M32)
+    """Gumbel noise [rows, V] for vocab `ids` ([V] or [rows, V]); seeds, positions: [rows] int64.
+    The fused kernel (workers/sampling_kernel.py) computes the same bits."""
+    x = _mix32((row_keys(seeds, positions)[:, None] + ids * 0xC2B2AE3D) & _M32)
     u = ((x >> 9) * 2 + 1).float() * (1.0 / (1 << 24))  # odd / 2**24: exact in float32, strictly in (0, 1)
     return -torch.log(-torch.log(u))
 
@@ -56,8 +61,14 @@ class SamplingBatch:
 
 
 def sample(logits: torch.Tensor, b: SamplingBatch):
-    """logits: [rows, V] float32. Returns tokens [rows], their logprobs [rows], and the num_top best
-    (ids, logprobs) [rows, num_top] of the reported distribution."""
+    """logits: [rows, V] (any float dtype). Returns tokens [rows], their logprobs [rows] (float32),
+    and the num_top best (ids, logprobs) [rows, num_top] of the reported distribution."""
+    if logits.is_cuda and not b.filtered and b.num_top == 0:
+        from workers.sampling_kernel import fused_sample
+
+        if fused_sample is not None:  # one pass over the logits instead of a dozen [rows, V] ones
+            return (*fused_sample(logits, b.temperature, row_keys(b.seeds, b.positions), b.random), None, None)
+    logits = logits.float()
     greedy = b.temperature <= 0
     temp = torch.where(greedy, torch.ones_like(b.temperature), b.temperature)
     logprobs = torch.log_softmax(logits / temp[:, None], dim=-1)

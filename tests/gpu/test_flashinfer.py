@@ -12,6 +12,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 from workers.attention import make_backend  # noqa: E402
 from workers.kv_cache import KVCache  # noqa: E402
 from workers.runner import ModelRunner  # noqa: E402
+from tests.helpers import batch_with_pages  # noqa: E402
 
 PAGE = 16
 
@@ -21,13 +22,9 @@ def make_batch(runner, rows, page_size):
     rng = random.Random(0)
     pool = list(range(runner.scratch_page))
     rng.shuffle(pool)
-    indptr, indices = [0], []
-    for _, kv in rows:
-        n = -(-kv // page_size)
-        indices += [pool.pop() for _ in range(n)]
-        indptr.append(len(indices))
+    row_pages = [[pool.pop() for _ in range(-(-kv // page_size))] for _, kv in rows]
     num_prefill = sum(1 for q, _ in rows if q > 1)
-    return runner._attention_batch([q for q, _ in rows], [kv for _, kv in rows], indptr, indices, num_prefill)
+    return batch_with_pages(runner, [q for q, _ in rows], [kv for _, kv in rows], row_pages, num_prefill)
 
 
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(32, 8, 64), (16, 8, 128)])
@@ -50,7 +47,7 @@ def test_flashinfer_equals_torch(heads, kv_heads, head_dim, kind):
         caches[name].data.normal_()
     for name, cache in caches.items():
         backend = make_backend(name, cache, heads, head_dim)
-        runner = ModelRunner(None, backend, 8, PAGE, dev, scratch_page=127)
+        runner = ModelRunner(None, backend, 8, PAGE, dev, scratch_page=127, max_pages_per_seq=128)
         batch = make_batch(runner, rows, PAGE)
         torch.manual_seed(2)
         t = sum(q for q, _ in rows)
@@ -81,19 +78,18 @@ def test_cuda_graph_and_eager_give_the_same_tokens(tmp_path):
         plan = prefill_plan(0, prompts, PAGE)
         tokens = [runner.step(plan).tokens]
         kv_lens = list(plan.kv_lens)
-        pages = [plan.page_indices[plan.page_indptr[r] : plan.page_indptr[r + 1]] for r in range(5)]
-        nxt = max(plan.page_indices) + 1
+        num_pages = [-(-n // PAGE) for n in kv_lens]
+        nxt = max(plan.table_pages) + 1
         for step in range(1, 20):
             kv_lens = [n + 1 for n in kv_lens]
+            writes = ([], [], [])
             for r in range(5):
-                if len(pages[r]) * PAGE < kv_lens[r]:
-                    pages[r].append(nxt)
+                if num_pages[r] * PAGE < kv_lens[r]:
+                    for part, value in zip(writes, (r, num_pages[r], nxt)):
+                        part.append(value)
+                    num_pages[r] += 1
                     nxt += 1
-            indptr = [0]
-            for p in pages:
-                indptr.append(indptr[-1] + len(p))
-            plan = StepPlan(step, list(range(5)), list(range(5)), [1] * 5, kv_lens, [True] * 5, 0, [],
-                            indptr, [x for p in pages for x in p])
+            plan = StepPlan(step, list(range(5)), list(range(5)), [1] * 5, kv_lens, [True] * 5, 0, [], *writes)
             tokens.append(runner.step(plan).tokens)
         outputs.append(tokens)
     assert outputs[0] == outputs[1]

@@ -12,6 +12,7 @@ import torch
 from workers.attention import AttentionBatch, make_backend
 from workers.attention.torch_ref import TorchAttention
 from workers.kv_cache import KVCache
+from tests.helpers import batch_with_pages
 from workers.runner import ModelRunner
 
 PAGE = 4
@@ -37,20 +38,13 @@ class Seqs:
         self.used = {p for ps in self.pages for p in ps}
 
 
-def attention_batch(q_lens, kv_lens, page_indptr, page_indices, num_prefill) -> AttentionBatch:
-    """The AttentionBatch of a step plan, built by the runner's own code (on CPU)."""
-    runner = ModelRunner(None, None, max_seqs=1, page_size=PAGE, device=torch.device("cpu"), scratch_page=0)
-    return runner._attention_batch(q_lens, kv_lens, page_indptr, page_indices, num_prefill)
-
-
 def plan_for(rows, seqs: Seqs, num_prefill: int) -> AttentionBatch:
-    """rows: (seq index, q_len, kv_len); prefill rows first. Each row's page table holds exactly
-    ceil(kv_len / PAGE) pages, as the scheduler plans them."""
-    indptr, indices = [0], []
-    for s, q, kv in rows:
-        indices += seqs.pages[s][: -(-kv // PAGE)]
-        indptr.append(len(indices))
-    return attention_batch([q for _, q, _ in rows], [kv for _, _, kv in rows], indptr, indices, num_prefill)
+    """rows: (seq index, q_len, kv_len); prefill rows first. The AttentionBatch the runner's own
+    code (on CPU) builds when each row's slot holds its sequence's pages."""
+    runner = ModelRunner(None, None, max_seqs=len(rows), page_size=PAGE, device=torch.device("cpu"), scratch_page=0,
+                         max_pages_per_seq=max(len(p) for p in seqs.pages))
+    return batch_with_pages(runner, [q for _, q, _ in rows], [kv for _, _, kv in rows],
+                            [seqs.pages[s] for s, _, _ in rows], num_prefill)
 
 
 def reference(seqs: Seqs, layer: int, s: int, q_len: int, kv_len: int, heads: int, kv_heads: int) -> torch.Tensor:

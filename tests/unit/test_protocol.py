@@ -17,11 +17,11 @@ REQUESTS = [
 ]
 PLANS = [
     P.StepPlan(step_id=3, rids=[1, 2], slots=[0, 5], q_lens=[4, 1], kv_lens=[4, 9], emit=[True, True], num_prefill=1,
-               prefill_tokens=[10, 11, 12, 13], page_indptr=[0, 1, 4], page_indices=[7, 1, 2, 3],
+               prefill_tokens=[10, 11, 12, 13], table_slots=[0, 5], table_cols=[0, 2], table_pages=[7, 3],
                admit=[P.SeqParams(slot=0, temperature=0.0, top_p=1.0, top_k=0, seed=9, logprobs=-1, prompt_logprobs=3)],
                prefill_next=[-1]),
     P.StepPlan(step_id=0, rids=[], slots=[], q_lens=[], kv_lens=[], emit=[], num_prefill=0, prefill_tokens=[],
-               page_indptr=[0], page_indices=[]),
+               table_slots=[], table_cols=[], table_pages=[]),
     P.Stop(step_id=44),
 ]
 EVENTS = [

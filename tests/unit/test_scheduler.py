@@ -46,6 +46,7 @@ class FakeRanks:
         self.cache: dict[int, list[int | None]] = {}  # page -> the token at each offset
         self.last_token: dict[int, int] = {}  # slot -> last sampled token
         self.slot_rid: dict[int, int] = {}  # slot -> the rid its settings were admitted for
+        self.table: dict[int, list[int]] = {}  # slot -> pages, as the plans' writes left it
         self.next_step = 0
 
     def execute(self, plan: StepPlan) -> StepResult:
@@ -59,6 +60,7 @@ class FakeRanks:
                 p.temperature, p.top_p, p.top_k, p.seed, p.logprobs, p.prompt_logprobs)
             self.slot_rid[a.slot] = rid
         tokens_in = list(plan.prefill_tokens)
+        self.rows_pages = apply_table_writes(self.table, plan, ps)
         result = StepResult(plan.step_id, [], [], [])
         cursor = 0
         for r, rid in enumerate(plan.rids):
@@ -69,7 +71,7 @@ class FakeRanks:
                 cursor += q
             else:
                 inputs = [self.last_token[slot]]
-            pages = plan.page_indices[plan.page_indptr[r] : plan.page_indptr[r + 1]]
+            pages = self.rows_pages[r]
             for i, tok in enumerate(inputs):
                 pos = kv - q + i
                 self.cache.setdefault(pages[pos // ps], [None] * ps)[pos % ps] = tok
@@ -84,6 +86,18 @@ class FakeRanks:
                 h.emitted_at[(plan.step_id, rid)] = kv
         assert cursor == len(tokens_in)
         return result
+
+
+def apply_table_writes(table: dict[int, list[int]], plan: StepPlan, page_size: int) -> list[list[int]]:
+    """What a rank does with a plan's page-table writes; returns each row's pages."""
+    assert len(plan.table_slots) == len(plan.table_cols) == len(plan.table_pages)
+    for slot, col, page in zip(plan.table_slots, plan.table_cols, plan.table_pages):
+        row = table.setdefault(slot, [])
+        assert col <= len(row), "a page-table write leaves a gap"
+        row[col:col + 1] = [page]
+    for slot, kv in zip(plan.slots, plan.kv_lens):
+        assert len(table.get(slot, [])) >= cdiv(kv, page_size), f"slot {slot}: pages for {kv} tokens never sent"
+    return [table[slot][: cdiv(kv, page_size)] for slot, kv in zip(plan.slots, plan.kv_lens)]
 
 
 class Harness:
@@ -103,6 +117,7 @@ class Harness:
         self.page_last_use: dict[int, tuple[int, int]] = {}  # page -> (rid, step)
         self.plans: list[StepPlan] = []
         self.max_inflight_seen = 0
+        self.table: dict[int, list[int]] = {}  # the ranks' page table as of the last planned step
 
     # ---- what the sequences are -------------------------------------------------------------------
     def true_sequence(self, rid: int, n: int) -> list[int]:
@@ -155,16 +170,15 @@ class Harness:
         assert all(q == 1 for q in plan.q_lens[plan.num_prefill :]), "decode rows compute one token"
         assert all(plan.emit[plan.num_prefill :]), "decode rows always sample"
         assert all(0 < q <= kv for q, kv in zip(plan.q_lens, plan.kv_lens))
-        assert len(plan.page_indptr) == rows + 1 and plan.page_indptr[0] == 0
-        assert plan.page_indptr[-1] == len(plan.page_indices)
-        assert len(set(plan.page_indices)) == len(plan.page_indices), "one page in two rows"
-        assert all(0 <= p < self.num_pages for p in plan.page_indices)
-        assert not set(plan.page_indices) & set(s.pages._free), "a planned page is free"
+        rows_pages = apply_table_writes(self.table, plan, ps)
+        used = [p for pages in rows_pages for p in pages]
+        assert len(set(used)) == len(used), "one page in two rows"
+        assert all(0 <= p < self.num_pages for p in used)
+        assert not set(used) & set(s.pages._free), "a planned page is free"
+        assert len(plan.table_pages) <= sum(cdiv(q, ps) + 1 for q in plan.q_lens), "pages sent again"
         wanting = []
         for r, rid in enumerate(plan.rids):
             kv, q = plan.kv_lens[r], plan.q_lens[r]
-            n = plan.page_indptr[r + 1] - plan.page_indptr[r]
-            assert n == cdiv(kv, ps), f"rid {rid}: {n} pages for {kv} tokens"
             assert rid in self.live, "a plan row for a request that ended or was aborted"
             prompt, params = self.requests[rid]
             known = len(prompt) + len(self.live[rid])
@@ -178,7 +192,7 @@ class Harness:
                     wanting.append(r)
             else:
                 assert params.max_tokens > 0, "a prompt-only request decodes"
-            for p in plan.page_indices[plan.page_indptr[r] : plan.page_indptr[r + 1]]:
+            for p in rows_pages[r]:
                 owner = self.page_last_use.get(p)
                 if owner is not None and owner[0] != rid:
                     # a page moves to another request only once every step that used it completed

@@ -36,6 +36,7 @@ class Sequence:
     target: int = 0  # known tokens at admission: prefill ends when computed reaches it
     inflight: int = 0
     last_step: int = -1
+    table_len: int = 0  # how many of `pages` the ranks' page table holds for `slot`
 
     @property
     def known(self) -> list[int]:
@@ -158,7 +159,7 @@ class Scheduler:
     def _evict(self, seq: Sequence) -> None:
         """Takes `seq` off the ranks: its pages return once the steps using them are done."""
         self.pages.release(seq.pages, after_step=seq.last_step)
-        seq.pages, seq.computed = [], 0
+        seq.pages, seq.computed, seq.table_len = [], 0, 0
         self.free_slots.append(seq.slot)
         seq.slot = -1
         self.running.remove(seq)
@@ -176,7 +177,8 @@ class Scheduler:
             if seq.params.prompt_logprobs >= 0:
                 after = seq.computed + n
                 prefill_next.append(known[after] if after < len(known) else -1)
-        emit, kv_lens, indptr, indices = [], [], [0], []
+        emit, kv_lens, table_slots, table_cols, table_pages = [], [], [], [], []
+        ps = self.page_size
         for seq, q in zip(rows, q_lens):
             seq.computed += q
             seq.last_step = step
@@ -184,9 +186,12 @@ class Scheduler:
             emit.append(done)
             seq.inflight += done
             kv_lens.append(seq.computed)
-            used = -(-seq.computed // self.page_size)
-            indices.extend(seq.pages[:used])
-            indptr.append(len(indices))
+            used = (seq.computed + ps - 1) // ps
+            if used > seq.table_len:  # a page each page_size tokens: most decode rows send none
+                table_slots.extend([seq.slot] * (used - seq.table_len))
+                table_cols.extend(range(seq.table_len, used))
+                table_pages.extend(seq.pages[seq.table_len : used])
+                seq.table_len = used
         return StepPlan(
             step_id=step,
             rids=[s.rid for s in rows],
@@ -196,8 +201,9 @@ class Scheduler:
             emit=emit,
             num_prefill=len(prefill),
             prefill_tokens=tokens,
-            page_indptr=indptr,
-            page_indices=indices,
+            table_slots=table_slots,
+            table_cols=table_cols,
+            table_pages=table_pages,
             admit=[self._seq_params(s) for s in admit],
             prefill_next=prefill_next,
         )

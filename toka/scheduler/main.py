@@ -11,7 +11,7 @@ import zmq
 
 from toka import protocol
 from toka.config import EngineConfig
-from toka.fabric import Channel, setup_logging, watch_parent
+from toka.fabric import Channel, profiled, setup_logging, watch_parent
 from toka.scheduler.batching import Scheduler
 
 log = logging.getLogger("toka.scheduler")
@@ -32,7 +32,8 @@ def scheduler_main(cfg: EngineConfig) -> None:
         plans.wait_subscribers(cfg.tp, timeout=60, name="plans")
         control.send(protocol.Ready("scheduler"))
         sched = Scheduler(cfg.num_pages, cfg.page_size, cfg.max_seqs, cfg.max_tokens_per_forward)
-        Loop(cfg, sched, requests, plans, events, status).run()
+        with profiled("scheduler"):
+            Loop(cfg, sched, requests, plans, events, status).run()
     except Exception as e:
         log.error("scheduler failed: %s", traceback.format_exc())
         control.send(protocol.Fatal("scheduler", f"{type(e).__name__}: {e}"))

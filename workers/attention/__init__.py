@@ -2,14 +2,17 @@
 layout, then every layer calls `forward()` with its projected q, k, v.
 
 `AttentionBatch` fields and where they live:
-  qo_indptr, page_indptr, page_indices, last_page_len, kv_lens: int32 tensors on the rank's device
-  q_lens_host, kv_lens_host: python lists (host), num_prefill: rows [0, num_prefill) are prefill
+  qo_indptr, page_indptr, page_indices, last_page_len, kv_lens, token_rows: int32 tensors on the
+  rank's device; positions, seq_lens: int64 on the device (per token)
+  *_host: the same metadata as int64 numpy arrays (host), for planners that work on the host
+  num_prefill: rows [0, num_prefill) are prefill chunks, the rest decode one token each
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
@@ -21,9 +24,13 @@ class AttentionBatch:
     last_page_len: torch.Tensor  # [rows]
     kv_lens: torch.Tensor  # [rows]
     positions: torch.Tensor  # [tokens]
-    q_lens_host: list[int]
-    kv_lens_host: list[int]
-    page_indptr_host: list[int]
+    token_rows: torch.Tensor  # [tokens]: the row each token belongs to
+    seq_lens: torch.Tensor  # [tokens]: its row's kv length
+    q_lens_host: np.ndarray  # [rows]
+    kv_lens_host: np.ndarray  # [rows]
+    qo_indptr_host: np.ndarray  # [rows + 1]
+    page_indptr_host: np.ndarray  # [rows + 1]
+    last_page_len_host: np.ndarray  # [rows]
     num_prefill: int
 
 

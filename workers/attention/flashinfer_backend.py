@@ -12,6 +12,7 @@ use_cuda_graph mode) and fixed buffers for the append; `plan()` refills them bef
 from __future__ import annotations
 
 import flashinfer
+import numpy as np
 import torch
 
 from workers.attention import AttentionBackend, AttentionBatch
@@ -49,6 +50,7 @@ class FlashInferAttention(AttentionBackend):
         self.decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(self.decode_ws, "NHD")
         self.graph_slots: dict[int, _GraphSlot] = {}
         self.graph: _GraphSlot | None = None
+        self._planned: dict[int, torch.cuda.Event] = {}  # id(wrapper) -> recorded after its last plan
 
     def add_graph_size(self, bs: int, max_pages: int) -> None:
         """Buffers for replaying decode steps of `bs` rows with up to `max_pages` pages in all."""
@@ -57,42 +59,40 @@ class FlashInferAttention(AttentionBackend):
     def plan(self, batch: AttentionBatch, graph_size: int | None = None) -> None:
         """Plans the step. With `graph_size`, the batch is decode-only and padded to that size, and
         the metadata goes into that size's fixed buffers for a graph replay."""
-        dev = self.cache.data.device
-        ps = self.cache.page_size
-        q_lens, kv_lens, indptr = batch.q_lens_host, batch.kv_lens_host, batch.page_indptr_host
         n_pre = batch.num_prefill
-        last_len = [(n - 1) % ps + 1 for n in kv_lens]
         common = dict(q_data_type=self.dtype, kv_data_type=self.dtype)
-        heads = (self.num_heads, self.num_kv_heads, self.head_dim, ps)
+        heads = (self.num_heads, self.num_kv_heads, self.head_dim, self.cache.page_size)
+        indptr, last_len = batch.page_indptr_host, batch.last_page_len_host
         if graph_size is not None:
             slot = self.graph = self.graph_slots[graph_size]
-            slot.positions.copy_(batch.positions, non_blocking=True)
-            slot.wrapper.plan(torch.tensor(indptr, dtype=torch.int32), batch.page_indices,
-                              torch.tensor(last_len, dtype=torch.int32), *heads, **common)
+            slot.positions.copy_(batch.positions)
+            self._plan(slot.wrapper, _pinned(indptr), batch.page_indices, _pinned(last_len), *heads, **common)
             # the graph reads these fixed buffers, which plan() just refilled
             self.append_args = (slot.rows, slot.positions, slot.indices, slot.indptr, slot.last_len)
             self.num_prefill_tokens = 0
             return
         self.graph = None
-        rows = torch.arange(len(q_lens), dtype=torch.int32).repeat_interleave(torch.tensor(q_lens))
-        self.append_args = (rows.to(dev, non_blocking=True), batch.positions.to(torch.int32), batch.page_indices,
+        self.append_args = (batch.token_rows, batch.positions.to(torch.int32), batch.page_indices,
                             batch.page_indptr, batch.last_page_len)
-        self.num_prefill_tokens = sum(q_lens[:n_pre])
+        self.num_prefill_tokens = int(batch.qo_indptr_host[n_pre])
         if n_pre:
-            qo = [0]
-            for n in q_lens[:n_pre]:
-                qo.append(qo[-1] + n)
-            self.prefill.plan(
-                torch.tensor(qo, dtype=torch.int32), torch.tensor(indptr[: n_pre + 1], dtype=torch.int32),
-                batch.page_indices[: indptr[n_pre]], torch.tensor(last_len[:n_pre], dtype=torch.int32),
-                *heads, causal=True, **common,
-            )
-        if n_pre < len(q_lens):
+            self._plan(self.prefill, _pinned(batch.qo_indptr_host[: n_pre + 1]), _pinned(indptr[: n_pre + 1]),
+                       batch.page_indices[: indptr[n_pre]], _pinned(last_len[:n_pre]), *heads, causal=True, **common)
+        if n_pre < len(last_len):
             base = indptr[n_pre]
-            self.decode.plan(
-                torch.tensor([i - base for i in indptr[n_pre:]], dtype=torch.int32), batch.page_indices[base:],
-                torch.tensor(last_len[n_pre:], dtype=torch.int32), *heads, **common,
-            )
+            self._plan(self.decode, _pinned(indptr[n_pre:] - base), batch.page_indices[base:],
+                       _pinned(last_len[n_pre:]), *heads, **common)
+
+    def _plan(self, wrapper, *args, **kwargs) -> None:
+        # A wrapper's plan() fills its pinned buffer and enqueues a copy from it to the device. The
+        # host runs a step ahead of the device, so before refilling that buffer wait until the copy
+        # of the wrapper's previous plan has run (it has, unless the device is more than one step behind).
+        previous = self._planned.get(id(wrapper))
+        if previous is not None:
+            previous.synchronize()
+        wrapper.plan(*args, **kwargs)
+        done = self._planned[id(wrapper)] = torch.cuda.Event()
+        done.record()
 
     def forward(self, layer, q, k, v):
         kv = self.cache.layers[layer]
@@ -106,3 +106,8 @@ class FlashInferAttention(AttentionBackend):
         if t == 0:
             return self.decode.run(q, kv)
         return torch.cat([self.prefill.run(q[:t], kv), self.decode.run(q[t:], kv)])
+
+
+def _pinned(values: np.ndarray) -> torch.Tensor:
+    """Host int32 tensor in pinned memory: FlashInfer's planners copy it to the device asynchronously."""
+    return torch.from_numpy(values.astype(np.int32)).pin_memory()

@@ -18,8 +18,7 @@ class TorchAttention(AttentionBackend):
         ps = self.cache.page_size
         self.batch = batch
         rows = torch.arange(len(batch.q_lens_host), device=batch.positions.device)
-        q_lens = torch.tensor(batch.q_lens_host, device=rows.device)
-        row_of_token = rows.repeat_interleave(q_lens)
+        row_of_token = batch.token_rows.long()
         pos = batch.positions.long()
         # where each new token's k/v goes: (page, offset in page)
         self.write_page = batch.page_indices[batch.page_indptr[row_of_token].long() + pos // ps].long()
@@ -27,7 +26,7 @@ class TorchAttention(AttentionBackend):
         # decode rows read their whole context at once, padded to the longest
         dec = range(batch.num_prefill, len(batch.q_lens_host))
         if len(dec):
-            max_len = max(batch.kv_lens_host[r] for r in dec)
+            max_len = int(batch.kv_lens_host[batch.num_prefill :].max())
             j = torch.arange(max_len, device=rows.device)
             drows = rows[batch.num_prefill :]
             kv_lens = batch.kv_lens[batch.num_prefill :].long()
@@ -45,7 +44,7 @@ class TorchAttention(AttentionBackend):
         out = torch.empty_like(q)
         start = 0
         for r in range(b.num_prefill):
-            q_len, kv_len = b.q_lens_host[r], b.kv_lens_host[r]
+            q_len, kv_len = int(b.q_lens_host[r]), int(b.kv_lens_host[r])
             pages = b.page_indices[b.page_indptr_host[r] : b.page_indptr_host[r + 1]].long()
             keys = kv[pages, 0].flatten(0, 1)[:kv_len]
             vals = kv[pages, 1].flatten(0, 1)[:kv_len]

@@ -34,7 +34,8 @@ class VocabParallelEmbedding(nn.Module):
 
 
 class ParallelLMHead(VocabParallelEmbedding):
-    """Logits for the full vocabulary, in float32: each rank computes its slice, then they gather.
+    """Logits for the full vocabulary, in the weights' dtype (sampling reads them once, in float32
+    arithmetic): each rank computes its slice, then they gather.
 
     With tied embeddings the model passes the embedding so both share one weight.
     """
@@ -45,5 +46,5 @@ class ParallelLMHead(VocabParallelEmbedding):
             self.weight = tied.weight
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(hidden, self.weight).float()
+        logits = F.linear(hidden, self.weight)
         return self.tp.all_gather_last(logits)[..., : self.vocab_size]

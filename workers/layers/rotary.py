@@ -22,6 +22,11 @@ def rope_parameters(hf_config) -> dict:
     return params
 
 
+def _use_flashinfer(q: torch.Tensor) -> bool:
+    # the kernel takes half types; anything else (CPU, float32 on CUDA) keeps the torch maths
+    return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+
+
 def _inv_freq(dim: int, base: float) -> torch.Tensor:
     return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
 
@@ -58,6 +63,9 @@ class RotaryEmbedding(nn.Module):
             inv_freq = _llama3(inv_freq, params)
         limit = self.original_max if self.kind == "dynamic" else max_positions
         self.register_buffer("cos_sin", self._table(inv_freq, torch.arange(limit)), persistent=False)
+        # FlashInfer's rope reads this same table (float32 [position, cos | sin], rotate-half layout),
+        # so it is the same maths; dynamic NTK has no fixed table, and the kernel has these head sizes
+        self.fusable = self.kind != "dynamic" and head_dim in (64, 128, 256, 512)
 
     @staticmethod
     def _table(inv_freq: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -76,7 +84,19 @@ class RotaryEmbedding(nn.Module):
         return torch.cat([freqs.cos(), freqs.sin()], dim=-1).float()
 
     def forward(self, positions, q, k, seq_lens=None):
-        """q: [T, heads, head_dim], k: [T, kv_heads, head_dim]; positions, seq_lens: [T] on q's device."""
+        """q: [T, heads, head_dim], k: [T, kv_heads, head_dim] (views with a unit last stride);
+        positions, seq_lens: [T] on q's device, positions below max_positions (the kernel reads the
+        table unchecked; the engine caps max_model_len there). Returns the rotated (q, k); on CUDA
+        one FlashInfer kernel rotates q and k in place."""
+        if not (self.fusable and _use_flashinfer(q)):
+            return self.reference(positions, q, k, seq_lens)
+        import flashinfer  # imported on CUDA only: CPU hosts run without it
+
+        flashinfer.apply_rope_with_cos_sin_cache_inplace(positions, q, k, self.head_dim, self.cos_sin, is_neox=True)
+        return q, k
+
+    def reference(self, positions, q, k, seq_lens=None):
+        """The torch maths of `forward` (the CPU path; the GPU tests call it to check the kernel)."""
         if self.kind == "dynamic":
             cos_sin = self._dynamic(positions, seq_lens)
         else:

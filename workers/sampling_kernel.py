@@ -1,0 +1,81 @@
+"""Gumbel-max sampling in one pass over the logits (Triton, CUDA), for batches without top-p,
+top-k or alternatives: per row, the token of argmax(logits / T + gumbel) (argmax(logits) for
+greedy rows) and its logprob, log_softmax(logits / T) at that token, from an online logsumexp.
+
+The unfused torch code in workers/sampling.py is the reference: the noise is the same hash of
+(row key, vocab id), so both pick the same tokens up to float rounding of near ties. `fused_sample`
+is None where Triton is missing (CPU builds of torch).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from workers.sampling import MIN_LOGPROB
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: sampling.py uses the torch code
+    triton = None
+
+BLOCK = 4096
+
+if triton is not None:
+
+    @triton.jit
+    def _mix32(x):
+        # lowbias32 on uint32 (wrapping multiplies), as sampling._mix32 does on masked int64
+        x = x ^ (x >> 16)
+        x = x * 0x7FEB352D
+        x = x ^ (x >> 15)
+        x = x * 0x846CA68B
+        return x ^ (x >> 16)
+
+    @triton.jit
+    def _sample_rows(logits, stride, vocab, temperature, keys, tokens, logprobs,
+                     FLOOR: tl.constexpr, RANDOM: tl.constexpr, BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        t = tl.load(temperature + row)
+        greedy = t <= 0
+        inv_t = 1.0 / tl.where(greedy, 1.0, t)
+        key = tl.load(keys + row).to(tl.uint32)
+        base = logits + row.to(tl.int64) * stride
+        offs = tl.arange(0, BLOCK)
+        run_max = -float("inf")
+        run_sum = 0.0
+        best = -float("inf")
+        best_id = 0
+        for start in range(0, vocab, BLOCK):
+            ids = start + offs
+            inside = ids < vocab
+            x = tl.load(base + ids, mask=inside, other=-float("inf")).to(tl.float32) * inv_t
+            new_max = tl.maximum(run_max, tl.max(x, 0))
+            run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(x - new_max), 0)
+            run_max = new_max
+            score = x
+            if RANDOM:
+                h = _mix32(key + ids.to(tl.uint32) * 0xC2B2AE3D)
+                u = ((h >> 9) * 2 + 1).to(tl.float32) * (1.0 / 16777216.0)
+                score = tl.where(greedy, x, x - tl.log(-tl.log(u)))
+            score = tl.where(inside, score, -float("inf"))
+            block_best = tl.max(score, 0)
+            if block_best > best:  # strictly greater: the first maximum wins, as torch.argmax
+                best = block_best
+                best_id = start + tl.argmax(score, 0)
+        chosen = tl.load(base + best_id).to(tl.float32) * inv_t
+        tl.store(tokens + row, best_id.to(tl.int64))
+        tl.store(logprobs + row, tl.maximum(chosen - run_max - tl.log(run_sum), FLOOR))
+
+    def fused_sample(logits: torch.Tensor, temperature: torch.Tensor, keys: torch.Tensor, random: bool):
+        """logits [rows, V] (contiguous last dim), temperature [rows] float32, keys [rows] int64 from
+        sampling.row_keys. Returns tokens [rows] int64 and their logprobs [rows] float32."""
+        rows, vocab = logits.shape
+        tokens = torch.empty(rows, dtype=torch.int64, device=logits.device)
+        logprobs = torch.empty(rows, dtype=torch.float32, device=logits.device)
+        if rows:
+            _sample_rows[(rows,)](logits, logits.stride(0), vocab, temperature, keys, tokens, logprobs,
+                                  FLOOR=MIN_LOGPROB, RANDOM=random, BLOCK=BLOCK)
+        return tokens, logprobs
+else:
+    fused_sample = None

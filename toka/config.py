@@ -45,6 +45,7 @@ class EngineConfig:
     drain_timeout: float = _flag("seconds SIGTERM waits for in-flight requests", default=30.0)
     step_timeout: float = _flag("seconds a step may take before the engine counts as hung", default=600.0)
     cuda_graphs: bool = _flag("capture decode steps in CUDA graphs", default=True)
+    prefix_caching: bool = _flag("reuse the KV cache pages of prompt prefixes computed before", default=True)
     cuda_graph_max_batch: int = _flag("largest decode batch captured in a CUDA graph", default=1024)
     load_format: str = _flag("safetensors, or random for benchmarks", default="safetensors")
     seed: int = _flag("seed for random weights and unseeded requests", default=0)

@@ -91,6 +91,10 @@ class StepPlan(Struct, tag="plan", array_like=True):
     admit: list[SeqParams] = []
     # per prefill row that wants prompt logprobs: the token following its chunk (-1: none)
     prefill_next: list[int] = []
+    # requests admitted for the first time whose prompt starts with cached_tokens[i] cached tokens;
+    # rank 0 passes them on in its StepResult, for the server's usage
+    cached_rids: list[int] = []
+    cached_tokens: list[int] = []
 
 
 class Stop(Struct, tag="stop", array_like=True):
@@ -123,6 +127,8 @@ class StepResult(Struct, tag="result", array_like=True):
     top_rows: list[int] = []
     top: list[TopLogprobs] = []
     prompt: list[PromptLogprobs] = []
+    cached_rids: list[int] = []  # the plan's, passed on
+    cached_tokens: list[int] = []
 
 
 # ---- status and control -------------------------------------------------------------------------

@@ -208,7 +208,8 @@ class ModelRunner:
         plan, k = launched.plan, launched.num_top
         values = launched.packed.numpy()
         result = StepResult(plan.step_id, np.asarray(plan.rids, dtype=np.int64)[launched.rows].tolist(),
-                            values[:, 0].astype(np.int64).tolist(), values[:, 1].tolist(), prompt=launched.prompt)
+                            values[:, 0].astype(np.int64).tolist(), values[:, 1].tolist(), prompt=launched.prompt,
+                            cached_rids=plan.cached_rids, cached_tokens=plan.cached_tokens)
         wanted = self.logprobs[launched.slots]
         for i in np.flatnonzero(wanted > 0).tolist():
             want = int(wanted[i])

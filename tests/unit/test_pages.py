@@ -220,3 +220,72 @@ def test_long_seeded_random_sequences(seed):
     kinds = ["alloc", "alloc", "release", "release", "double_release", "complete"]
     ops = [(rng.choice(kinds), rng.randrange(50)) for _ in range(2000)]
     _run_ops(rng.randint(4, 40), ops, seed)
+
+
+def test_prefix_cache_keys_name_the_whole_prefix():
+    from toka.scheduler.pages import page_keys
+
+    a = page_keys([1, 2, 3, 4, 5, 6, 7], 2)
+    assert len(a) == 3 and len(set(a)) == 3
+    assert page_keys([1, 2, 3, 4], 2) == a[:2]
+    assert page_keys([9, 2, 3, 4], 2)[1] != a[1], "same page tokens after a different prefix"
+
+
+def test_matched_pages_are_shared_and_cached_pages_evicted_last_used_first():
+    a = PageAllocator(4)
+    p = a.alloc(2)
+    a.register(p[0], b"k0")
+    a.register(p[1], b"k1")
+    assert a.match([b"k0", b"k1", b"k2"]) == p  # held twice now
+    a.release(p, after_step=-1)
+    a.release(p, after_step=-1)
+    assert a.num_free == 4 and a.num_cached == 2
+    assert a.match([b"k1"]) == [p[1]]  # a lookup by a key alone: the caller passes whole prefixes
+    a.release([p[1]], after_step=-1)  # p[1] is now the most recently used
+    got = a.alloc(3)  # 2 never-keyed pages, then the least recently used cached one
+    assert p[0] in got and p[1] not in got
+    assert a.match([b"k0"]) == [] and a.match([b"k1"]) == [p[1]]
+    a.check()
+
+
+def test_pending_keyed_page_is_taken_back_by_a_match_but_not_handed_out():
+    a = PageAllocator(2)
+    (p,) = a.alloc(1)
+    a.register(p, b"k")
+    a.release([p], after_step=5)  # steps up to 5 may still read it
+    assert a.num_pending == 1 and a.num_free == 1
+    assert a.alloc(1) != [p]
+    assert a.match([b"k"]) == [p] and a.num_pending == 0
+    a.check()
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_random_sharing_and_eviction_keep_the_invariants(seed):
+    rng = random.Random(seed)
+    a = PageAllocator(rng.randint(1, 12))
+    held: list[list[int]] = []  # one entry per "sequence": the pages it holds
+    step = 0
+    for _ in range(300):
+        op = rng.random()
+        if op < 0.3 and a.num_free:
+            pages = a.alloc(rng.randint(1, a.num_free))
+            for page in pages:
+                if rng.random() < 0.7:
+                    a.register(page, bytes([rng.randrange(6)]))
+            held.append(pages)
+        elif op < 0.5:
+            keys = [bytes([k]) for k in rng.sample(range(6), rng.randint(1, 3))]  # prefixes: distinct keys
+            got = a.match(keys)
+            if got:
+                held.append(got)
+        elif op < 0.8 and held:
+            a.release(held.pop(rng.randrange(len(held))), after_step=step + rng.randint(-1, 2))
+        else:
+            step += 1
+            a.completed(step - rng.randint(0, 2))
+        a.check()
+        refs = {}
+        for pages in held:
+            for page in pages:
+                refs[page] = refs.get(page, 0) + 1
+        assert refs == a._refs

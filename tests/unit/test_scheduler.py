@@ -172,10 +172,14 @@ class Harness:
         assert all(0 < q <= kv for q, kv in zip(plan.q_lens, plan.kv_lens))
         rows_pages = apply_table_writes(self.table, plan, ps)
         used = [p for pages in rows_pages for p in pages]
-        assert len(set(used)) == len(used), "one page in two rows"
+        # a row writes the pages of its new tokens; other rows may share (read) only full cached pages
+        written = [p for r, pages in enumerate(rows_pages) for p in pages[(plan.kv_lens[r] - plan.q_lens[r]) // ps :]]
+        assert len(set(written)) == len(written), "one page written by two rows"
         assert all(0 <= p < self.num_pages for p in used)
         assert not set(used) & set(s.pages._free), "a planned page is free"
-        assert len(plan.table_pages) <= sum(cdiv(q, ps) + 1 for q in plan.q_lens), "pages sent again"
+        admitted = {a.slot for a in plan.admit}
+        assert len(plan.table_pages) <= sum(cdiv(kv, ps) if sl in admitted else cdiv(q, ps) + 1
+                                            for sl, q, kv in zip(plan.slots, plan.q_lens, plan.kv_lens)), "pages sent again"
         wanting = []
         for r, rid in enumerate(plan.rids):
             kv, q = plan.kv_lens[r], plan.q_lens[r]
@@ -183,8 +187,9 @@ class Harness:
             prompt, params = self.requests[rid]
             known = len(prompt) + len(self.live[rid])
             if r < plan.num_prefill:
-                if kv - q == 0:  # (re)admission: prefill starts from scratch with everything known
+                if plan.slots[r] in admitted:  # (re)admission: prefill everything known but cached pages
                     self.admitted_known[rid] = known
+                    assert (kv - q) % ps == 0 and kv - q < known, "cached prefix: whole pages, never the last token"
                 # prefill tokens are the prompt followed by what was generated so far
                 assert kv <= self.admitted_known[rid]
                 assert plan.emit[r] == (kv == self.admitted_known[rid])
@@ -192,10 +197,10 @@ class Harness:
                     wanting.append(r)
             else:
                 assert params.max_tokens > 0, "a prompt-only request decodes"
-            for p in rows_pages[r]:
+            for i, p in enumerate(rows_pages[r]):
                 owner = self.page_last_use.get(p)
-                if owner is not None and owner[0] != rid:
-                    # a page moves to another request only once every step that used it completed
+                if i >= (kv - q) // ps and owner is not None and owner[0] != rid and owner[1] < plan.step_id:
+                    # a page is rewritten for another request only once every step that used it completed
                     assert owner[1] <= s.done_step, f"page {p} reused while step {owner[1]} is in flight"
                 self.page_last_use[p] = (rid, plan.step_id)
         # prompt-logprob rows get the token after their chunk
@@ -553,3 +558,68 @@ def test_stress_roomy_memory_with_aborts():
     h.run(_random_requests(rng, 80, 60), abort_prob=0.03)
     assert h.sched.preemptions == 0
     assert sum(r == "abort" for r, _ in h.ended.values()) > 0
+
+
+# ---- prefix cache ------------------------------------------------------------------------------------
+def _shared_prefix_requests(rng: random.Random, n: int, max_len: int, page_size: int):
+    """Prompts made of a few common prefixes, with repeats (n > 1 style) and random tails."""
+    prefixes = [[rng.randrange(VOCAB) for _ in range(rng.randint(1, max_len // 2))] for _ in range(3)]
+    reqs = []
+    for rid in range(n):
+        prompt = list(rng.choice(prefixes))[: max_len // 2]
+        if rng.random() < 0.5:
+            prompt += [rng.randrange(VOCAB) for _ in range(rng.randint(0, page_size * 2))]
+        prompt = prompt[: max_len // 2] or [1]
+        mt = rng.randint(0, max_len - len(prompt))
+        kw = dict(temperature=0.7, seed=rid, prompt_logprobs=rng.choice([-1, -1, -1, 0]))
+        reqs.append((rid * 5 + 2, prompt, params(mt, stop=(), **kw)))
+    return reqs
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_stress_shared_prefixes_tight_memory(seed):
+    """Cached pages shared by many rows, evicted and recomputed under preemption: every row still
+    reads exactly its own tokens (the fake ranks check each context), no page is written by two rows
+    or rewritten while a step in flight reads it, and the cache was hit."""
+    rng = random.Random(seed)
+    page_size = rng.choice([1, 2, 4])
+    num_pages = rng.randint(6, 14)
+    h = Harness(num_pages=num_pages, page_size=page_size, max_seqs=rng.randint(2, 8),
+                max_tokens_per_forward=rng.randint(4, 16), steps_ahead=rng.randint(1, 3), seed=seed)
+    h.run(_shared_prefix_requests(rng, 40, num_pages * page_size, page_size), abort_prob=0.01)
+    assert len(h.ended) == 40
+    hits = sum(1 for p in h.plans for r in range(p.num_prefill)
+               if p.slots[r] in {a.slot for a in p.admit} and p.kv_lens[r] > p.q_lens[r])
+    assert hits > 0, "no admission found its prefix cached"
+
+
+def test_repeated_prompt_prefills_only_its_last_partial_page():
+    h = Harness(num_pages=64, page_size=4, max_seqs=8, max_tokens_per_forward=64)
+    prompt = list(range(10, 24))  # 14 tokens: 3 full pages and 2 more
+    for rid in (1, 2, 3):  # like n = 3: admitted together, the first computes the shared pages
+        h.add(rid, prompt, params(3, stop=()))
+    plan = h.schedule()
+    assert plan.q_lens[:3] == [14, 2, 2] and plan.kv_lens[:3] == [14, 14, 14]
+    assert plan.cached_rids == [2, 3] and plan.cached_tokens == [12, 12]
+    h.run()
+    h.add(4, prompt[:13], params(2, stop=()))  # 13 tokens: 3 cached pages, the 13th computed
+    plan = h.schedule()
+    assert plan.q_lens == [1] and plan.cached_tokens == [12]
+    h.run()
+    assert h.sched.pages.num_free == 64 and h.sched.pages.num_cached > 0
+
+
+def test_prompt_logprobs_requests_skip_the_cache():
+    h = Harness(num_pages=64, page_size=4, max_seqs=8, max_tokens_per_forward=64)
+    h.add(1, list(range(12)), params(2, stop=()))
+    h.run()
+    h.add(2, list(range(12)), params(2, stop=(), prompt_logprobs=0))
+    assert h.schedule().q_lens == [12]
+
+
+def test_cache_off_computes_every_prompt():
+    h = Harness(num_pages=64, page_size=4, max_seqs=8, max_tokens_per_forward=64)
+    h.sched.prefix_caching = False
+    for rid in (1, 2):
+        h.add(rid, list(range(12)), params(2, stop=()))
+    assert h.schedule().q_lens == [12, 12]

@@ -16,7 +16,7 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 
 from toka.protocol import SamplingParams, SeqParams, Stats, StepPlan, StepResult
-from toka.scheduler.pages import PageAllocator
+from toka.scheduler.pages import PageAllocator, page_keys
 
 
 class StepOrderError(RuntimeError):
@@ -37,6 +37,8 @@ class Sequence:
     inflight: int = 0
     last_step: int = -1
     table_len: int = 0  # how many of `pages` the ranks' page table holds for `slot`
+    keys: list[bytes] = field(default_factory=list)  # prefix-cache keys of the full pages of the known tokens
+    cached: int = -1  # prompt tokens found in the prefix cache at the first admission (-1: not admitted yet)
 
     @property
     def known(self) -> list[int]:
@@ -52,8 +54,10 @@ class Sequence:
 
 
 class Scheduler:
-    def __init__(self, num_pages: int, page_size: int, max_seqs: int, max_tokens_per_forward: int):
+    def __init__(self, num_pages: int, page_size: int, max_seqs: int, max_tokens_per_forward: int,
+                 prefix_caching: bool = True):
         self.pages = PageAllocator(num_pages)
+        self.prefix_caching = prefix_caching
         self.page_size = page_size
         self.max_tokens = max_tokens_per_forward
         self.free_slots = list(range(max_seqs - 1, -1, -1))
@@ -114,9 +118,12 @@ class Scheduler:
                     budget -= n
         while budget > 0 and self.waiting and self.free_slots and self.waiting[0].inflight == 0:
             seq = self.waiting[0]
-            seq.target, seq.computed = len(seq.known), 0
+            self._start(seq)
             n = self._chunk(seq, budget)
             if n == 0:
+                # give the matched pages back; steps in flight may read them, so not before those end
+                self.pages.release(seq.pages, after_step=self.next_step - 1)
+                seq.pages, seq.computed = [], 0
                 break
             self.waiting.popleft()
             seq.slot = self.free_slots.pop()
@@ -128,13 +135,28 @@ class Scheduler:
             return None
         return self._plan(prefill, decode, admit)
 
+    def _start(self, seq: Sequence) -> None:
+        """Prepares a waiting sequence's prefill: everything it knows, less the full pages found in
+        the prefix cache (never the last token: its logits are needed)."""
+        known = seq.known
+        seq.target = len(known)
+        if self.prefix_caching and seq.params.prompt_logprobs < 0:  # prompt logprobs need every position
+            seq.keys = page_keys(known, self.page_size)
+            seq.pages = self.pages.match(seq.keys[: (len(known) - 1) // self.page_size])
+        seq.computed = len(seq.pages) * self.page_size
+
     def _chunk(self, seq: Sequence, budget: int) -> int:
-        """Prefill tokens for `seq` this step: as many as the budget and free pages allow."""
+        """Prefill tokens for `seq` this step: as many as the budget and free pages allow. The full
+        pages it completes enter the prefix cache now: rows planned after it, even in this step,
+        may read them (a step appends all its K/V before attending)."""
         n = min(budget, seq.target - seq.computed)
         room = (len(seq.pages) + self.pages.num_free) * self.page_size - seq.computed
         n = min(n, room)
         if n <= 0 or not self._grow(seq, seq.computed + n, preempt=False):
             return 0
+        ps = self.page_size
+        for i in range(seq.computed // ps, min(seq.computed + n, len(seq.keys) * ps) // ps):
+            self.pages.register(seq.pages[i], seq.keys[i])
         return n
 
     def _grow(self, seq: Sequence, kv_len: int, preempt: bool = True) -> bool:
@@ -159,12 +181,18 @@ class Scheduler:
     def _evict(self, seq: Sequence) -> None:
         """Takes `seq` off the ranks: its pages return once the steps using them are done."""
         self.pages.release(seq.pages, after_step=seq.last_step)
-        seq.pages, seq.computed, seq.table_len = [], 0, 0
+        seq.pages, seq.computed, seq.table_len, seq.keys = [], 0, 0, []
         self.free_slots.append(seq.slot)
         seq.slot = -1
         self.running.remove(seq)
 
     def _plan(self, prefill, decode, admit) -> StepPlan:
+        first = []  # first admissions that found prompt tokens in the prefix cache
+        for seq in admit:
+            if seq.cached < 0:
+                seq.cached = min(seq.computed, len(seq.prompt))
+                if seq.cached:
+                    first.append(seq)
         step = self.next_step
         self.next_step += 1
         rows = [s for s, _ in prefill] + decode
@@ -205,6 +233,8 @@ class Scheduler:
             table_cols=table_cols,
             table_pages=table_pages,
             admit=[self._seq_params(s) for s in admit],
+            cached_rids=[s.rid for s in first],
+            cached_tokens=[s.cached for s in first],
             prefill_next=prefill_next,
         )
 
@@ -254,8 +284,9 @@ class Scheduler:
 
     def check(self) -> None:
         self.pages.check()
-        held = [p for s in self.running for p in s.pages]
-        assert len(held) == len(set(held)), "two sequences hold one page"
+        held = Counter(p for s in self.running for p in s.pages)
+        assert held == self.pages._refs, "page reference counts differ from the sequences holding them"
+        assert all(len(set(s.pages)) == len(s.pages) for s in self.running), "a sequence holds a page twice"
         slots = [s.slot for s in self.running]
         assert len(slots) == len(set(slots)) and -1 not in slots
         assert not set(slots) & set(self.free_slots)

@@ -335,9 +335,14 @@ def _reseed(params, seed: int):
 
 
 def _usage(choices: list[Choice]) -> dict:
-    prompt = sum({id(c.req): len(c.req.prompt) for c in choices}.values())  # once per prompt, not per choice
+    prompts: dict[int, tuple[int, int]] = {}  # once per prompt, not per choice: (tokens, cached tokens)
+    for c in choices:
+        tokens, cached = prompts.get(id(c.req), (len(c.req.prompt), c.stream.cached))
+        prompts[id(c.req)] = (tokens, min(cached, c.stream.cached))  # cached for every choice of it
+    prompt = sum(t for t, _ in prompts.values())
     completion = sum(c.stream.sampled for c in choices)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": sum(c for _, c in prompts.values())}}
 
 
 def _object(chat: bool, chunk: bool) -> str:

@@ -34,6 +34,7 @@ class OutputStream:
         self.prompt_logprobs: list[float | None] = [None] * prompt_len
         self.prompt_top: list[TopLogprobs | None] = [None] * prompt_len
         self.sampled = 0  # tokens counted as completion tokens: kept ones and a final stop token
+        self.cached = 0  # prompt tokens whose KV the prefix cache held when it was first scheduled
         self.finish: str | None = None
         self.error: str | None = None
         # a reader that only needs the final result (no streaming, no stop strings) is woken once at
@@ -151,6 +152,9 @@ class EngineClient:
                 if pos < stream.prompt_len:  # a recomputed sequence also scores its own output
                     stream.prompt_logprobs[pos] = lp
                     stream.prompt_top[pos] = p.top[j] if p.top else None
+        for rid, cached in zip(result.cached_rids, result.cached_tokens):
+            if rid in streams:
+                streams[rid].cached = cached
         tops = dict(zip(result.top_rows, result.top))
         for i, (rid, token, lp) in enumerate(zip(result.rids, result.tokens, result.logprobs)):
             stream = streams.get(rid)

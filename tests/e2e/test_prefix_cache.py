@@ -1,0 +1,37 @@
+"""The prefix cache through the API: a repeated prompt is served from cached pages, reports them in
+usage, and gives the same tokens and logprobs as when it was computed (float32 on CPU)."""
+
+from __future__ import annotations
+
+import openai
+import pytest
+
+
+@pytest.fixture(scope="module")
+def client(tiny_server):
+    return openai.OpenAI(base_url=tiny_server.url + "/v1", api_key="none", max_retries=0)
+
+
+def test_repeated_prompt_is_cached_and_gives_the_same_output(client):
+    prompt = [(31 * i + 7) % 400 + 20 for i in range(150)]  # tokens, so the page count is known
+    kw = dict(model="m", prompt=prompt, max_tokens=12, temperature=0, logprobs=2)
+    first = client.completions.create(**kw)
+    again = client.completions.create(**kw)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    assert again.usage.prompt_tokens_details.cached_tokens == 144  # 9 full pages of 16; the rest computed
+    a, b = first.choices[0], again.choices[0]
+    assert a.text == b.text
+    assert b.logprobs.token_logprobs == pytest.approx(a.logprobs.token_logprobs, abs=1e-4)
+    for x, y in zip(a.logprobs.top_logprobs, b.logprobs.top_logprobs):
+        assert x.keys() == y.keys() and list(y.values()) == pytest.approx(list(x.values()), abs=1e-4)
+
+
+def test_n_choices_share_their_prompt(client):
+    """n = 4 sampled choices of a new prompt: one prefill serves them all, seeds as without sharing."""
+    prompt = [(17 * i + 3) % 400 + 20 for i in range(100)]
+    many = client.completions.create(model="m", prompt=prompt, max_tokens=8, temperature=1.0, n=4, seed=5)
+    assert many.usage.prompt_tokens == 100 and many.usage.prompt_tokens_details.cached_tokens == 0
+    assert len({c.text for c in many.choices}) > 1
+    again = client.completions.create(model="m", prompt=prompt, max_tokens=8, temperature=1.0, n=4, seed=5)
+    assert [c.text for c in again.choices] == [c.text for c in many.choices]  # cached or not, same draws
+    assert again.usage.prompt_tokens_details.cached_tokens == 96

@@ -104,7 +104,8 @@ def main() -> None:
     rows = []
     for b in batches:
         # greedy, no logprobs: the warm-up left other settings in these slots
-        runner._admit(StepPlan(-1, [], [], [], [], [], 0, [], [0], [], [SeqParams(s, 0.0, 1.0, 0, 0, -1, -1) for s in range(b)]))
+        runner._admit(StepPlan(-1, [], [], [], [], [], 0, [], [], [], [],
+                               admit=[SeqParams(s, 0.0, 1.0, 0, 0, -1, -1) for s in range(b)]))
         times, host = [], []
         for i in range(args.steps):
             plan = decode_plan(i, b, args.context, 16)

@@ -46,6 +46,9 @@ class EngineConfig:
     step_timeout: float = _flag("seconds a step may take before the engine counts as hung", default=600.0)
     cuda_graphs: bool = _flag("capture decode steps in CUDA graphs", default=True)
     prefix_caching: bool = _flag("reuse the KV cache pages of prompt prefixes computed before", default=True)
+    hydragen: bool = _flag("attend to a prefix shared by many decoding sequences once for all of them", default=False)
+    hydragen_min_group: int = _flag("fewest sequences that share a prefix to form a Hydragen group", default=16)
+    hydragen_min_prefix: int = _flag("shortest shared prefix, in tokens, for a Hydragen group", default=256)
     cuda_graph_max_batch: int = _flag("largest decode batch captured in a CUDA graph", default=1024)
     load_format: str = _flag("safetensors, or random for benchmarks", default="safetensors")
     seed: int = _flag("seed for random weights and unseeded requests", default=0)
@@ -107,7 +110,9 @@ class EngineConfig:
         info.check_tp(self.tp)
         self.max_seqs = self.max_seqs or (2048 if gpu else 64)
         self.max_tokens_per_forward = self.max_tokens_per_forward or (8192 if gpu else 1024)
-        for name in ("page_size", "max_seqs", "max_tokens_per_forward", "steps_ahead", "port"):
+        if self.hydragen and not self.prefix_caching:
+            raise ConfigError("--hydragen groups sequences by their cached prefix pages: it needs --prefix-caching")
+        for name in ("page_size", "max_seqs", "max_tokens_per_forward", "steps_ahead", "port", "hydragen_min_group"):
             if getattr(self, name) < (0 if name == "port" else 1):
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
@@ -124,6 +129,13 @@ class EngineConfig:
         self.eos_token_ids = info.eos_token_ids
         self.sampling_defaults = info.sampling_defaults
         return self
+
+    @property
+    def hydragen_groups(self) -> tuple[int, int] | None:
+        """(min rows, min prefix pages) of a Hydragen group, or None when Hydragen is off."""
+        if not self.hydragen:
+            return None
+        return self.hydragen_min_group, max(1, -(-self.hydragen_min_prefix // self.page_size))
 
     def cap_to_cache(self) -> None:
         """Once the cache is sized: a request must fit in it alone, so the context cannot exceed it."""

@@ -91,6 +91,10 @@ class StepPlan(Struct, tag="plan", array_like=True):
     admit: list[SeqParams] = []
     # per prefill row that wants prompt logprobs: the token following its chunk (-1: none)
     prefill_next: list[int] = []
+    # Hydragen: the first decode rows form groups of group_rows[g] consecutive rows whose first
+    # group_pages[g] pages are the same (cached, read-only) pages
+    group_rows: list[int] = []
+    group_pages: list[int] = []
     # requests admitted for the first time whose prompt starts with cached_tokens[i] cached tokens;
     # rank 0 passes them on in its StepResult, for the server's usage
     cached_rids: list[int] = []
@@ -141,6 +145,9 @@ class Stats(Struct, tag="stats", array_like=True):
     finished: dict[str, int]
     preemptions: int
     steps: int
+    cached_pages: int = 0  # pages held by no sequence but kept for their prefix
+    prefix_hit_tokens: int = 0  # prompt tokens found in the prefix cache at admission
+    grouped_rows: int = 0  # decode rows that ran in Hydragen groups
 
 
 class Ready(Struct, tag="ready", array_like=True):

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from toka.protocol import PromptLogprobs, StepPlan, StepResult, TopLogprobs
-from workers.attention import AttentionBackend, AttentionBatch
+from workers.attention import AttentionBackend, AttentionBatch, PrefixGroups, cumsum0
 from workers.layers.attention import ForwardContext
 from workers.sampling import MIN_LOGPROB, SamplingBatch, fold_seed, sample
 
@@ -89,16 +89,28 @@ class ModelRunner:
             w = self.to_device([plan.table_slots, plan.table_cols, plan.table_pages])
             self.page_table[w[0], w[1]] = w[2].to(torch.int32)
 
-    def _attention_batch(self, slots, q_lens, kv_lens, num_prefill: int) -> AttentionBatch:
+    def _table_pages(self, slots: torch.Tensor, count: torch.Tensor, indptr: torch.Tensor, total: int,
+                     start: torch.Tensor | None = None) -> torch.Tensor:
+        """Entries start[i] .. start[i] + count[i] - 1 of slot slots[i]'s page table, row after row
+        (all [rows] int64 on the device; indptr = [0, cumsum(count)], total = its last value, from
+        the host so nothing waits for the device)."""
+        rows = torch.repeat_interleave(torch.arange(len(count), device=self.device), count, output_size=total)
+        cols = torch.arange(total, device=self.device) - indptr[rows]
+        if start is not None:
+            cols += start[rows]
+        return self.page_table[slots[rows], cols]
+
+    def _attention_batch(self, slots, q_lens, kv_lens, num_prefill: int, group_rows=(), group_pages=()) -> AttentionBatch:
         """Step metadata from host lists: computed on the host with numpy, sent in one copy; the
-        rows' page lists are gathered from the device page table."""
+        rows' page lists are gathered from the device page table. group_rows/group_pages: the
+        plan's Hydragen groups of decode rows."""
         ps = self.page_size
         q = np.asarray(q_lens, dtype=np.int64)
         kv = np.asarray(kv_lens, dtype=np.int64)
         n = len(q)
-        qo_indptr = _cumsum0(q)
+        qo_indptr = cumsum0(q)
         num_pages = (kv + ps - 1) // ps
-        page_indptr = _cumsum0(num_pages)
+        page_indptr = cumsum0(num_pages)
         tokens = int(qo_indptr[-1])
         token_rows = np.repeat(np.arange(n), q) if tokens != n else np.arange(n)
         positions = kv[token_rows] - q[token_rows] + np.arange(tokens) - qo_indptr[token_rows]
@@ -107,14 +119,14 @@ class ModelRunner:
                 token_rows, positions, kv[token_rows]]
         parts = torch.split(self.to_device(np.concatenate(host)), [len(h) for h in host])
         slots_d, qo_d, page_indptr_d, kv_d, last_d, num_pages_d, token_rows_d, positions_d, seq_lens_d = parts
-        total = int(page_indptr[-1])
-        page_rows = torch.repeat_interleave(torch.arange(n, device=self.device), num_pages_d, output_size=total)
-        cols = torch.arange(total, device=self.device) - page_indptr_d[page_rows]
         i32 = torch.int32
+        groups = None
+        if len(group_rows):
+            groups = self._prefix_groups(slots_d, num_pages[num_prefill:], num_prefill, group_rows, group_pages)
         return AttentionBatch(
             qo_indptr=qo_d.to(i32),
             page_indptr=page_indptr_d.to(i32),
-            page_indices=self.page_table[slots_d[page_rows], cols],
+            page_indices=self._table_pages(slots_d, num_pages_d, page_indptr_d, int(page_indptr[-1])),
             last_page_len=last_d.to(i32),
             kv_lens=kv_d.to(i32),
             positions=positions_d,
@@ -126,15 +138,40 @@ class ModelRunner:
             page_indptr_host=page_indptr,
             last_page_len_host=last_page_len,
             num_prefill=num_prefill,
+            groups=groups,
         ), slots_d
+
+    def _prefix_groups(self, slots_d, dec_pages: np.ndarray, num_prefill: int, group_rows, group_pages) -> PrefixGroups:
+        """The shared pages of each group (read from its first row's table) and every decode row's
+        own pages after its group's prefix."""
+        rows = np.asarray(group_rows, dtype=np.int64)
+        pages = np.asarray(group_pages, dtype=np.int64)
+        first = num_prefill + cumsum0(rows)[:-1]
+        skip = np.zeros(len(dec_pages), dtype=np.int64)
+        skip[: rows.sum()] = np.repeat(pages, rows)
+        own = dec_pages - skip
+        prefix_indptr, suffix_indptr = cumsum0(pages), cumsum0(own)
+        host = [first, pages, prefix_indptr, skip, own, suffix_indptr]
+        first_d, pages_d, prefix_indptr_d, skip_d, own_d, suffix_indptr_d = torch.split(
+            self.to_device(np.concatenate(host)), [len(h) for h in host])
+        dec_slots = slots_d[num_prefill:]
+        return PrefixGroups(
+            rows_host=rows,
+            prefix_indptr_host=prefix_indptr,
+            prefix_indices=self._table_pages(slots_d[first_d], pages_d, prefix_indptr_d, int(prefix_indptr[-1])),
+            suffix_indptr_host=suffix_indptr,
+            suffix_indices=self._table_pages(dec_slots, own_d, suffix_indptr_d, int(suffix_indptr[-1]), start=skip_d),
+            suffix_start_host=skip,
+        )
 
     def forward(self, plan: StepPlan) -> tuple[torch.Tensor, np.ndarray]:
         """Hidden states of every token of the plan, and qo_indptr (host) to find each row's."""
         self._write_pages(plan)
         n_dec = len(plan.slots) - plan.num_prefill
-        if plan.num_prefill == 0 and self.graphs and n_dec <= max(self.graphs):
+        if plan.num_prefill == 0 and not plan.group_rows and self.graphs and n_dec <= max(self.graphs):
             return self._replay(plan)
-        batch, slots = self._attention_batch(plan.slots, plan.q_lens, plan.kv_lens, plan.num_prefill)
+        batch, slots = self._attention_batch(plan.slots, plan.q_lens, plan.kv_lens, plan.num_prefill,
+                                             plan.group_rows, plan.group_pages)
         self.attn.plan(batch)
         ids = self.last_token[slots[plan.num_prefill :]]
         if plan.num_prefill:
@@ -177,7 +214,7 @@ class ModelRunner:
         torch.index_select(self.last_token, 0, slots, out=self.g_ids[:bs])
         graph, out = self.graphs[bs]
         graph.replay()
-        return out[:n], _cumsum0(np.ones(n, dtype=np.int64))
+        return out[:n], cumsum0(np.ones(n, dtype=np.int64))
 
     # ---- step ----------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -263,9 +300,3 @@ class ModelRunner:
             out.append(PromptLogprobs(plan.rids[r], plan.kv_lens[r] - plan.q_lens[r] + 1, chosen, top))
         return out
 
-
-def _cumsum0(counts: np.ndarray) -> np.ndarray:
-    """[0, c0, c0 + c1, ...]: the CSR offsets of consecutive runs of these lengths."""
-    out = np.zeros(len(counts) + 1, dtype=np.int64)
-    np.cumsum(counts, out=out[1:])
-    return out

@@ -3,8 +3,20 @@ usage, and gives the same tokens and logprobs as when it was computed (float32 o
 
 from __future__ import annotations
 
+import time
+
 import openai
 import pytest
+import requests
+
+
+def metric(server, name: str) -> float:
+    """A /metrics value once the scheduler's stats (sent every half second) caught up."""
+    time.sleep(1.2)
+    for line in requests.get(server.url + "/metrics").text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    raise AssertionError(f"{name} not in /metrics")
 
 
 @pytest.fixture(scope="module")
@@ -35,3 +47,25 @@ def test_n_choices_share_their_prompt(client):
     again = client.completions.create(model="m", prompt=prompt, max_tokens=8, temperature=1.0, n=4, seed=5)
     assert [c.text for c in again.choices] == [c.text for c in many.choices]  # cached or not, same draws
     assert again.usage.prompt_tokens_details.cached_tokens == 96
+
+
+def test_hydragen_gives_what_plain_attention_gives(tiny_models, client):
+    """n = 8 greedy-and-sampled choices of one long prompt, with Hydragen grouping every decode step
+    (groups of >= 2 rows sharing >= 1 page), against the shared server without Hydragen."""
+    from tests.helpers import Server
+
+    prompt = [(23 * i + 5) % 400 + 20 for i in range(120)]
+    kw = dict(model="m", prompt=prompt, max_tokens=10, n=8, seed=3, logprobs=1)
+    server = Server("--model", tiny_models["tiny-llama"], "--kv-cache-tokens", "16384", "--max-seqs", "64",
+                    "--hydragen", "--hydragen-min-group", "2", "--hydragen-min-prefix", "16")
+    try:
+        hydra = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
+        for temperature in (0.0, 1.0):
+            want = client.completions.create(temperature=temperature, **kw)
+            got = hydra.completions.create(temperature=temperature, **kw)
+            assert [c.text for c in got.choices] == [c.text for c in want.choices]
+            for a, b in zip(want.choices, got.choices):
+                assert b.logprobs.token_logprobs == pytest.approx(a.logprobs.token_logprobs, abs=1e-4)
+        assert metric(server, "toka_grouped_rows") > 0, "no step ran Hydragen groups"
+    finally:
+        assert server.stop() == 0

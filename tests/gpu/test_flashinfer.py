@@ -93,3 +93,12 @@ def test_cuda_graph_and_eager_give_the_same_tokens(tmp_path):
             tokens.append(runner.step(plan).tokens)
         outputs.append(tokens)
     assert outputs[0] == outputs[1]
+
+
+def test_flashinfer_hydragen_groups_equal_torch_without_them():
+    from tests.unit.test_hydragen import grouped_attention_case
+
+    plain, grouped = grouped_attention_case("cuda", torch.bfloat16, "flashinfer")
+    assert torch.isfinite(grouped).all()
+    rel = ((grouped - plain).norm() / plain.norm()).item()
+    assert rel <= 1e-2, rel

@@ -16,6 +16,7 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 
 from toka.protocol import SamplingParams, SeqParams, Stats, StepPlan, StepResult
+from toka.scheduler.hydragen import group_by_prefix
 from toka.scheduler.pages import PageAllocator, page_keys
 
 
@@ -38,6 +39,7 @@ class Sequence:
     last_step: int = -1
     table_len: int = 0  # how many of `pages` the ranks' page table holds for `slot`
     keys: list[bytes] = field(default_factory=list)  # prefix-cache keys of the full pages of the known tokens
+    keyed: int = 0  # leading pages that are prefix-cache pages (shareable, never written again)
     cached: int = -1  # prompt tokens found in the prefix cache at the first admission (-1: not admitted yet)
 
     @property
@@ -55,9 +57,10 @@ class Sequence:
 
 class Scheduler:
     def __init__(self, num_pages: int, page_size: int, max_seqs: int, max_tokens_per_forward: int,
-                 prefix_caching: bool = True):
+                 prefix_caching: bool = True, hydragen: tuple[int, int] | None = None):
         self.pages = PageAllocator(num_pages)
         self.prefix_caching = prefix_caching
+        self.hydragen = hydragen  # (min rows per group, min shared prefix in pages), or off
         self.page_size = page_size
         self.max_tokens = max_tokens_per_forward
         self.free_slots = list(range(max_seqs - 1, -1, -1))
@@ -70,6 +73,8 @@ class Scheduler:
         self.tokens_generated = 0
         self.finished: Counter[str] = Counter()
         self.preemptions = 0
+        self.prefix_hit_tokens = 0
+        self.grouped_rows = 0
 
     # ---- requests ------------------------------------------------------------------------------
     def add(self, rid: int, prompt: list[int], params: SamplingParams) -> None:
@@ -123,7 +128,7 @@ class Scheduler:
             if n == 0:
                 # give the matched pages back; steps in flight may read them, so not before those end
                 self.pages.release(seq.pages, after_step=self.next_step - 1)
-                seq.pages, seq.computed = [], 0
+                seq.pages, seq.computed, seq.keyed = [], 0, 0
                 break
             self.waiting.popleft()
             seq.slot = self.free_slots.pop()
@@ -143,7 +148,9 @@ class Scheduler:
         if self.prefix_caching and seq.params.prompt_logprobs < 0:  # prompt logprobs need every position
             seq.keys = page_keys(known, self.page_size)
             seq.pages = self.pages.match(seq.keys[: (len(known) - 1) // self.page_size])
+        seq.keyed = len(seq.pages)
         seq.computed = len(seq.pages) * self.page_size
+        self.prefix_hit_tokens += seq.computed
 
     def _chunk(self, seq: Sequence, budget: int) -> int:
         """Prefill tokens for `seq` this step: as many as the budget and free pages allow. The full
@@ -156,7 +163,8 @@ class Scheduler:
             return 0
         ps = self.page_size
         for i in range(seq.computed // ps, min(seq.computed + n, len(seq.keys) * ps) // ps):
-            self.pages.register(seq.pages[i], seq.keys[i])
+            if self.pages.register(seq.pages[i], seq.keys[i]) and i == seq.keyed:
+                seq.keyed += 1
         return n
 
     def _grow(self, seq: Sequence, kv_len: int, preempt: bool = True) -> bool:
@@ -181,12 +189,16 @@ class Scheduler:
     def _evict(self, seq: Sequence) -> None:
         """Takes `seq` off the ranks: its pages return once the steps using them are done."""
         self.pages.release(seq.pages, after_step=seq.last_step)
-        seq.pages, seq.computed, seq.table_len, seq.keys = [], 0, 0, []
+        seq.pages, seq.computed, seq.table_len, seq.keys, seq.keyed = [], 0, 0, [], 0
         self.free_slots.append(seq.slot)
         seq.slot = -1
         self.running.remove(seq)
 
     def _plan(self, prefill, decode, admit) -> StepPlan:
+        groups, prefixes = [], []
+        if self.hydragen and len(decode) >= self.hydragen[0]:
+            decode, groups, prefixes = group_by_prefix(decode, *self.hydragen)
+            self.grouped_rows += sum(groups)
         first = []  # first admissions that found prompt tokens in the prefix cache
         for seq in admit:
             if seq.cached < 0:
@@ -233,6 +245,8 @@ class Scheduler:
             table_cols=table_cols,
             table_pages=table_pages,
             admit=[self._seq_params(s) for s in admit],
+            group_rows=groups,
+            group_pages=prefixes,
             cached_rids=[s.rid for s in first],
             cached_tokens=[s.cached for s in first],
             prefill_next=prefill_next,
@@ -279,6 +293,9 @@ class Scheduler:
             tokens_generated=self.tokens_generated,
             finished=dict(self.finished),
             preemptions=self.preemptions,
+            cached_pages=self.pages.num_cached,
+            prefix_hit_tokens=self.prefix_hit_tokens,
+            grouped_rows=self.grouped_rows,
             steps=self.done_step + 1,
         )
 

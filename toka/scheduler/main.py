@@ -32,7 +32,7 @@ def scheduler_main(cfg: EngineConfig) -> None:
         plans.wait_subscribers(cfg.tp, timeout=60, name="plans")
         control.send(protocol.Ready("scheduler"))
         sched = Scheduler(cfg.num_pages, cfg.page_size, cfg.max_seqs, cfg.max_tokens_per_forward,
-                          prefix_caching=cfg.prefix_caching)
+                          prefix_caching=cfg.prefix_caching, hydragen=cfg.hydragen_groups)
         with profiled("scheduler"):
             Loop(cfg, sched, requests, plans, events, status).run()
     except Exception as e:

@@ -89,12 +89,14 @@ class PageAllocator:
             pages.append(page)
         return pages
 
-    def register(self, page: int, key: bytes) -> None:
+    def register(self, page: int, key: bytes) -> bool:
         """`page`, held, is (or will be, by steps already planned) full of the tokens `key` names.
-        The first page registered under a key keeps it; a page keeps its first key."""
+        The first page registered under a key keeps it; a page keeps its first key. Returns whether
+        `page` is now the cached page of `key`."""
         if key not in self._page_of and page not in self._key_of:
             self._page_of[key] = page
             self._key_of[page] = key
+        return self._page_of.get(key) == page
 
     def release(self, pages: list[int], after_step: int) -> None:
         """Drops one reference to each of `pages`; the last step that used them is `after_step`."""

@@ -144,6 +144,11 @@ class Server:
             metric("tokens_generated", "counter", "output tokens generated", [("", s.tokens_generated)])
             metric("preemptions", "counter", "sequences preempted for pages", [("", s.preemptions)])
             metric("steps", "counter", "steps completed", [("", s.steps)])
+            metric("cached_pages", "gauge", "free pages kept for the prefix cache (counted in free_pages)",
+                   [("", s.cached_pages)])
+            metric("prefix_hit_tokens", "counter", "prompt tokens found in the prefix cache", [("", s.prefix_hit_tokens)])
+            metric("grouped_rows", "counter", "decode rows that attended to a shared prefix once per group (Hydragen)",
+                   [("", s.grouped_rows)])
             metric("finished", "counter", "sequences the scheduler finished, by reason (abort: a stop string, "
                    "a client gone, a drain timeout)",
                    [(f'{{reason="{k}"}}', v) for k, v in sorted(s.finished.items())])

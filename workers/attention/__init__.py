@@ -16,6 +16,28 @@ import numpy as np
 import torch
 
 
+def cumsum0(counts: np.ndarray) -> np.ndarray:
+    """[0, c0, c0 + c1, ...]: the CSR offsets of consecutive runs of these lengths (int64, host)."""
+    out = np.zeros(len(counts) + 1, dtype=np.int64)
+    np.cumsum(counts, out=out[1:])
+    return out
+
+
+@dataclass
+class PrefixGroups:
+    """Hydragen: the first sum(rows_host) decode rows form groups of rows_host[g] consecutive rows
+    that share their leading pages (cached, never written). Attention over a group's shared pages
+    is computed once for all its queries and merged with each decode row's attention over its own
+    pages, the ones after its group's prefix (all of them for rows in no group)."""
+
+    rows_host: np.ndarray  # [groups]
+    prefix_indptr_host: np.ndarray  # [groups + 1]: shared pages per group
+    prefix_indices: torch.Tensor  # int32 [shared pages], device
+    suffix_indptr_host: np.ndarray  # [decode rows + 1]: own pages per decode row
+    suffix_indices: torch.Tensor  # int32 [own pages], device
+    suffix_start_host: np.ndarray  # [decode rows]: index of each row's first own page in its table
+
+
 @dataclass
 class AttentionBatch:
     qo_indptr: torch.Tensor  # [rows + 1]
@@ -32,6 +54,7 @@ class AttentionBatch:
     page_indptr_host: np.ndarray  # [rows + 1]
     last_page_len_host: np.ndarray  # [rows]
     num_prefill: int
+    groups: PrefixGroups | None = None
 
 
 class AttentionBackend:
@@ -41,8 +64,10 @@ class AttentionBackend:
         raise NotImplementedError
 
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q: [tokens, heads, head_dim]; k, v: [tokens, kv_heads, head_dim]. Appends k, v to the
-        cache at the batch's positions, then returns causal attention output [tokens, heads, head_dim]."""
+        """q: [tokens, heads, head_dim]; k, v: [tokens, kv_heads, head_dim]. Appends all of k, v to
+        the cache at the batch's positions, then returns causal attention output [tokens, heads,
+        head_dim]; so a row may read pages another row of the same step writes (n > 1 sequences
+        admitted together share the pages the first of them computes)."""
         raise NotImplementedError
 
 

@@ -15,7 +15,7 @@ import flashinfer
 import numpy as np
 import torch
 
-from workers.attention import AttentionBackend, AttentionBatch
+from workers.attention import AttentionBackend, AttentionBatch, cumsum0
 
 WORKSPACE_BYTES = 256 * 1024 * 1024
 
@@ -48,6 +48,10 @@ class FlashInferAttention(AttentionBackend):
         self.decode_ws = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
         self.prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.prefill_ws, "NHD")
         self.decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(self.decode_ws, "NHD")
+        # Hydragen: each group's queries against its shared pages, a non-causal prefill-shaped problem
+        # (a group's many queries share each key read); runs after `prefill` in the same stream
+        self.prefix = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.prefill_ws, "NHD")
+        self.grouped = 0  # decode rows in Hydragen groups this step
         self.graph_slots: dict[int, _GraphSlot] = {}
         self.graph: _GraphSlot | None = None
         self._planned: dict[int, torch.cuda.Event] = {}  # id(wrapper) -> recorded after its last plan
@@ -78,7 +82,15 @@ class FlashInferAttention(AttentionBackend):
         if n_pre:
             self._plan(self.prefill, _pinned(batch.qo_indptr_host[: n_pre + 1]), _pinned(indptr[: n_pre + 1]),
                        batch.page_indices[: indptr[n_pre]], _pinned(last_len[:n_pre]), *heads, causal=True, **common)
-        if n_pre < len(last_len):
+        g = batch.groups
+        self.grouped = int(g.rows_host.sum()) if g is not None else 0
+        if g is not None:
+            full = np.full(len(g.rows_host), self.cache.page_size)
+            self._plan(self.prefix, _pinned(cumsum0(g.rows_host)), _pinned(g.prefix_indptr_host), g.prefix_indices,
+                       _pinned(full), *heads, causal=False, **common)
+            self._plan(self.decode, _pinned(g.suffix_indptr_host), g.suffix_indices, _pinned(last_len[n_pre:]),
+                       *heads, **common)
+        elif n_pre < len(last_len):
             base = indptr[n_pre]
             self._plan(self.decode, _pinned(indptr[n_pre:] - base), batch.page_indices[base:],
                        _pinned(last_len[n_pre:]), *heads, **common)
@@ -103,9 +115,18 @@ class FlashInferAttention(AttentionBackend):
         t = self.num_prefill_tokens
         if t == q.shape[0]:
             return self.prefill.run(q, kv)
-        if t == 0:
+        decode = self._decode(q[t:], kv)
+        return decode if t == 0 else torch.cat([self.prefill.run(q[:t], kv), decode])
+
+    def _decode(self, q, kv):
+        if not self.grouped:
             return self.decode.run(q, kv)
-        return torch.cat([self.prefill.run(q[:t], kv), self.decode.run(q[t:], kv)])
+        # Hydragen: own pages per row, shared pages per group, merged by their log-sum-exps
+        out, lse = self.decode.run(q, kv, return_lse=True)
+        n = self.grouped
+        shared, shared_lse = self.prefix.run(q[:n], kv, return_lse=True)
+        flashinfer.merge_state_in_place(out[:n], lse[:n], shared, shared_lse)
+        return out
 
 
 def _pinned(values: np.ndarray) -> torch.Tensor:

@@ -31,6 +31,9 @@ class TorchAttention(AttentionBackend):
             drows = rows[batch.num_prefill :]
             kv_lens = batch.kv_lens[batch.num_prefill :].long()
             self.dec_valid = j[None, :] < kv_lens[:, None]
+            if batch.groups is not None:  # Hydragen: rows in a group attend here to their own pages only
+                own_from = torch.as_tensor(batch.groups.suffix_start_host * ps, device=rows.device)
+                self.dec_valid &= j[None, :] >= own_from[:, None]
             slot = (batch.page_indptr[drows].long()[:, None] + j[None, :] // ps)
             slot = slot.clamp(max=batch.page_indices.numel() - 1)
             self.dec_page = batch.page_indices[slot].long()
@@ -50,20 +53,40 @@ class TorchAttention(AttentionBackend):
             vals = kv[pages, 1].flatten(0, 1)[:kv_len]
             qpos = torch.arange(kv_len - q_len, kv_len, device=q.device)
             mask = torch.arange(kv_len, device=q.device)[None, :] <= qpos[:, None]
-            out[start : start + q_len] = self._attend(q[start : start + q_len][None], keys[None], vals[None], mask[None])[0]
+            out[start : start + q_len] = self._attend(q[start : start + q_len][None], keys[None], vals[None], mask[None])[0][0].to(q.dtype)
             start += q_len
         if start < q.shape[0]:
             keys = kv[self.dec_page, 0, self.dec_off]  # [rows, len, kv_heads, d]
             vals = kv[self.dec_page, 1, self.dec_off]
-            out[start:] = self._attend(q[start:, None], keys, vals, self.dec_valid[:, None, :])[:, 0]
+            dec, lse = self._attend(q[start:, None], keys, vals, self.dec_valid[:, None, :])
+            dec = dec[:, 0]
+            if b.groups is not None:
+                self._merge_prefixes(kv, q[start:], dec, lse[:, :, 0])
+            out[start:] = dec.to(q.dtype)
         return out
 
+    def _merge_prefixes(self, kv, q, dec, dec_lse) -> None:
+        """Hydragen's maths: each group's queries attend to its shared pages at once; the result is
+        merged, by log-sum-exp weights, into the rows' attention over their own pages (in place)."""
+        g = self.batch.groups
+        row = 0
+        for i, n in enumerate(g.rows_host.tolist()):
+            pages = g.prefix_indices[g.prefix_indptr_host[i] : g.prefix_indptr_host[i + 1]].long()
+            keys, vals = kv[pages, 0].flatten(0, 1)[None], kv[pages, 1].flatten(0, 1)[None]
+            mask = torch.ones(1, n, keys.shape[1], dtype=torch.bool, device=q.device)
+            pre, pre_lse = self._attend(q[row : row + n][None], keys, vals, mask)  # [1, n, H, D], [1, H, n]
+            lse = torch.stack([pre_lse[0].T, dec_lse[row : row + n]])  # [2, n, H]
+            w = torch.softmax(lse, dim=0)[..., None]
+            dec[row : row + n] = w[0] * pre[0] + w[1] * dec[row : row + n]
+            row += n
+
     def _attend(self, q, k, v, mask):
-        """q: [B, Q, H, D]; k, v: [B, K, KVH, D]; mask: [B, Q, K] (True = attend)."""
+        """q: [B, Q, H, D]; k, v: [B, K, KVH, D]; mask: [B, Q, K] (True = attend). Returns the output
+        [B, Q, H, D] in float32 and the log-sum-exp of the scores [B, H, Q]."""
         groups = self.num_heads // k.shape[2]
         k = k.float().repeat_interleave(groups, dim=2)
         v = v.float().repeat_interleave(groups, dim=2)
         scores = torch.einsum("bqhd,bkhd->bhqk", q.float(), k) * self.scale
         scores = scores.masked_fill(~mask[:, None], float("-inf"))
         probs = scores.softmax(dim=-1)
-        return torch.einsum("bhqk,bkhd->bqhd", probs, v).to(q.dtype)
+        return torch.einsum("bhqk,bkhd->bqhd", probs, v), torch.logsumexp(scores, dim=-1)

@@ -2,7 +2,7 @@
 # GPU verification in one go: writes random-weight models of real shapes, runs the GPU tests, the
 # logprob test in bf16 on them, the decode step sweep (with a host/kernel profile) and the
 # throughput benchmarks (TOKA_PROFILE: one cProfile per process).
-#   tools/gpu_check.sh OUT_DIR [tests|step|bench|workloads|profile|all]...
+#   tools/gpu_check.sh OUT_DIR [tests|step|bench|workloads|sharing|full|profile|all]...
 set -uo pipefail
 out=${1:?OUT_DIR}; shift; what=" ${*:-all} "
 mkdir -p "$out" /tmp/toka-models
@@ -23,22 +23,27 @@ if want step; then
   run python tools/bench_step.py $m/llama-3.2-1b --batches 1,64,256,1024,2048 --context 512 --profile \
       --out "$out/step.json"
 fi
-bench() {  # bench WORKLOAD NAME [flags]: one run through the API on the llama-3.2-1b shape
-  local workload=$1 name=$2; shift 2
-  run python tools/bench.py --launch "--model $m/llama-3.2-1b --load-format random" --vocab 128000 \
+bench() {  # bench WORKLOAD NAME "LAUNCH FLAGS" [bench flags]: one run through the API, llama-3.2-1b shape
+  local workload=$1 name=$2 flags=$3; shift 3
+  run python tools/bench.py --launch "--model $m/llama-3.2-1b --load-format random $flags" --vocab 128000 \
       --workload "$workload" --out "$out/$name.json" "$@"
 }
-want bench && bench random random-1024 --requests 1024 --input-len 256 --output-len 256
+want bench && bench random random-1024 "" --requests 1024 --input-len 256 --output-len 256
 if want workloads; then
-  bench sharegpt-like sharegpt-quick --quick
-  bench shared-prefix shared-prefix-quick --quick
+  bench sharegpt-like sharegpt-quick "" --quick
+  bench shared-prefix shared-prefix-quick-unshared "--no-prefix-caching" --quick
 fi
+if want sharing; then
+  bench shared-prefix shared-prefix-quick-cached "" --quick
+  bench shared-prefix shared-prefix-quick-hydragen "--hydragen" --quick
+fi
+want full && bench sharegpt-like sharegpt-full ""
 if want profile; then  # cProfile slows Python several times: for where time goes, not for figures
-  TOKA_PROFILE=$out/prof bench sharegpt-like sharegpt-4096-profiled --requests 4096
+  TOKA_PROFILE=$out/prof bench sharegpt-like sharegpt-4096-profiled "" --requests 4096
   for f in "$out"/prof/*.prof; do
     python -c "import pstats, sys; pstats.Stats(sys.argv[1]).sort_stats('tottime').print_stats(18)" "$f" \
       >> "$out/profiles.txt"
   done
 fi
-grep -E "token_match|TFLOP|^ +[0-9]+ +[0-9]+ |output_tok_s|total_tok_s|mean_running|speed_of_light|passed|failed" "$out/log.txt"
+grep -E "^=== python tools/bench.py|token_match|TFLOP|^ +[0-9]+ +[0-9]+ |output_tok_s|total_tok_s|mean_running|pct_of_speed|passed|failed" "$out/log.txt"
 exit $status

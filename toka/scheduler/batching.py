@@ -24,7 +24,7 @@ class StepOrderError(RuntimeError):
     """A result arrived out of order or a step was lost: the ranks and we no longer agree."""
 
 
-@dataclass
+@dataclass(eq=False)  # identity: list.remove() must not compare every field
 class Sequence:
     rid: int
     prompt: list[int]

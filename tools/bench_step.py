@@ -5,9 +5,8 @@
 For each batch size: the median time of a decode step alone (every row one token at `--context`
 cached tokens, CUDA graphs where captured), the host time to build and launch it, the time per step
 when steps overlap as on the rank (the next launched before the last finished; tok/s and % of floor
-use it), and the floor:
-max(2 x params x batch FLOPs at the measured matmul rate, (weights + KV read) bytes at the
-measured copy bandwidth).
+use it), and the floor: 2 x params x batch FLOPs at the measured matmul rate plus the weight and
+KV bytes read at the measured copy bandwidth.
 """
 
 from __future__ import annotations
@@ -131,7 +130,7 @@ def main() -> None:
             pending = launched
         runner.finish(pending)
         pipelined = (time.perf_counter() - t0) / args.steps
-        floor = max(2 * params * b / flops_rate, (weight_bytes + b * args.context * kv_per_token) / bandwidth)
+        floor = 2 * params * b / flops_rate + (weight_bytes + b * args.context * kv_per_token) / bandwidth
         rows.append(dict(batch=b, context=args.context, step_ms=step * 1e3, host_ms=statistics.median(host[5:]) * 1e3,
                          pipelined_ms=pipelined * 1e3, floor_ms=floor * 1e3, pct_of_floor=100 * floor / pipelined,
                          tok_s=b / pipelined))

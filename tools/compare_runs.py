@@ -43,7 +43,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True)
     p.add_argument("--a", default="--tp 1")
-    p.add_argument("--b", default="--tp 2")
+    p.add_argument("--b", action="append", help="one or more configurations compared with --a (default: --tp 2)")
     p.add_argument("--requests", type=int, default=64)
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--max-tokens", type=int, default=128)
@@ -53,7 +53,15 @@ def main() -> None:
     rng = random.Random(0)
     prompts = [[rng.randrange(100, args.vocab) for _ in range(args.prompt_len)] for _ in range(args.requests)]
     a = run(f"--model {args.model} {args.a}", prompts, args.max_tokens)
-    b = run(f"--model {args.model} {args.b}", prompts, args.max_tokens)
+    results = [agreement(args.a, flags, a, run(f"--model {args.model} {flags}", prompts, args.max_tokens))
+               for flags in args.b or ["--tp 2"]]
+    print(json.dumps(results, indent=2))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+def agreement(flags_a: str, flags_b: str, a, b) -> dict:
     same = total = 0
     prefix_same, max_diff = 0, 0.0
     for (ta, la), (tb, lb) in zip(a, b):
@@ -63,12 +71,8 @@ def main() -> None:
         prefix_same += n
         if n:
             max_diff = max(max_diff, max(abs(x - y) for x, y in zip(la[:n], lb[:n])))
-    result = dict(a=args.a, b=args.b, tokens=total, token_match=same / total,
-                  match_before_first_divergence=prefix_same / total, max_logprob_diff_while_agreeing=max_diff)
-    print(json.dumps(result, indent=2))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2)
+    return dict(a=flags_a, b=flags_b, tokens=total, token_match=same / total,
+                match_before_first_divergence=prefix_same / total, max_logprob_diff_while_agreeing=max_diff)
 
 
 if __name__ == "__main__":

@@ -121,6 +121,9 @@ async def run(url: str, reqs: list[dict]) -> dict:
         "total_tok_s": (out_tokens + prompt_tokens) / elapsed,
         "mean_running_batch": sum(busy) / max(len(busy), 1),
         "kv_tokens": metrics.get("toka_total_pages", 0) * 16,
+        "preemptions": metrics.get("toka_preemptions", 0),
+        "prefix_hit_tokens": metrics.get("toka_prefix_hit_tokens", 0),
+        "grouped_rows": metrics.get("toka_grouped_rows", 0),
     }
 
 

@@ -10,7 +10,7 @@ mkdir -p "$out"
 others=()
 for tp in $tps; do [ "$tp" = 1 ] || others+=(--b "--tp $tp"); done
 python -m tools.compare_runs --model $m --a "--tp 1" "${others[@]}" --vocab 128000 --requests 64 \
-    --max-tokens 128 --out "$out/agree.json" 2>&1 | grep -E "token_match|\"b\"|divergence|max_logprob"
+    --max-tokens 128 --out "$out/agree.json" 2>&1 | grep -E "token_match|\"b\"|divergence|logprob_diff"
 for tp in $tps; do
   python -m tools.bench --launch "--model $m --tp $tp --load-format random" --vocab 128000 --workload random \
       --requests 1024 --input-len 256 --output-len 256 --out "$out/bench-tp$tp.json" 2>&1 | grep -E "tok_s|running|seconds|pct_of"

@@ -149,3 +149,13 @@ def test_bad_request_then_good_request(client, tiny_server):
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model="m", prompt=[10**9], max_tokens=4)
     assert greedy(client, "still fine").choices[0].text is not None
+
+
+def test_return_tokens_as_token_ids(client, tiny_models):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models["tiny-llama"])
+    resp = greedy(client, "ids please", max_tokens=6, logprobs=2, extra_body={"return_tokens_as_token_ids": True})
+    lp = resp.choices[0].logprobs
+    ids = [int(t.removeprefix("token_id:")) for t in lp.tokens]
+    assert all(t.startswith("token_id:") for t in lp.tokens) and len(ids) == 6
+    assert tokenizer.decode(ids) == resp.choices[0].text
+    assert all(f"token_id:{i}" in top for i, top in zip(ids, lp.top_logprobs))

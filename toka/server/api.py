@@ -49,6 +49,9 @@ class _Common(msgspec.Struct, kw_only=True):
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
+    # logprobs name tokens "token_id:<id>" instead of their text (as vLLM does): exact ids for RL
+    # and for scoring an output under another configuration
+    return_tokens_as_token_ids: bool = False
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict[str, float] | None = None

@@ -304,12 +304,12 @@ class Server:
         ids = s.tokens[start:end]
         lps, tops = s.logprobs[start:end], s.top[start:end]
         if chat:
-            return {"content": [self._chat_entry(t, lp, top) for t, lp, top in zip(ids, lps, tops)]}
+            return {"content": [self._chat_entry(req, t, lp, top) for t, lp, top in zip(ids, lps, tops)]}
         if req.echo and first:
             ids = c.req.prompt + ids
             lps = s.prompt_logprobs + lps
             tops = s.prompt_top + tops
-        toks = self.tokenizer.convert_ids_to_tokens(ids)
+        toks = self._names(req, ids)
         offsets, pos = [], 0
         for t in ids:
             offsets.append(pos)
@@ -317,21 +317,26 @@ class Server:
         return {
             "tokens": toks,
             "token_logprobs": lps,
-            "top_logprobs": [self._top_dict(top) if top is not None else ({} if lp is not None else None)
+            "top_logprobs": [self._top_dict(req, top) if top is not None else ({} if lp is not None else None)
                              for top, lp in zip(tops, lps)],
             "text_offset": offsets,
         }
 
-    def _top_dict(self, top) -> dict:
-        return dict(zip(self.tokenizer.convert_ids_to_tokens(top.ids), top.logprobs))
+    def _names(self, req, ids: list[int]) -> list[str]:
+        if req.return_tokens_as_token_ids:
+            return [f"token_id:{t}" for t in ids]
+        return self.tokenizer.convert_ids_to_tokens(ids)
 
-    def _chat_entry(self, token: int, lp: float, top) -> dict:
-        entry = self._token_entry(token, lp)
-        entry["top_logprobs"] = [self._token_entry(t, p) for t, p in zip(top.ids, top.logprobs)] if top else []
+    def _top_dict(self, req, top) -> dict:
+        return dict(zip(self._names(req, top.ids), top.logprobs))
+
+    def _chat_entry(self, req, token: int, lp: float, top) -> dict:
+        entry = self._token_entry(req, token, lp)
+        entry["top_logprobs"] = [self._token_entry(req, t, p) for t, p in zip(top.ids, top.logprobs)] if top else []
         return entry
 
-    def _token_entry(self, token: int, lp: float) -> dict:
-        return {"token": self.tokenizer.convert_ids_to_tokens(token), "logprob": lp,
+    def _token_entry(self, req, token: int, lp: float) -> dict:
+        return {"token": self._names(req, [token])[0], "logprob": lp,
                 "bytes": list(self.tokenizer.decode([token]).encode())}
 
 

@@ -192,6 +192,16 @@ class Launcher:
             p.join(5)
 
 
+def raise_open_files_limit() -> int:
+    """Every connection holds a file descriptor: raises the soft limit to the hard one; returns it."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
+
+
 def port_free(host: str, port: int) -> bool:
     with socket.socket() as s:
         try:
@@ -216,6 +226,8 @@ def main(argv: list[str] | None = None) -> None:
         # spinning while waiting (libgomp's default) then starves them all: steps get tens of times
         # slower. Sleeping waiters cost a little latency and avoid that. Set before ranks start.
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if raise_open_files_limit() < 65536:
+        log.warning("open files are limited by the system: fewer than 65,536 connections at once")
     cfg.run_dir = make_run_dir()
     try:
         import uvloop

@@ -30,6 +30,8 @@ import time
 
 import aiohttp
 
+from toka.launch import raise_open_files_limit
+
 
 def workload(args) -> list[dict]:
     rng = random.Random(args.seed)
@@ -86,7 +88,10 @@ async def scrape(session, url: str) -> dict[str, float]:
 
 async def run(url: str, reqs: list[dict]) -> dict:
     timeout = aiohttp.ClientTimeout(total=None)
-    async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as session:
+    # one connection per request in flight, within the open-files limit; the rest wait in the
+    # client, which still keeps far more requests at the server than it runs at once
+    limit = min(len(reqs), raise_open_files_limit() - 256)
+    async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=limit)) as session:
         running: list[float] = []
         stop = asyncio.Event()
 

@@ -163,15 +163,20 @@ def rank_main(cfg: EngineConfig, rank: int) -> None:
 
 
 def serve(runner, plans: Channel, events: Channel | None) -> None:
-    """Runs plans in step order. Step N+1 is launched before step N's tokens are copied out, when
-    its plan is already here, so the device never waits for the host between them."""
+    """Runs plans in step order. Step N + 1 is launched before step N's tokens are copied out when
+    its plan arrives while the device still runs step N, so the device does not wait for the host
+    between them; step N is finished as soon as the device is done with it if no plan came first
+    (the scheduler may need its tokens to plan more)."""
     expected = 0
     pending = None
     if events is not None:
         events.wait_subscribers(2, timeout=600, name="events")  # scheduler and server
     while True:
-        if pending is not None and not plans.poll(0):
-            pending = _publish(runner, pending, events)
+        while pending is not None and not plans.poll(0):
+            if runner.done(pending):
+                pending = _publish(runner, pending, events)
+            else:
+                plans.poll(1)  # wakes at once when a plan arrives; else looks at the device again in 1 ms
         msg = plans.recv()
         if msg.step_id != expected:
             raise RuntimeError(f"step plans out of order: expected {expected}, got {msg.step_id}")

@@ -239,6 +239,10 @@ class ModelRunner:
         prompt = self._prompt_logprobs(plan, hidden, qo_indptr)
         return Launched(plan, rows, slots, num_top, host, done, prompt)
 
+    def done(self, launched: Launched) -> bool:
+        """Whether the device has finished the step (finish() would not wait)."""
+        return launched.done is None or launched.done.query()
+
     def finish(self, launched: Launched) -> StepResult:
         if launched.done is not None:
             launched.done.synchronize()

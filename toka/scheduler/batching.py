@@ -20,6 +20,14 @@ from toka.scheduler.hydragen import group_by_prefix
 from toka.scheduler.pages import PageAllocator, page_keys
 
 
+# After a preemption, admission keeps free pages for the output the running sequences may still
+# write (this share of it, at most RESERVE_CLIP tokens a sequence): set to 1 by each preemption, it
+# decays by RESERVE_DECAY a step to 0. Without it a preempted sequence comes back as soon as pages
+# free up, and the running ones' growth preempts it again (recomputing its tokens each time); kept
+# always, it would starve batches whose sequences end early (EOS, stop strings).
+RESERVE_DECAY, RESERVE_CLIP = 0.001, 4096
+
+
 class StepOrderError(RuntimeError):
     """A result arrived out of order or a step was lost: the ranks and we no longer agree."""
 
@@ -75,6 +83,7 @@ class Scheduler:
         self.preemptions = 0
         self.prefix_hit_tokens = 0
         self.grouped_rows = 0
+        self.reserve_ratio = 0.0
 
     # ---- requests ------------------------------------------------------------------------------
     def add(self, rid: int, prompt: list[int], params: SamplingParams) -> None:
@@ -121,8 +130,12 @@ class Scheduler:
                 if n:
                     prefill.append((seq, n))
                     budget -= n
+        reserve = self._reserve() if self.reserve_ratio and self.waiting and self.free_slots else 0.0
         while budget > 0 and self.waiting and self.free_slots and self.waiting[0].inflight == 0:
             seq = self.waiting[0]
+            if self.running and self.pages.num_free - -(-len(seq.known) // self.page_size) < reserve:
+                break  # the running sequences' growth would preempt it (or them) soon
+            reserve += self.reserve_ratio * self._future_pages(seq)
             self._start(seq)
             n = self._chunk(seq, budget)
             if n == 0:
@@ -139,6 +152,14 @@ class Scheduler:
         if not decode and not prefill:
             return None
         return self._plan(prefill, decode, admit)
+
+    def _future_pages(self, seq: Sequence) -> int:
+        """Pages `seq` may still need: to its prompt plus max_tokens (clipped), less what it holds."""
+        final = len(seq.prompt) + min(seq.params.max_tokens, RESERVE_CLIP)
+        return max(0, -(-final // self.page_size) - len(seq.pages))
+
+    def _reserve(self) -> float:
+        return self.reserve_ratio * sum(self._future_pages(s) for s in self.running)
 
     def _start(self, seq: Sequence) -> None:
         """Prepares a waiting sequence's prefill: everything it knows, less the full pages found in
@@ -182,6 +203,7 @@ class Scheduler:
         return True
 
     def _preempt(self, seq: Sequence) -> None:
+        self.reserve_ratio = 1.0
         self._evict(seq)
         self.waiting.appendleft(seq)
         self.preemptions += 1
@@ -195,6 +217,7 @@ class Scheduler:
         self.running.remove(seq)
 
     def _plan(self, prefill, decode, admit) -> StepPlan:
+        self.reserve_ratio = max(0.0, self.reserve_ratio - RESERVE_DECAY)
         groups, prefixes = [], []
         if self.hydragen and len(decode) >= self.hydragen[0]:
             decode, groups, prefixes = group_by_prefix(decode, *self.hydragen)

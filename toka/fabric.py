@@ -26,9 +26,31 @@ log = logging.getLogger(__name__)
 HWM = 1 << 14
 
 
+PID_FILE = "launcher.pid"
+
+
 def make_run_dir() -> str:
-    """A folder only this user can enter (mkdtemp creates it 0700) for the launch's ipc sockets."""
-    return tempfile.mkdtemp(prefix="toka-")
+    """A folder only this user can enter (mkdtemp creates it 0700) for the launch's ipc sockets,
+    marked with the launcher's pid so a later launch can remove it if the launcher was killed."""
+    path = tempfile.mkdtemp(prefix="toka-")
+    with open(os.path.join(path, PID_FILE), "w") as f:
+        f.write(str(os.getpid()))
+    return path
+
+
+def remove_stale_run_dirs() -> None:
+    """Removes run folders of launchers that no longer exist (killed before they could clean up)."""
+    import glob
+
+    for path in glob.glob(os.path.join(tempfile.gettempdir(), "toka-*")):
+        try:
+            with open(os.path.join(path, PID_FILE)) as f:
+                pid = int(f.read())
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except (OSError, ValueError):  # not ours, no pid file, or a live process of another user
+            continue
 
 
 def remove_run_dir(path: str) -> None:

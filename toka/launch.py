@@ -24,7 +24,7 @@ import zmq.asyncio
 
 from toka import protocol
 from toka.config import ConfigError, EngineConfig, parse_args
-from toka.fabric import make_run_dir, profiled, remove_run_dir, setup_logging
+from toka.fabric import make_run_dir, profiled, remove_run_dir, remove_stale_run_dirs, setup_logging
 
 log = logging.getLogger("toka.launch")
 
@@ -228,6 +228,7 @@ def main(argv: list[str] | None = None) -> None:
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if raise_open_files_limit() < 65536:
         log.warning("open files are limited by the system: fewer than 65,536 connections at once")
+    remove_stale_run_dirs()
     cfg.run_dir = make_run_dir()
     try:
         import uvloop

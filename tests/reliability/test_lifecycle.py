@@ -21,8 +21,16 @@ from tests.reliability.conftest import child_pids, descendants, metrics, wait_go
 
 
 def test_sigkill_of_the_launcher_leaves_no_orphans(fresh):
+    import glob
+    import tempfile
+
+    from toka.fabric import PID_FILE, remove_stale_run_dirs
+
     server = fresh()
     family = descendants(server.proc.pid)
+    pid_files = glob.glob(os.path.join(tempfile.gettempdir(), "toka-*", PID_FILE))
+    run_dirs = [os.path.dirname(f) for f in pid_files if open(f).read() == str(server.proc.pid)]
+    assert len(run_dirs) == 1
     pids = child_pids(server)
     assert set(pids.values()) <= set(family) and len(family) >= 3  # ranks, scheduler, resource tracker
     with ThreadPoolExecutor(1) as pool:  # mid-generation, so every child is busy
@@ -32,6 +40,9 @@ def test_sigkill_of_the_launcher_leaves_no_orphans(fresh):
         server.proc.kill()
         server.proc.wait()
         assert wait_gone(family, timeout=10) == []
+    assert os.path.isdir(run_dirs[0])  # nobody could clean up: the next launch does
+    remove_stale_run_dirs()
+    assert not os.path.exists(run_dirs[0])
 
 
 def test_sigterm_drains_then_exits_0(fresh):

@@ -11,7 +11,8 @@ Workloads (all with ignore_eos and fixed seeds, submitted at once):
 Reports output and total tokens/s, the mean running batch (sampled from /metrics), the KV size and
 the percentage of the speed of light: the time the workload needs at least on the card,
 2 x matmul params FLOPs per token (prompt and output) at --flops, plus the KV cache bytes each
-decode step reads (its whole context, once per sequence: no prefix sharing) at --bandwidth. The
+decode step reads (its whole context, once per sequence: no prefix sharing) at --bandwidth; for
+n > 1 also the floor when a request's sequences read their shared prompt once per step. The
 default rates are an H100's, measured by tools/bench_step.py.
 """
 
@@ -66,12 +67,15 @@ def model_costs(model_dir: str) -> tuple[float, float]:
     return params, c.num_hidden_layers * 2 * kv_heads * hd * 2
 
 
-def speed_of_light_seconds(reqs: list[dict], params: float, kv_bytes: float, flops: float, bandwidth: float) -> float:
+def speed_of_light_seconds(reqs: list[dict], params: float, kv_bytes: float, flops: float, bandwidth: float,
+                           shared: bool = False) -> float:
+    """shared: the n sequences of a request read their common prompt once per step between them
+    (as Hydragen does), not once each."""
     tokens = kv_reads = 0
     for r in reqs:
         p, o, n = len(r["prompt"]), r["max_tokens"], r.get("n", 1)
         tokens += p + n * o
-        kv_reads += n * (o * p + o * (o - 1) // 2)  # decode step i reads p + i cached tokens
+        kv_reads += (1 if shared else n) * o * p + n * o * (o - 1) // 2  # decode step i reads p + i tokens
     return 2 * params * tokens / flops + kv_reads * kv_bytes / bandwidth
 
 
@@ -181,8 +185,12 @@ def main() -> None:
             proc.wait(60)
     result.update(workload=args.workload, quick=args.quick, launch=args.launch)
     if model:
-        floor = speed_of_light_seconds(reqs, *model_costs(model), args.flops, args.bandwidth)
+        costs = (*model_costs(model), args.flops, args.bandwidth)
+        floor = speed_of_light_seconds(reqs, *costs)
         result.update(speed_of_light_s=floor, pct_of_speed_of_light=100 * floor / result["seconds"])
+        if any(r.get("n", 1) > 1 for r in reqs):
+            floor = speed_of_light_seconds(reqs, *costs, shared=True)
+            result.update(speed_of_light_shared_s=floor, pct_of_speed_of_light_shared=100 * floor / result["seconds"])
     print(json.dumps(result, indent=2))
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

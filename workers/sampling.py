@@ -67,7 +67,8 @@ def sample(logits: torch.Tensor, b: SamplingBatch):
         from workers.sampling_kernel import fused_sample
 
         if fused_sample is not None:  # one pass over the logits instead of a dozen [rows, V] ones
-            return (*fused_sample(logits, b.temperature, row_keys(b.seeds, b.positions), b.random), None, None)
+            keys = row_keys(b.seeds, b.positions) if b.random else b.seeds  # greedy rows read no noise
+            return (*fused_sample(logits, b.temperature, keys, b.random), None, None)
     logits = logits.float()
     greedy = b.temperature <= 0
     temp = torch.where(greedy, torch.ones_like(b.temperature), b.temperature)

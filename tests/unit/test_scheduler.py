@@ -601,12 +601,30 @@ def test_repeated_prompt_prefills_only_its_last_partial_page():
     plan = h.schedule()
     assert plan.q_lens[:3] == [14, 2, 2] and plan.kv_lens[:3] == [14, 14, 14]
     assert plan.cached_rids == [2, 3] and plan.cached_tokens == [12, 12]
+    assert h.sched.prefix_hit_tokens == 24
     h.run()
     h.add(4, prompt[:13], params(2, stop=()))  # 13 tokens: 3 cached pages, the 13th computed
     plan = h.schedule()
     assert plan.q_lens == [1] and plan.cached_tokens == [12]
+    assert h.sched.prefix_hit_tokens == 36
     h.run()
     assert h.sched.pages.num_free == 64 and h.sched.pages.num_cached > 0
+
+
+def test_a_head_waiting_for_pages_is_not_counted_as_hits_again():
+    h = Harness(num_pages=4, page_size=4, max_seqs=8, max_tokens_per_forward=64, steps_ahead=1)
+    h.add(1, list(range(8)), params(8, stop=()))  # 2 cached pages, then decodes into all 4
+    for _ in range(6):
+        h.schedule()
+        h.complete()
+    assert h.sched.pages.num_free == 0
+    h.add(2, list(range(9)), params(2, stop=()))  # matches the 2 pages, but its 9th token has no page
+    for _ in range(2):
+        assert h.schedule().rids == [1]
+        h.complete()
+    assert h.sched.prefix_hit_tokens == 0, "refused admissions are not hits"
+    h.run()
+    assert h.sched.prefix_hit_tokens == 8
 
 
 def test_prompt_logprobs_requests_skip_the_cache():

@@ -133,7 +133,7 @@ class Scheduler:
         reserve = self._reserve() if self.reserve_ratio and self.waiting and self.free_slots else 0.0
         while budget > 0 and self.waiting and self.free_slots and self.waiting[0].inflight == 0:
             seq = self.waiting[0]
-            if self.running and self.pages.num_free - -(-len(seq.known) // self.page_size) < reserve:
+            if reserve and self.running and self.pages.num_free - -(-len(seq.known) // self.page_size) < reserve:
                 break  # the running sequences' growth would preempt it (or them) soon
             reserve += self.reserve_ratio * self._future_pages(seq)
             self._start(seq)
@@ -167,11 +167,11 @@ class Scheduler:
         known = seq.known
         seq.target = len(known)
         if self.prefix_caching and seq.params.prompt_logprobs < 0:  # prompt logprobs need every position
-            seq.keys = page_keys(known, self.page_size)
+            if len(seq.keys) != len(known) // self.page_size:  # keys depend only on the known tokens
+                seq.keys = page_keys(known, self.page_size)
             seq.pages = self.pages.match(seq.keys[: (len(known) - 1) // self.page_size])
         seq.keyed = len(seq.pages)
         seq.computed = len(seq.pages) * self.page_size
-        self.prefix_hit_tokens += seq.computed
 
     def _chunk(self, seq: Sequence, budget: int) -> int:
         """Prefill tokens for `seq` this step: as many as the budget and free pages allow. The full
@@ -211,7 +211,7 @@ class Scheduler:
     def _evict(self, seq: Sequence) -> None:
         """Takes `seq` off the ranks: its pages return once the steps using them are done."""
         self.pages.release(seq.pages, after_step=seq.last_step)
-        seq.pages, seq.computed, seq.table_len, seq.keys, seq.keyed = [], 0, 0, [], 0
+        seq.pages, seq.computed, seq.table_len, seq.keyed = [], 0, 0, 0
         self.free_slots.append(seq.slot)
         seq.slot = -1
         self.running.remove(seq)
@@ -224,6 +224,7 @@ class Scheduler:
             self.grouped_rows += sum(groups)
         first = []  # first admissions that found prompt tokens in the prefix cache
         for seq in admit:
+            self.prefix_hit_tokens += seq.computed  # before this step's tokens: what the cache held
             if seq.cached < 0:
                 seq.cached = min(seq.computed, len(seq.prompt))
                 if seq.cached:

@@ -113,7 +113,7 @@ class PageAllocator:
             if after_step <= self._done:
                 self._reuse(p)
             else:
-                self._pending[p] = max(after_step, self._pending.get(p, after_step))
+                self._pending[p] = after_step
 
     def completed(self, step_id: int) -> None:
         """Step `step_id` and every step before it have finished on the ranks."""

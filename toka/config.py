@@ -38,7 +38,9 @@ class EngineConfig:
     max_tokens_per_forward: int | None = _flag("tokens in one forward pass (default: 8192 on cuda, 1024 on cpu)", default=None)
     max_model_len: int | None = _flag("context window (default: the model's, capped by the KV cache)", default=None)
     served_model_name: str | None = _flag("model name the API reports (default: the model path)", default=None)
-    steps_ahead: int = _flag("steps the scheduler plans before their tokens return", default=2)
+    # 3: a step's plan then reaches the rank a whole step before the device needs it, so the host
+    # part of launching it (~12 ms for an eager mixed step) is done in time (2: 7 % less throughput)
+    steps_ahead: int = _flag("steps the scheduler plans before their tokens return", default=3)
     max_waiting_requests: int = _flag("sequences waiting beyond --max-seqs before 429", default=131072)
     max_waiting_tokens: int = _flag("prompt tokens in flight before 429 (when some wait)", default=64_000_000)
     max_body_bytes: int = _flag("largest request body accepted", default=8 * 1024 * 1024)

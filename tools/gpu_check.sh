@@ -2,7 +2,7 @@
 # GPU verification in one go: writes random-weight models of real shapes, runs the GPU tests, the
 # logprob test in bf16 on them, the decode step sweep (with a host/kernel profile) and the
 # throughput benchmarks (TOKA_PROFILE: one cProfile per process).
-#   tools/gpu_check.sh OUT_DIR [tests|step|bench|workloads|sharing|full|profile|all]...
+#   tools/gpu_check.sh OUT_DIR [tests|step|bench|workloads|ahead|sharing|unshared|full|fullprefix|profile|all]...
 set -uo pipefail
 out=${1:?OUT_DIR}; shift; what=" ${*:-all} "
 mkdir -p "$out" /tmp/toka-models
@@ -29,15 +29,15 @@ bench() {  # bench WORKLOAD NAME "LAUNCH FLAGS" [bench flags]: one run through t
       --workload "$workload" --out "$out/$name.json" "$@"
 }
 want bench && bench random random-1024 "" --requests 1024 --input-len 256 --output-len 256
-if want workloads; then
-  bench sharegpt-like sharegpt-quick "" --quick
-  bench shared-prefix shared-prefix-quick-unshared "--no-prefix-caching" --quick
-fi
+want workloads && bench sharegpt-like sharegpt-quick "" --quick
+want ahead && bench sharegpt-like sharegpt-quick-ahead2 "--steps-ahead 2" --quick
 if want sharing; then
   bench shared-prefix shared-prefix-quick-cached "" --quick
   bench shared-prefix shared-prefix-quick-hydragen "--hydragen" --quick
 fi
+want unshared && bench shared-prefix shared-prefix-quick-unshared "--no-prefix-caching" --quick
 want full && bench sharegpt-like sharegpt-full ""
+want fullprefix && bench shared-prefix shared-prefix-full-hydragen "--hydragen"
 if want profile; then  # cProfile slows Python several times: for where time goes, not for figures
   TOKA_PROFILE=$out/prof bench sharegpt-like sharegpt-4096-profiled "" --requests 4096
   for f in "$out"/prof/*.prof; do
@@ -45,5 +45,5 @@ if want profile; then  # cProfile slows Python several times: for where time goe
       >> "$out/profiles.txt"
   done
 fi
-grep -E "^=== python tools/bench.py|token_match|TFLOP|^ +[0-9]+ +[0-9]+ |output_tok_s|total_tok_s|mean_running|pct_of_speed|passed|failed" "$out/log.txt"
+grep -E "^=== python tools/bench.py|token_match|TFLOP|^ +[0-9]+ +[0-9]+ |output_tok_s|total_tok_s|mean_running|pct_of_speed|passed|failed|a step" "$out/log.txt"
 exit $status

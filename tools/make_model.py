@@ -342,8 +342,9 @@ def write_weights(config, out_dir: Path, seed: int, dtype: str, shard_size_mb: f
 
 
 def make_model(shape: str, out_dir, seed: int = 0, dtype: str = "float32",
-               shard_size_mb: float | None = None) -> Path:
-    """Write the model folder for `shape` into `out_dir` and return its path."""
+               shard_size_mb: float | None = None, weights: bool = True) -> Path:
+    """Write the model folder for `shape` into `out_dir` and return its path; without `weights`,
+    only the config and tokenizer (enough for `--load-format random`)."""
     if shape not in SHAPES:
         raise ValueError(f"unknown shape {shape!r}; choose from {', '.join(SHAPES)}")
     if dtype not in ("float32", "bfloat16"):
@@ -360,7 +361,8 @@ def make_model(shape: str, out_dir, seed: int = 0, dtype: str = "float32",
     GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=eos,
                      pad_token_id=tokenizer.pad_token_id).save_pretrained(out_dir)
     save_tokenizer(tokenizer, out_dir)
-    write_weights(config, out_dir, seed, dtype, shard_size_mb)
+    if weights:
+        write_weights(config, out_dir, seed, dtype, shard_size_mb)
     return out_dir
 
 
@@ -373,8 +375,11 @@ def main(argv=None) -> None:
     parser.add_argument("--shard-size-mb", type=float, default=None,
                         help=f"shard the weights into files of at most N MB (default: one file up to "
                              f"{DEFAULT_SHARD_MB} MB)")
+    parser.add_argument("--no-weights", action="store_true",
+                        help="write only the config and tokenizer, for --load-format random")
     args = parser.parse_args(argv)
-    out = make_model(args.shape, args.out_dir, seed=args.seed, dtype=args.dtype, shard_size_mb=args.shard_size_mb)
+    out = make_model(args.shape, args.out_dir, seed=args.seed, dtype=args.dtype, shard_size_mb=args.shard_size_mb,
+                     weights=not args.no_weights)
     print(out)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 import traceback
 
 import torch
@@ -166,25 +167,33 @@ def serve(runner, plans: Channel, events: Channel | None) -> None:
     """Runs plans in step order. Step N + 1 is launched before step N's tokens are copied out when
     its plan arrives while the device still runs step N, so the device does not wait for the host
     between them; step N is finished as soon as the device is done with it if no plan came first
-    (the scheduler may need its tokens to plan more)."""
+    (the scheduler may need its tokens to plan more). The wait between the two spins: a timed poll
+    would add up to its timeout to every step's round trip through the scheduler."""
     expected = 0
     pending = None
+    idle = launching = 0.0  # seconds the device waited for a plan / the host spent launching
     if events is not None:
         events.wait_subscribers(2, timeout=600, name="events")  # scheduler and server
     while True:
         while pending is not None and not plans.poll(0):
             if runner.done(pending):
                 pending = _publish(runner, pending, events)
-            else:
-                plans.poll(1)  # wakes at once when a plan arrives; else looks at the device again in 1 ms
+        t0 = time.perf_counter()
         msg = plans.recv()
+        t1 = time.perf_counter()
         if msg.step_id != expected:
             raise RuntimeError(f"step plans out of order: expected {expected}, got {msg.step_id}")
-        expected += 1
         if isinstance(msg, protocol.Stop):
             _publish(runner, pending, events)
+            if expected:
+                log.info("%d steps: launching %.2f ms a step; device idle waiting for plans %.2f ms a step "
+                         "(%.1f s in all)", expected, launching / expected * 1e3, idle / expected * 1e3, idle)
             return
+        if pending is None and expected:  # nothing left on the device: it waited for this plan
+            idle += t1 - t0  # (or for requests, between busy periods)
+        expected += 1
         launched = runner.launch(msg)
+        launching += time.perf_counter() - t1
         _publish(runner, pending, events)
         pending = launched
 

@@ -17,7 +17,7 @@ import torch
 from toka.protocol import PromptLogprobs, StepPlan, StepResult, TopLogprobs
 from workers.attention import AttentionBackend, AttentionBatch, PrefixGroups, cumsum0
 from workers.layers.attention import ForwardContext
-from workers.sampling import MIN_LOGPROB, SamplingBatch, fold_seed, sample
+from workers.sampling import MIN_LOGPROB, SamplingBatch, fold_seed, sample_hidden
 
 # Rows of logits materialized at once: bounds the float32 [rows, vocab] buffers of large batches.
 LOGIT_CHUNK = 512
@@ -274,7 +274,7 @@ class ModelRunner:
             random=bool(self.sampled[slots].any()),
             num_top=num_top,
         )
-        tokens, chosen, top_ids, top_lp = sample(self.model.logits(hidden[last_t]), batch)
+        tokens, chosen, top_ids, top_lp = sample_hidden(self.model.lm_head, hidden[last_t], batch)
         self.last_token[slot_t] = tokens
         parts = [tokens.float()[:, None], chosen[:, None]]
         if num_top:
@@ -296,7 +296,7 @@ class ModelRunner:
             chosen, top = [], []
             for c in range(0, len(targets), LOGIT_CHUNK):  # bounded like sampling's logits
                 part = targets[c : c + LOGIT_CHUNK]
-                logprobs = torch.log_softmax(self.model.logits(hidden[lo + c : lo + c + len(part)]).float(), dim=-1)
+                logprobs = torch.log_softmax(self.model.lm_head(hidden[lo + c : lo + c + len(part)]).float(), dim=-1)
                 chosen += logprobs.gather(1, self.to_device(part)[:, None])[:, 0].clamp(min=MIN_LOGPROB).tolist()
                 if k > 0:
                     top_lp, top_ids = logprobs.topk(k, dim=-1)

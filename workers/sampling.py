@@ -60,15 +60,25 @@ class SamplingBatch:
     num_top: int  # host-known: the most alternatives any row asked for
 
 
+def sample_hidden(head, hidden: torch.Tensor, b: SamplingBatch):
+    """Samples the rows of `hidden` [rows, hidden] through the LM head (a ParallelLMHead); returns
+    what `sample` does. Without top-p, top-k or alternatives, on CUDA, one fused pass reduces each
+    rank's slice of the logits and only four numbers a row cross ranks; otherwise the head gathers
+    the whole vocabulary's logits for `sample`."""
+    if hidden.is_cuda and not b.filtered and b.num_top == 0:
+        from workers.sampling_kernel import combine, sample_partials
+
+        if sample_partials is not None:
+            keys = row_keys(b.seeds, b.positions) if b.random else b.seeds  # greedy rows read no noise
+            parts = head.reduce_slices(hidden, lambda logits, offset: sample_partials(
+                logits, b.temperature, keys, b.random, offset))
+            return (*combine(parts), None, None)
+    return sample(head(hidden), b)
+
+
 def sample(logits: torch.Tensor, b: SamplingBatch):
     """logits: [rows, V] (any float dtype). Returns tokens [rows], their logprobs [rows] (float32),
     and the num_top best (ids, logprobs) [rows, num_top] of the reported distribution."""
-    if logits.is_cuda and not b.filtered and b.num_top == 0:
-        from workers.sampling_kernel import fused_sample
-
-        if fused_sample is not None:  # one pass over the logits instead of a dozen [rows, V] ones
-            keys = row_keys(b.seeds, b.positions) if b.random else b.seeds  # greedy rows read no noise
-            return (*fused_sample(logits, b.temperature, keys, b.random), None, None)
     logits = logits.float()
     greedy = b.temperature <= 0
     temp = torch.where(greedy, torch.ones_like(b.temperature), b.temperature)

@@ -2,9 +2,13 @@
 top-k or alternatives: per row, the token of argmax(logits / T + gumbel) (argmax(logits) for
 greedy rows) and its logprob, log_softmax(logits / T) at that token, from an online logsumexp.
 
+The pass works on a slice of the vocabulary: each tensor-parallel rank reduces the logits of its
+own slice to four numbers a row (`sample_partials`), and `combine` merges the slices' partials, so
+only those cross ranks, never the logits. On one GPU the slice is the whole vocabulary.
+
 The unfused torch code in workers/sampling.py is the reference: the noise is the same hash of
-(row key, vocab id), so both pick the same tokens up to float rounding of near ties. `fused_sample`
-is None where Triton is missing (CPU builds of torch).
+(row key, vocab id), so both pick the same tokens up to float rounding of near ties.
+`sample_partials` is None where Triton is missing (CPU builds of torch).
 """
 
 from __future__ import annotations
@@ -33,8 +37,8 @@ if triton is not None:
         return x ^ (x >> 16)
 
     @triton.jit
-    def _sample_rows(logits, stride, vocab, temperature, keys, tokens, logprobs,
-                     FLOOR: tl.constexpr, RANDOM: tl.constexpr, BLOCK: tl.constexpr):
+    def _sample_rows(logits, stride, vocab, offset, temperature, keys, out,
+                     RANDOM: tl.constexpr, BLOCK: tl.constexpr):
         row = tl.program_id(0)
         t = tl.load(temperature + row)
         greedy = t <= 0
@@ -55,7 +59,7 @@ if triton is not None:
             run_max = new_max
             score = x
             if RANDOM:
-                h = _mix32(key + ids.to(tl.uint32) * 0xC2B2AE3D)
+                h = _mix32(key + (offset + ids).to(tl.uint32) * 0xC2B2AE3D)
                 u = ((h >> 9) * 2 + 1).to(tl.float32) * (1.0 / 16777216.0)
                 score = tl.where(greedy, x, x - tl.log(-tl.log(u)))
             score = tl.where(inside, score, -float("inf"))
@@ -64,18 +68,38 @@ if triton is not None:
                 best = block_best
                 best_id = start + tl.argmax(score, 0)
         chosen = tl.load(base + best_id).to(tl.float32) * inv_t
-        tl.store(tokens + row, best_id.to(tl.int64))
-        tl.store(logprobs + row, tl.maximum(chosen - run_max - tl.log(run_sum), FLOOR))
+        out_row = out + row * 4
+        tl.store(out_row, best)
+        tl.store(out_row + 1, (offset + best_id).to(tl.float32))
+        tl.store(out_row + 2, run_max + tl.log(run_sum))
+        tl.store(out_row + 3, chosen)
 
-    def fused_sample(logits: torch.Tensor, temperature: torch.Tensor, keys: torch.Tensor, random: bool):
-        """logits [rows, V] (contiguous last dim), temperature [rows] float32, keys [rows] int64 from
-        sampling.row_keys. Returns tokens [rows] int64 and their logprobs [rows] float32."""
+    def sample_partials(logits: torch.Tensor, temperature: torch.Tensor, keys: torch.Tensor, random: bool,
+                        offset: int = 0) -> torch.Tensor:
+        """logits [rows, V] of vocab ids offset .. offset + V - 1 (contiguous last dim), temperature
+        [rows] float32, keys [rows] int64 from sampling.row_keys. Returns [rows, 4] float32: the best
+        score of the slice, its vocab id (exact in float32 below 2**24), the slice's logsumexp of
+        logits / T, and the best token's logits / T."""
         rows, vocab = logits.shape
-        tokens = torch.empty(rows, dtype=torch.int64, device=logits.device)
-        logprobs = torch.empty(rows, dtype=torch.float32, device=logits.device)
+        assert offset + vocab < 2**24, "vocab ids travel as float32"
+        out = torch.empty(rows, 4, dtype=torch.float32, device=logits.device)
         if rows:
-            _sample_rows[(rows,)](logits, logits.stride(0), vocab, temperature, keys, tokens, logprobs,
-                                  FLOOR=MIN_LOGPROB, RANDOM=random, BLOCK=BLOCK)
-        return tokens, logprobs
+            _sample_rows[(rows,)](logits, logits.stride(0), vocab, offset, temperature, keys, out,
+                                  RANDOM=random, BLOCK=BLOCK)
+        return out
 else:
-    fused_sample = None
+    sample_partials = None
+
+
+def combine(parts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """parts [slices, rows, 4] from sample_partials over slices of the vocabulary in id order ->
+    tokens [rows] int64 and their logprobs [rows] float32."""
+    best, ids, lse, chosen = parts.unbind(-1)
+    win = best.argmax(0, keepdim=True)  # the first maximum: the lowest id, as one argmax over the vocabulary
+    logprob = chosen.gather(0, win)[0] - torch.logsumexp(lse, 0)
+    return ids.gather(0, win)[0].long(), logprob.clamp(min=MIN_LOGPROB)
+
+
+def fused_sample(logits: torch.Tensor, temperature: torch.Tensor, keys: torch.Tensor, random: bool):
+    """The whole vocabulary's logits [rows, V] -> tokens [rows] int64 and their logprobs [rows] float32."""
+    return combine(sample_partials(logits, temperature, keys, random)[None])

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from workers.sampling import SamplingBatch, row_keys, sample
-from workers.sampling_kernel import fused_sample
+from workers.sampling_kernel import combine, fused_sample, sample_partials
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-pytestmark = pytest.mark.skipif(fused_sample is None or not (torch.cuda.is_available() or INTERPRET),
+pytestmark = pytest.mark.skipif(sample_partials is None or not (torch.cuda.is_available() or INTERPRET),
                                 reason="needs CUDA and Triton")
 
 
@@ -55,3 +55,23 @@ def test_fused_sampling_follows_the_distribution():
     freq = torch.bincount(tokens.cpu(), minlength=4).float() / rows
     assert (freq - probs).abs().max() < 4 * (0.25 / rows) ** 0.5
     torch.testing.assert_close(lp.cpu(), probs.log()[tokens.cpu()], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("random", [False, True])
+def test_vocab_slices_combine_to_the_whole(random):
+    """Tensor-parallel ranks each reduce their slice of the vocabulary (uneven here, as the last
+    rank's is); combining the slices picks what one pass over the whole vocabulary picks."""
+    torch.manual_seed(1)
+    rows, vocab = (8, 3000) if INTERPRET else (64, 32000 + 17)
+    logits = (torch.randn(rows, vocab, device=DEVICE) * 3).to(torch.bfloat16)
+    logits[0, 5] = logits[0, vocab - 7] = logits[0].max() + 1  # a tie across slices: the lower id wins
+    temperature = torch.tensor([0.0, 0.7] * (rows // 2), device=DEVICE)
+    keys = row_keys(torch.arange(rows, device=DEVICE) * 31, torch.arange(rows, device=DEVICE) + 9)
+    want_tokens, want_lp = fused_sample(logits, temperature, keys, random)
+    cuts = [0, vocab // 3, vocab // 3 + 1, vocab]  # one slice of a single id
+    parts = torch.stack([sample_partials(logits[:, lo:hi], temperature, keys, random, lo)
+                         for lo, hi in zip(cuts, cuts[1:])])
+    tokens, lp = combine(parts)
+    assert torch.equal(tokens, want_tokens)
+    assert tokens[0].item() == 5
+    torch.testing.assert_close(lp, want_lp, atol=1e-5, rtol=1e-5)

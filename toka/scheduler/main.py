@@ -53,16 +53,23 @@ class Loop:
         self.draining = False
         self.last_stats = 0.0
         self.last_progress = time.monotonic()
+        self.planning = self.updating = 0.0  # host seconds in schedule() / update()
 
     def run(self) -> None:
         while True:
             for msg in self.requests.recv_all():
                 self.on_request(msg)
+            t0 = time.perf_counter()
             for result in self.events.recv_all():
                 self.sched.update(result)
                 self.last_progress = time.monotonic()
+            t1 = time.perf_counter()
+            self.updating += t1 - t0
             if self.draining and self.sched.idle:
                 self.plans.send(protocol.Stop(self.sched.next_step))
+                if steps := self.sched.next_step:
+                    log.info("%d steps: planning %.2f ms a step, taking results %.2f ms a step", steps,
+                             self.planning / steps * 1e3, self.updating / steps * 1e3)
                 return
             while self.sched.inflight_steps < self.cfg.steps_ahead:
                 plan = self.sched.schedule()
@@ -71,6 +78,7 @@ class Loop:
                 if self.sched.inflight_steps == 1:  # the ranks were idle: the hang clock starts now
                     self.last_progress = time.monotonic()
                 self.plans.send(plan)
+            self.planning += time.perf_counter() - t1
             self.publish_stats()
             if self.sched.inflight_steps and time.monotonic() - self.last_progress > self.cfg.step_timeout:
                 raise TimeoutError(f"no step finished in {self.cfg.step_timeout:.0f}s: the ranks are hung")

@@ -48,3 +48,10 @@ class ParallelLMHead(VocabParallelEmbedding):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = F.linear(hidden, self.weight)
         return self.tp.all_gather_last(logits)[..., : self.vocab_size]
+
+    def reduce_slices(self, hidden: torch.Tensor, reduce) -> torch.Tensor:
+        """`reduce(logits, first_id)` maps this rank's logits [rows, V'] of vocab ids first_id ..
+        first_id + V' - 1 to [rows, k]; returns every rank's result, [tp, rows, k] in rank (vocab)
+        order. Sampling gathers a few numbers a row this way instead of the logits."""
+        logits = F.linear(hidden, self.weight)[:, : max(0, self.vocab_size - self.start)]  # no padding ids
+        return self.tp.all_gather_stack(reduce(logits, self.start))

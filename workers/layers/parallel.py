@@ -30,6 +30,14 @@ class TPGroup:
         dist.all_gather(parts, x.contiguous())
         return torch.cat(parts, dim=-1)
 
+    def all_gather_stack(self, x: torch.Tensor) -> torch.Tensor:
+        """Every rank's `x`, stacked in rank order: [size, *x.shape]."""
+        if self.size == 1:
+            return x[None]
+        out = torch.empty((self.size, *x.shape), dtype=x.dtype, device=x.device)
+        dist.all_gather(list(out.unbind(0)), x.contiguous())
+        return out
+
     def shard(self, n: int, what: str) -> int:
         if n % self.size:
             raise ValueError(f"{what} ({n}) is not divisible by tp={self.size}")

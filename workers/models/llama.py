@@ -83,8 +83,6 @@ class LlamaForCausalLM(nn.Module):
             raise ValueError(f"hidden_act {cfg.hidden_act!r} is not supported (silu only)")
 
     def forward(self, input_ids: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        """Final-norm hidden states [tokens, hidden]; `logits` maps the rows that need them."""
+        """Final-norm hidden states [tokens, hidden]; the runner maps the rows it samples through
+        `lm_head`."""
         return self.model(input_ids, ctx)
-
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)

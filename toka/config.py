@@ -42,7 +42,7 @@ class EngineConfig:
     # part of launching it (~12 ms for an eager mixed step) is done in time (2: 7 % less throughput)
     steps_ahead: int = _flag("steps the scheduler plans before their tokens return", default=3)
     max_waiting_requests: int = _flag("sequences waiting beyond --max-seqs before 429", default=131072)
-    max_waiting_tokens: int = _flag("prompt tokens in flight before 429 (when some wait)", default=64_000_000)
+    max_waiting_tokens: int = _flag("prompt tokens in flight before 429 (when some wait; a prompt counts once for its n choices)", default=64_000_000)
     max_body_bytes: int = _flag("largest request body accepted", default=8 * 1024 * 1024)
     drain_timeout: float = _flag("seconds SIGTERM waits for in-flight requests", default=30.0)
     step_timeout: float = _flag("seconds a step may take before the engine counts as hung", default=600.0)

@@ -36,12 +36,20 @@ class SamplingParams(Struct, array_like=True, omit_defaults=True):
             return True, "length"
         return True, None
 
+    def for_choice(self, i: int) -> "SamplingParams":
+        """Choice i of a request's n: seed + i, so that the choices differ (and stay reproducible)."""
+        return self if i == 0 else msgspec.structs.replace(self, seed=self.seed + i)
+
 
 # ---- requests socket ----------------------------------------------------------------------------
 class Submit(Struct, tag="submit", array_like=True):
+    """The n choices of one prompt: sequences rid .. rid + n - 1, choice i sampled with
+    params.for_choice(i). One message, one prompt in memory, however large n is."""
+
     rid: int
     prompt: list[int]
     params: SamplingParams
+    n: int = 1
 
 
 class Abort(Struct, tag="abort", array_like=True):

@@ -57,3 +57,24 @@ def test_queue_bounds_give_429_and_admitted_requests_finish(fresh):
     # the queue drained: admitted again; an idle engine takes even a request larger than the bounds
     resp = complete(url, {**LONG, "max_tokens": 4, "n": 6, "prompt": [7] * 50})
     assert resp.status_code == 200 and len(resp.json()["choices"]) == 6
+
+
+def test_n_choices_count_their_prompt_once(fresh):
+    """The n choices of a prompt share it (one message, one list): the token bound counts it once,
+    so sampling many answers to one long prompt is not refused as n prompts."""
+    server = fresh("--max-seqs", "2", "--max-waiting-requests", "64", "--max-waiting-tokens", "40")
+    url = server.url
+    with ThreadPoolExecutor(8) as pool:
+        running = [pool.submit(complete, url, LONG) for _ in range(2)]  # 8 prompt tokens in flight
+        wait_streams(url, 2)
+        many = pool.submit(complete, url, {**LONG, "prompt": [7] * 30, "max_tokens": 3, "n": 8,
+                                           "temperature": 1.0, "seed": 5})  # 8 + 30 tokens, not 8 + 240
+        wait_streams(url, 3)
+        assert_429(complete(url, {**LONG, "prompt": [7] * 3, "max_tokens": 1}))  # 38 + 3 > 40
+        resp = many.result()
+        assert all(f.result().status_code == 200 for f in running)
+    assert resp.status_code == 200, resp.text
+    choices = resp.json()["choices"]
+    assert [c["index"] for c in choices] == list(range(8))
+    assert len({c["text"] for c in choices}) > 1  # each choice its own seed
+    assert resp.json()["usage"]["prompt_tokens"] == 30

@@ -8,7 +8,6 @@ from types import SimpleNamespace
 
 import torch
 
-from tests.helpers import batch_with_pages
 from toka.scheduler.hydragen import group_by_prefix
 from workers.attention import make_backend
 from workers.kv_cache import KVCache

@@ -1,7 +1,6 @@
 """The random-model generator writes folders that transformers loads as-is and that behave usefully."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch

@@ -12,6 +12,7 @@ PARAMS_FULL = SamplingParams(max_tokens=17, temperature=0.3, top_p=0.8, top_k=40
 REQUESTS = [
     P.Submit(rid=1, prompt=[5, 6, 7], params=PARAMS_FULL),
     P.Submit(rid=2**50, prompt=[0], params=SamplingParams(max_tokens=0)),
+    P.Submit(rid=3, prompt=[4, 4], params=PARAMS_FULL, n=1024),
     P.Abort(rid=12),
     P.Drain(),
 ]

@@ -678,3 +678,14 @@ def test_no_reserve_while_nothing_was_preempted():
         s.add(rid, [3] * 8, params(100, stop=()))
     plan = s.schedule()
     assert len(plan.rids) == 8, "with room for every prompt, all are admitted at once"
+
+
+def test_a_submits_n_choices_share_its_prompt_and_differ_in_seed():
+    s = Scheduler(num_pages=64, page_size=4, max_seqs=8, max_tokens_per_forward=64)
+    prompt = [3] * 10
+    s.add(100, prompt, params(5, seed=7), n=4)
+    seqs = [s.seqs[100 + i] for i in range(4)]
+    assert all(q.prompt is prompt for q in seqs)  # one list in memory for all n
+    assert [q.params.seed for q in seqs] == [7, 8, 9, 10]
+    plan = s.schedule()
+    assert plan.rids == [100, 101, 102, 103]

@@ -86,10 +86,12 @@ class Scheduler:
         self.reserve_ratio = 0.0
 
     # ---- requests ------------------------------------------------------------------------------
-    def add(self, rid: int, prompt: list[int], params: SamplingParams) -> None:
-        seq = Sequence(rid, prompt, params, next(self._order))
-        self.seqs[rid] = seq
-        self.waiting.append(seq)
+    def add(self, rid: int, prompt: list[int], params: SamplingParams, n: int = 1) -> None:
+        """Sequences rid .. rid + n - 1 (a Submit's choices): they share the one prompt list."""
+        for i in range(n):
+            seq = Sequence(rid + i, prompt, params.for_choice(i), next(self._order))
+            self.seqs[rid + i] = seq
+            self.waiting.append(seq)
 
     def abort(self, rid: int) -> None:
         seq = self.seqs.pop(rid, None)

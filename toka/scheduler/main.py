@@ -88,7 +88,7 @@ class Loop:
 
     def on_request(self, msg) -> None:
         if isinstance(msg, protocol.Submit):
-            self.sched.add(msg.rid, msg.prompt, msg.params)
+            self.sched.add(msg.rid, msg.prompt, msg.params, msg.n)
         elif isinstance(msg, protocol.Abort):
             self.sched.abort(msg.rid)
         elif isinstance(msg, protocol.Drain):

@@ -12,7 +12,6 @@ import time
 import uuid
 from collections import Counter
 
-import msgspec
 from aiohttp import web
 
 from toka.server import api
@@ -181,8 +180,9 @@ class Server:
     def _admit(self, engine_reqs: list[EngineRequest]) -> None:
         """The scheduler runs up to max_seqs sequences and queues the rest in arrival order, so the
         sequences in flight past max_seqs are the waiting ones (at least: a sequence may also wait for
-        pages). The token bound counts the prompts of every sequence in flight. A request that would
-        push either past its bound gets a 429; one that does not wait is always taken."""
+        pages). The token bound counts the prompt of every request in flight, once for its n choices
+        (they share it). A request that would push either past its bound gets a 429; one that does
+        not wait is always taken."""
         if not self.ready or self.draining:
             raise APIError("the server is not accepting requests", None, 503, "server_error")
         if self.engine.dead:
@@ -196,7 +196,7 @@ class Server:
         if waiting > cfg.max_waiting_requests:
             raise APIError(f"{max(0, waiting - new)} sequences are waiting already; retry later", None, 429,
                            "rate_limit_error")
-        tokens = self.engine.prompt_tokens + sum(len(r.prompt) * r.n for r in engine_reqs)
+        tokens = self.engine.prompt_tokens + sum(len(r.prompt) for r in engine_reqs)  # once for its n choices
         if waiting and tokens > cfg.max_waiting_tokens:
             raise APIError("too many prompt tokens are queued; retry later", None, 429, "rate_limit_error")
 
@@ -205,9 +205,7 @@ class Server:
         choices: list[Choice] = []
         try:
             for r in engine_reqs:
-                for i in range(r.n):
-                    params = r.params if i == 0 else _reseed(r.params, r.params.seed + i)
-                    stream = self.engine.submit(r.prompt, params, each_token=req.stream or bool(r.stop))
+                for stream in self.engine.submit(r.prompt, r.params, r.n, each_token=req.stream or bool(r.stop)):
                     choices.append(Choice(len(choices), stream, r, self.tokenizer))
             if req.stream:
                 return await self._stream(request, req, choices, chat)
@@ -338,10 +336,6 @@ class Server:
     def _token_entry(self, req, token: int, lp: float) -> dict:
         return {"token": self._names(req, [token])[0], "logprob": lp,
                 "bytes": list(self.tokenizer.decode([token]).encode())}
-
-
-def _reseed(params, seed: int):
-    return msgspec.structs.replace(params, seed=seed)
 
 
 def _usage(choices: list[Choice]) -> dict:

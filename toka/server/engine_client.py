@@ -4,7 +4,6 @@ latest scheduler stats. Each output sequence is an `OutputStream` the route awai
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 
 import zmq
@@ -24,15 +23,18 @@ class OutputStream:
     """One sequence's output as rank 0 reports it; `accept` (shared with the scheduler) decides which
     tokens belong to it and when it ends."""
 
-    def __init__(self, rid: int, prompt_len: int, params: SamplingParams, each_token: bool = True):
+    def __init__(self, rid: int, prompt_len: int, params: SamplingParams, each_token: bool = True,
+                 prompt_share: int | None = None):
         self.rid = rid
-        self.prompt_len = prompt_len
         self.params = params
+        # its part of the prompt tokens in flight: the n choices of a prompt split its length
+        self.prompt_share = prompt_len if prompt_share is None else prompt_share
         self.tokens: list[int] = []
         self.logprobs: list[float] = []
         self.top: list[TopLogprobs | None] = []
-        self.prompt_logprobs: list[float | None] = [None] * prompt_len
-        self.prompt_top: list[TopLogprobs | None] = [None] * prompt_len
+        scored = prompt_len if params.prompt_logprobs >= 0 else 0  # kept only when asked for
+        self.prompt_logprobs: list[float | None] = [None] * scored
+        self.prompt_top: list[TopLogprobs | None] = [None] * scored
         self.sampled = 0  # tokens counted as completion tokens: kept ones and a final stop token
         self.cached = 0  # prompt tokens whose KV the prefix cache held when it was first scheduled
         self.finish: str | None = None
@@ -82,30 +84,37 @@ class EngineClient:
         self.event_decoder = protocol.decoder(protocol.EventMsg)
         self.status_decoder = protocol.decoder(protocol.StatusMsg)
         self.streams: dict[int, OutputStream] = {}
-        self.prompt_tokens = 0  # prompt tokens of every sequence in self.streams
+        self.prompt_tokens = 0  # prompt tokens in flight: the streams' prompt shares
         self.stats: protocol.Stats | None = None
         self.dead: str | None = None
         self.failed = asyncio.Event()  # set with `dead`: the launcher treats it like a dead process
-        self._rids = itertools.count()
+        self._next_rid = 0
         self._next_step = 0
         self._tasks: list[asyncio.Task] = []
 
     def start(self) -> None:
         self._tasks = [asyncio.create_task(self._follow_events()), asyncio.create_task(self._follow_status())]
 
-    def submit(self, prompt: list[int], params: SamplingParams, each_token: bool = True) -> OutputStream:
+    def submit(self, prompt: list[int], params: SamplingParams, n: int = 1,
+               each_token: bool = True) -> list[OutputStream]:
+        """The n choices of `prompt`, one stream each (choice i sampled with params.for_choice(i))."""
         if self.dead:
             raise EngineDead(self.dead)
-        stream = OutputStream(next(self._rids), len(prompt), params, each_token)
-        self.streams[stream.rid] = stream
-        self.prompt_tokens += stream.prompt_len
-        self.requests.send(protocol.encode(protocol.Submit(stream.rid, prompt, params)))
-        return stream
+        rid = self._next_rid
+        self._next_rid += n
+        share, extra = divmod(len(prompt), n)
+        streams = [OutputStream(rid + i, len(prompt), params.for_choice(i), each_token, share + (i < extra))
+                   for i in range(n)]
+        for stream in streams:
+            self.streams[stream.rid] = stream
+        self.prompt_tokens += len(prompt)
+        self.requests.send(protocol.encode(protocol.Submit(rid, prompt, params, n)))
+        return streams
 
     def abort(self, stream: OutputStream) -> None:
         """Stops generation for a stream that is not done (stop string hit, client gone)."""
         if self.streams.pop(stream.rid, None) is not None:
-            self.prompt_tokens -= stream.prompt_len
+            self.prompt_tokens -= stream.prompt_share
         if not self.dead and not stream.done:
             self.requests.send(protocol.encode(protocol.Abort(stream.rid)))
 
@@ -149,7 +158,7 @@ class EngineClient:
                 continue
             for j, lp in enumerate(p.logprobs):
                 pos = p.start + j
-                if pos < stream.prompt_len:  # a recomputed sequence also scores its own output
+                if pos < len(stream.prompt_logprobs):  # a recomputed sequence also scores its own output
                     stream.prompt_logprobs[pos] = lp
                     stream.prompt_top[pos] = p.top[j] if p.top else None
         for rid, cached in zip(result.cached_rids, result.cached_tokens):
@@ -160,7 +169,7 @@ class EngineClient:
             stream = streams.get(rid)
             if stream is not None and stream._add(token, lp, tops.get(i)):
                 del streams[rid]
-                self.prompt_tokens -= stream.prompt_len
+                self.prompt_tokens -= stream.prompt_share
 
     async def _follow_status(self) -> None:
         while True:

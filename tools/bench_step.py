@@ -1,6 +1,7 @@
 """Decode step time against its floor, one process per GPU (`--tp N`: N ranks, as the engine runs them).
 
     python tools/bench_step.py MODEL_DIR --batches 1,64,256,1024 --context 512 [--tp 2]
+    python tools/bench_step.py MODEL_DIR --batches 2048 --prefill-tokens 2048 --profile   # mixed steps
 
 For each batch size: the median time of a decode step alone (every row one token at `--context`
 cached tokens, CUDA graphs where captured), the host time to build and launch it, the time per step
@@ -8,11 +9,16 @@ when steps overlap as on the rank (the next launched before the last finished; t
 use it), and the floor: 2 x params x batch FLOPs at the measured matmul rate plus the weight and
 KV bytes read at the measured copy bandwidth (per GPU: each rank's shard), plus, with --tp, the
 measured time of the step's all-reduces alone (2 a layer of [batch, hidden] activations).
+
+With --prefill-tokens N every step also prefills N prompt tokens (rows of --prefill-len tokens, as
+chunked prefill mixes them into decode steps in a live server); such steps run eagerly, outside CUDA
+graphs, and their floor adds the prefill FLOPs.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import tempfile
@@ -47,14 +53,24 @@ def measured_rates(device) -> tuple[float, float]:
     return flops, bandwidth
 
 
-def decode_plan(step: int, batch: int, context: int, page_size: int) -> StepPlan:
-    """Row r decodes in slot r with `context` cached tokens on pages r * pages ...; the first step
-    enters the pages in the page table, later ones only decode."""
+def step_plan(step: int, batch: int, context: int, page_size: int, prefill_rows: int = 0,
+              prefill_len: int = 0) -> StepPlan:
+    """Row r decodes in slot r with `context` cached tokens on pages r * pages ...; before them,
+    `prefill_rows` rows in the next slots each prefill `prefill_len` tokens from position 0 (the same
+    pages every step). The first step enters every row's pages in the page table."""
     pages = -(-context // page_size)
-    writes = ([], [], []) if step else ([r for r in range(batch) for _ in range(pages)], list(range(pages)) * batch,
-                                        list(range(batch * pages)))
-    return StepPlan(step, list(range(batch)), list(range(batch)), [1] * batch, [context] * batch, [True] * batch, 0,
-                    [], *writes)
+    pre_pages = -(-prefill_len // page_size)
+    slots = list(range(batch, batch + prefill_rows)) + list(range(batch))
+    writes = ([], [], [])
+    if step == 0:
+        counts = [pre_pages] * prefill_rows + [pages] * batch
+        first = [batch * pages + i * pre_pages for i in range(prefill_rows)] + [r * pages for r in range(batch)]
+        writes = ([s for s, c in zip(slots, counts) for _ in range(c)], [j for c in counts for j in range(c)],
+                  [f + j for f, c in zip(first, counts) for j in range(c)])
+    rows = prefill_rows + batch
+    return StepPlan(step, slots, slots, [prefill_len] * prefill_rows + [1] * batch,
+                    [prefill_len] * prefill_rows + [context] * batch, [True] * rows, prefill_rows,
+                    [1] * (prefill_rows * prefill_len), *writes)
 
 
 def all_reduce_ms(runner, batch: int, reps: int = 10) -> float:
@@ -78,8 +94,9 @@ def all_reduce_ms(runner, batch: int, reps: int = 10) -> float:
     return (time.perf_counter() - t0) / reps * 1e3
 
 
-def profile_steps(runner, batch: int, context: int, steps: int = 10, show: bool = True) -> None:
-    """Where a decode step's time goes: host functions (cProfile) and GPU kernels (torch.profiler)."""
+def profile_steps(runner, plan, steps: int = 10, show: bool = True) -> None:
+    """Where a step's time goes: host functions (cProfile) and GPU kernels (torch.profiler).
+    `plan(i)` is the i-th step's plan."""
     import cProfile
     import pstats
 
@@ -88,15 +105,15 @@ def profile_steps(runner, batch: int, context: int, steps: int = 10, show: bool 
     prof = cProfile.Profile()
     prof.enable()
     for i in range(steps):
-        runner.finish(runner.launch(decode_plan(i, batch, context, 16)))
+        runner.finish(runner.launch(plan(i)))
     prof.disable()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
         for i in range(steps):
-            runner.finish(runner.launch(decode_plan(i, batch, context, 16)))
+            runner.finish(runner.launch(plan(i)))
     if show:  # every rank runs the steps (their collectives need each other); rank 0 prints
-        print(f"--- host, {steps} steps of batch {batch}")
+        print(f"--- host, {steps} steps of {len(plan(1).slots)} rows")
         pstats.Stats(prof).sort_stats("tottime").print_stats(20)
-        print(f"--- GPU kernels, {steps} steps of batch {batch}")
+        print(f"--- GPU kernels, the same {steps} steps")
         print(p.key_averages().table(sort_by="cuda_time_total", row_limit=20))
 
 
@@ -107,6 +124,8 @@ def main() -> None:
     p.add_argument("--context", type=int, default=512)
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks, one process per GPU")
+    p.add_argument("--prefill-tokens", type=int, default=0, help="prompt tokens each step also prefills")
+    p.add_argument("--prefill-len", type=int, default=256, help="prompt tokens a prefill row takes")
     p.add_argument("--no-cuda-graphs", action="store_true")
     p.add_argument("--profile", action="store_true",
                    help="after the sweep, profile steps of the largest batch: host functions and GPU kernels")
@@ -126,10 +145,13 @@ def run(rank: int, args, run_dir: str) -> None:
 
     batches = [int(b) for b in args.batches.split(",")]
     max_b = max(batches)
-    pages = -(-args.context // 16) * max_b
+    pre_rows = -(-args.prefill_tokens // args.prefill_len) if args.prefill_tokens else 0
+    pre_len = args.prefill_len if pre_rows else 0
+    pages = -(-args.context // 16) * max_b + pre_rows * -(-pre_len // 16)
     cfg = EngineConfig(model=args.model, device="cuda", load_format="random", kv_cache_tokens=(pages + 1) * 16,
-                       max_seqs=max_b, cuda_graphs=not args.no_cuda_graphs, tp=args.tp,
-                       cuda_graph_max_batch=max_b).resolve()
+                       max_seqs=max_b + pre_rows, cuda_graphs=not args.no_cuda_graphs, tp=args.tp,
+                       cuda_graph_max_batch=max_b,
+                       max_tokens_per_forward=max(8192, max_b + pre_rows * pre_len)).resolve()
     cfg.run_dir = run_dir
     runner, _ = build(cfg, rank)
     model = runner.model
@@ -140,15 +162,18 @@ def run(rank: int, args, run_dir: str) -> None:
     flops_rate, bandwidth = measured_rates(torch.device("cuda"))
     rows = []
     for b in batches:
+        plan = functools.partial(step_plan, batch=b, context=args.context, page_size=16, prefill_rows=pre_rows,
+                                 prefill_len=pre_len)
+        tokens = b + pre_rows * pre_len
         # greedy, no logprobs: the warm-up left other settings in these slots
         runner._admit(StepPlan(-1, [], [], [], [], [], 0, [], [], [], [],
-                               admit=[SeqParams(s, 0.0, 1.0, 0, 0, -1, -1) for s in range(b)]))
+                               admit=[SeqParams(s, 0.0, 1.0, 0, 0, -1, -1) for s in range(b + pre_rows)]))
         times, host = [], []
         for i in range(args.steps):
-            plan = decode_plan(i, b, args.context, 16)
+            step_i = plan(i)
             torch.cuda.synchronize()
             t0 = time.perf_counter()
-            launched = runner.launch(plan)
+            launched = runner.launch(step_i)
             t1 = time.perf_counter()
             runner.finish(launched)
             t2 = time.perf_counter()
@@ -157,26 +182,28 @@ def run(rank: int, args, run_dir: str) -> None:
         step = statistics.median(times[5:])
         # as the rank runs them: step i + 1 launched before step i is finished, so host and device
         # overlap and the time per step is the larger of the two
-        pending = runner.launch(decode_plan(args.steps, b, args.context, 16))
+        pending = runner.launch(plan(args.steps))
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         for i in range(args.steps):
-            launched = runner.launch(decode_plan(args.steps + 1 + i, b, args.context, 16))
+            launched = runner.launch(plan(args.steps + 1 + i))
             runner.finish(pending)
             pending = launched
         runner.finish(pending)
         pipelined = (time.perf_counter() - t0) / args.steps
-        comm = all_reduce_ms(runner, b) / 1e3 if args.tp > 1 else 0.0
-        floor = 2 * params * b / flops_rate + (weight_bytes + b * args.context * kv_per_token) / bandwidth + comm
+        comm = all_reduce_ms(runner, tokens) / 1e3 if args.tp > 1 else 0.0
+        floor = 2 * params * tokens / flops_rate + (weight_bytes + b * args.context * kv_per_token) / bandwidth + comm
         rows.append(dict(batch=b, context=args.context, step_ms=step * 1e3, host_ms=statistics.median(host[5:]) * 1e3,
                          pipelined_ms=pipelined * 1e3, all_reduce_ms=comm * 1e3, floor_ms=floor * 1e3,
-                         pct_of_floor=100 * floor / pipelined, tok_s=b / pipelined))
+                         pct_of_floor=100 * floor / pipelined, prefill_tokens=tokens - b, tok_s=tokens / pipelined))
     if args.profile:
-        profile_steps(runner, max_b, args.context, show=rank == 0)
+        profile_steps(runner, functools.partial(step_plan, batch=max_b, context=args.context, page_size=16,
+                                                prefill_rows=pre_rows, prefill_len=pre_len), show=rank == 0)
     if rank:
         return
     print(f"tp {args.tp}: matmul {flops_rate / 1e12:.0f} TFLOP/s, copy {bandwidth / 1e12:.2f} TB/s, "
-          f"params {params / 1e9:.2f} B a rank")
+          f"params {params / 1e9:.2f} B a rank" + (f"; each step also prefills {pre_rows} x {pre_len} tokens "
+                                                   "(tok/s counts them)" if pre_rows else ""))
     print(f"{'batch':>6} {'ctx':>5} {'step ms':>8} {'host ms':>8} {'pipe ms':>8} {'allred ms':>9} {'floor ms':>9} "
           f"{'% floor':>8} {'tok/s':>9}")
     for r in rows:

@@ -689,3 +689,17 @@ def test_a_submits_n_choices_share_its_prompt_and_differ_in_seed():
     assert [q.params.seed for q in seqs] == [7, 8, 9, 10]
     plan = s.schedule()
     assert plan.rids == [100, 101, 102, 103]
+
+
+def test_a_prompts_page_keys_are_hashed_once_for_its_choices(monkeypatch):
+    import toka.scheduler.batching as batching
+
+    calls = []
+    real = batching.page_keys
+    monkeypatch.setattr(batching, "page_keys", lambda tokens, ps: calls.append(len(tokens)) or real(tokens, ps))
+    s = Scheduler(num_pages=256, page_size=4, max_seqs=64, max_tokens_per_forward=4096)
+    s.add(0, [5] * 40, params(3, seed=1), n=32)
+    s.add(32, [6] * 40, params(3, seed=1), n=32)
+    plan = s.schedule()
+    assert len(plan.rids) == 64 and calls == [40, 40]
+    assert s.seqs[0].keys == real([5] * 40, 4) and s.seqs[40].keys == real([6] * 40, 4)

@@ -84,6 +84,7 @@ class Scheduler:
         self.prefix_hit_tokens = 0
         self.grouped_rows = 0
         self.reserve_ratio = 0.0
+        self._hashed: tuple[list[int] | None, list[bytes]] = (None, [])  # the last token list hashed, its keys
 
     # ---- requests ------------------------------------------------------------------------------
     def add(self, rid: int, prompt: list[int], params: SamplingParams, n: int = 1) -> None:
@@ -170,10 +171,17 @@ class Scheduler:
         seq.target = len(known)
         if self.prefix_caching and seq.params.prompt_logprobs < 0:  # prompt logprobs need every position
             if len(seq.keys) != len(known) // self.page_size:  # keys depend only on the known tokens
-                seq.keys = page_keys(known, self.page_size)
+                seq.keys = self._page_keys(known)
             seq.pages = self.pages.match(seq.keys[: (len(known) - 1) // self.page_size])
         seq.keyed = len(seq.pages)
         seq.computed = len(seq.pages) * self.page_size
+
+    def _page_keys(self, known: list[int]) -> list[bytes]:
+        """page_keys(known), hashed once for the n choices of a prompt: they share its list and are
+        admitted one after another."""
+        if known is not self._hashed[0]:
+            self._hashed = (known, page_keys(known, self.page_size))
+        return self._hashed[1]
 
     def _chunk(self, seq: Sequence, budget: int) -> int:
         """Prefill tokens for `seq` this step: as many as the budget and free pages allow. The full

@@ -119,12 +119,14 @@ class Scheduler:
         prefill: list[tuple[Sequence, int]] = []
         admit: list[Sequence] = []
 
-        for seq in list(self.running):
+        ps = self.page_size
+        for seq in list(self.running):  # every running sequence, every step: kept to plain field reads
             if budget == 0:
                 break
-            if seq.slot < 0 or not seq.prefilled or not seq.wants_more:
+            if seq.slot < 0 or seq.computed < seq.target or not seq.wants_more:  # not decoding
                 continue
-            if self._grow(seq, seq.computed + 1):
+            # room in its last page (15 steps in 16) needs no allocation
+            if seq.computed < len(seq.pages) * ps or self._grow(seq, seq.computed + 1):
                 decode.append(seq)
                 budget -= 1
         for seq in self.running:

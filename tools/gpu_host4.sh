@@ -12,7 +12,7 @@ weights=$!
 CUDA_VISIBLE_DEVICES=0 bash tools/gpu_check.sh /tmp/g0 full > "$out/full.log" 2>&1 &
 CUDA_VISIBLE_DEVICES=1 bash tools/gpu_check.sh /tmp/g1 fullprefix > "$out/prefix.log" 2>&1 &
 ( CUDA_VISIBLE_DEVICES=2,3 bash tools/gpu_tp.sh /tmp/tp "1 2" step bench
-  wait $weights 2>/dev/null; while kill -0 $weights 2>/dev/null; do sleep 1; done
+  while kill -0 $weights 2>/dev/null; do sleep 1; done  # a sibling's child: wait cannot take it
   CUDA_VISIBLE_DEVICES=2,3 WEIGHTS=$w bash tools/gpu_tp.sh /tmp/tp "1 2" agree ) > "$out/tp.log" 2>&1 &
 wait
 for f in full prefix tp; do

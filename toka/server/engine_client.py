@@ -23,12 +23,10 @@ class OutputStream:
     """One sequence's output as rank 0 reports it; `accept` (shared with the scheduler) decides which
     tokens belong to it and when it ends."""
 
-    def __init__(self, rid: int, prompt_len: int, params: SamplingParams, each_token: bool = True,
-                 prompt_share: int | None = None):
+    def __init__(self, rid: int, prompt_len: int, prompt_share: int, params: SamplingParams, each_token: bool):
         self.rid = rid
         self.params = params
-        # its part of the prompt tokens in flight: the n choices of a prompt split its length
-        self.prompt_share = prompt_len if prompt_share is None else prompt_share
+        self.prompt_share = prompt_share  # its part of the prompt tokens in flight: n choices split the length
         self.tokens: list[int] = []
         self.logprobs: list[float] = []
         self.top: list[TopLogprobs | None] = []
@@ -103,7 +101,7 @@ class EngineClient:
         rid = self._next_rid
         self._next_rid += n
         share, extra = divmod(len(prompt), n)
-        streams = [OutputStream(rid + i, len(prompt), params.for_choice(i), each_token, share + (i < extra))
+        streams = [OutputStream(rid + i, len(prompt), share + (i < extra), params.for_choice(i), each_token)
                    for i in range(n)]
         for stream in streams:
             self.streams[stream.rid] = stream

@@ -2,7 +2,7 @@
 # GPU verification in one go: writes random-weight models of real shapes, runs the GPU tests, the
 # logprob test in bf16 on them, the decode step sweep (with a host/kernel profile) and the
 # throughput benchmarks (TOKA_PROFILE: one cProfile per process).
-#   tools/gpu_check.sh OUT_DIR [tests|step|mixed|bench|workloads|ahead|sharing|unshared|full|fullprefix|profile|all]...
+#   tools/gpu_check.sh OUT_DIR [tests|step|mixed|bench|workloads|ahead|sharing|unshared|full|fullprefix|fullhydragen|profile|all]...
 set -uo pipefail
 out=${1:?OUT_DIR}; shift; what=" ${*:-all} "
 mkdir -p "$out" /tmp/toka-models
@@ -19,13 +19,13 @@ if want tests; then
     MODEL=$m/$model run python -m pytest tests/test_logprobs.py -k test_logprobs -s -q
   done
 fi
-if want step; then
-  run python tools/bench_step.py $m/llama-3.2-1b --batches 1,64,256,1024,2048 --context 512 --profile \
-      --out "$out/step.json"
-fi
 if want mixed; then  # steps as in sharegpt-like: ~2,000 decode rows and ~2,000 prompt tokens
   run python tools/bench_step.py $m/llama-3.2-1b --batches 1024,2048 --context 384 --prefill-tokens 2048 --profile \
       --out "$out/mixed.json"
+fi
+if want step; then
+  run python tools/bench_step.py $m/llama-3.2-1b --batches 1,64,256,1024,2048 --context 512 --profile \
+      --out "$out/step.json"
 fi
 bench() {  # bench WORKLOAD NAME "LAUNCH FLAGS" [bench flags]: one run through the API, llama-3.2-1b shape
   local workload=$1 name=$2 flags=$3; shift 3
@@ -41,7 +41,8 @@ if want sharing; then
 fi
 want unshared && bench shared-prefix shared-prefix-quick-unshared "--no-prefix-caching" --quick
 want full && bench sharegpt-like sharegpt-full ""
-want fullprefix && bench shared-prefix shared-prefix-full-hydragen "--hydragen"
+want fullprefix && bench shared-prefix shared-prefix-full ""
+want fullhydragen && bench shared-prefix shared-prefix-full-hydragen "--hydragen"
 if want profile; then  # cProfile slows Python several times: for where time goes, not for figures
   TOKA_PROFILE=$out/prof bench sharegpt-like sharegpt-4096-profiled "" --requests 4096
   for f in "$out"/prof/*.prof; do

@@ -10,7 +10,7 @@ w=/tmp/toka-models/llama-3.1-8b-weights  # written while the first runs go
 python tools/make_model.py llama-3.1-8b $w --dtype bfloat16 > "$out/weights.log" 2>&1 &
 weights=$!
 CUDA_VISIBLE_DEVICES=0 bash tools/gpu_check.sh /tmp/g0 full > "$out/full.log" 2>&1 &
-CUDA_VISIBLE_DEVICES=1 bash tools/gpu_check.sh /tmp/g1 fullprefix > "$out/prefix.log" 2>&1 &
+CUDA_VISIBLE_DEVICES=1 bash tools/gpu_check.sh /tmp/g1 fullhydragen > "$out/prefix.log" 2>&1 &
 ( CUDA_VISIBLE_DEVICES=2,3 bash tools/gpu_tp.sh /tmp/tp "1 2" step bench
   while kill -0 $weights 2>/dev/null; do sleep 1; done  # a sibling's child: wait cannot take it
   CUDA_VISIBLE_DEVICES=2,3 WEIGHTS=$w bash tools/gpu_tp.sh /tmp/tp "1 2" agree ) > "$out/tp.log" 2>&1 &

@@ -15,6 +15,7 @@ import zmq
 from toka import protocol
 from toka.config import EngineConfig
 from toka.fabric import Channel, profiled, setup_logging, watch_parent
+from workers.step_trace import StepTrace
 
 log = logging.getLogger("toka.rank")
 
@@ -154,7 +155,7 @@ def rank_main(cfg: EngineConfig, rank: int) -> None:
         events = Channel(ctx, zmq.XPUB, cfg.endpoint("events"), None, bind=True) if rank == 0 else None
         control.send(protocol.Ready(name, {"kv_pages": num_pages}))
         with profiled(name):
-            serve(runner, plans, events)
+            serve(runner, plans, events, StepTrace(name) if cfg.device == "cuda" else None)
     except Exception as e:
         log.error("%s failed: %s", name, traceback.format_exc())
         control.send(protocol.Fatal(name, f"{type(e).__name__}: {e}"))
@@ -163,7 +164,7 @@ def rank_main(cfg: EngineConfig, rank: int) -> None:
     log.info("%s stopped", name)
 
 
-def serve(runner, plans: Channel, events: Channel | None) -> None:
+def serve(runner, plans: Channel, events: Channel | None, trace: StepTrace | None = None) -> None:
     """Runs plans in step order. Step N + 1 is launched before step N's tokens are copied out when
     its plan arrives while the device still runs step N, so the device does not wait for the host
     between them; step N is finished as soon as the device is done with it if no plan came first
@@ -192,6 +193,8 @@ def serve(runner, plans: Channel, events: Channel | None) -> None:
         if pending is None and expected:  # nothing left on the device: it waited for this plan
             idle += t1 - t0  # (or for requests, between busy periods)
         expected += 1
+        if trace is not None:
+            trace.before_launch(msg)
         launched = runner.launch(msg)
         launching += time.perf_counter() - t1
         _publish(runner, pending, events)

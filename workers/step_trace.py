@@ -1,0 +1,83 @@
+"""Where a served step's device time goes. With TOKA_TRACE=DIR:FIRST:COUNT in the environment, each
+rank records the device's kernels while it runs steps FIRST .. FIRST + COUNT - 1 (torch.profiler,
+device activity only, so the host keeps its pace) and writes DIR/<rank>-steps.txt: how long the device
+was busy and idle over those steps, the kernels by total time, and what the steps held (rows,
+prompt tokens, cached tokens read). bench_step.py measures synthetic steps; this measures the
+steps a real workload makes, with its mix of lengths."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import defaultdict
+
+import numpy as np
+import torch
+
+from toka.protocol import StepPlan
+
+
+class StepTrace:
+    def __init__(self, name: str, spec: str | None = None):
+        spec = os.environ.get("TOKA_TRACE", "") if spec is None else spec
+        self.name = name
+        self.folder, self.first, self.count = None, 0, 0
+        if spec:
+            folder, first, count = spec.rsplit(":", 2)
+            self.folder, self.first, self.count = folder, int(first), int(count)
+        self.prof = None
+        self.plans: list[tuple[int, int, int, int]] = []
+
+    def before_launch(self, plan: StepPlan) -> None:
+        if self.folder is None:
+            return
+        step = plan.step_id
+        if step == self.first:
+            from torch.profiler import ProfilerActivity, profile
+
+            # device activity only: recording host ops would slow the host that launches the steps
+            device = torch.cuda.is_available()
+            self.prof = profile(activities=[ProfilerActivity.CUDA if device else ProfilerActivity.CPU])
+            self.prof.start()
+        if self.prof is not None and step < self.first + self.count:
+            kv = np.asarray(plan.kv_lens[plan.num_prefill :], dtype=np.int64)
+            prompt = int(np.sum(plan.q_lens[: plan.num_prefill]))
+            self.plans.append((len(plan.slots) - plan.num_prefill, plan.num_prefill, prompt, int(kv.sum())))
+        if step == self.first + self.count and self.prof is not None:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self.prof.stop()
+            self._write()
+            self.prof, self.folder = None, None
+
+    def _write(self) -> None:
+        os.makedirs(self.folder, exist_ok=True)
+        trace = os.path.join(self.folder, f"{self.name}-trace.json")
+        self.prof.export_chrome_trace(trace)
+        with open(trace) as f:
+            events = json.load(f)["traceEvents"]
+        kernels = sorted((e["ts"], e["ts"] + e["dur"], e["name"]) for e in events
+                         if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e)
+        lines = [f"steps {self.first} .. {self.first + self.count - 1} ({self.name})"]
+        if kernels:
+            span = kernels[-1][1] - kernels[0][0]
+            busy, end = 0.0, kernels[0][0]
+            for lo, hi, _ in kernels:  # union of the kernels' intervals
+                busy += max(0.0, hi - max(lo, end))
+                end = max(end, hi)
+            n = self.count
+            lines.append(f"device: {span / n / 1e3:.2f} ms a step, busy {busy / n / 1e3:.2f}, "
+                         f"idle {(span - busy) / n / 1e3:.2f} ({100 * (span - busy) / span:.1f} %)")
+            by_name: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+            for lo, hi, name in kernels:
+                by_name[name][0] += hi - lo
+                by_name[name][1] += 1
+            lines.append(f"{'ms a step':>10} {'calls':>6}  kernel")
+            for name, (t, calls) in sorted(by_name.items(), key=lambda kv: -kv[1][0])[:20]:
+                lines.append(f"{t / n / 1e3:10.3f} {calls / n:6.1f}  {name[:110]}")
+        a = np.asarray(self.plans, dtype=np.float64).reshape(-1, 4)
+        lines.append("a step (mean / max): decode rows %.0f / %.0f, prefill rows %.1f / %.0f, prompt tokens "
+                     "%.0f / %.0f, cached tokens decode rows read %.0f / %.0f" %
+                     tuple(v for col in a.T for v in (col.mean(), col.max())))
+        with open(os.path.join(self.folder, f"{self.name}-steps.txt"), "w") as f:
+            f.write("\n".join(lines) + "\n")

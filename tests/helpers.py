@@ -23,13 +23,14 @@ def free_port() -> int:
 
 
 def local_runner(model: str, dtype: str = "float32", device: str = "cpu", kv_tokens: int = 8192, max_seqs: int = 16,
-                 cuda_graphs: bool = False, max_model_len: int | None = None):
+                 cuda_graphs: bool = False, max_model_len: int | None = None, decode_attention: str = "cuda-cores"):
     """A rank's ModelRunner in this process, for driving step plans directly. `max_model_len` may
     exceed the model's context window, for rope extrapolation tests that plan longer sequences."""
     from workers.rank import build
 
     cfg = EngineConfig(model=model, device=device, dtype=dtype, kv_cache_tokens=kv_tokens, max_seqs=max_seqs,
-                       cuda_graphs=cuda_graphs, cuda_graph_max_batch=max_seqs).resolve()
+                       cuda_graphs=cuda_graphs, cuda_graph_max_batch=max_seqs,
+                       decode_attention=decode_attention).resolve()
     cfg.max_model_len = max_model_len or cfg.max_model_len
     runner, _ = build(cfg, 0)
     return runner

@@ -51,6 +51,11 @@ class EngineConfig:
     hydragen: bool = _flag("attend to a prefix shared by many decoding sequences once for all of them", default=False)
     hydragen_min_group: int = _flag("fewest sequences that share a prefix to form a Hydragen group", default=16)
     hydragen_min_prefix: int = _flag("shortest shared prefix, in tokens, for a Hydragen group", default=256)
+    # measured (docs/performance.md): tensor cores +6 % on shared-prefix (contexts 800-1,056 tokens),
+    # -4 % on sharegpt-like (a few hundred)
+    decode_attention: str = _flag("kernel of decode rows on cuda: cuda-cores (FlashInfer's decode kernel) or "
+                                  "tensor-cores (its prefill kernel, a query a row: faster for contexts near "
+                                  "1,000 tokens and beyond, slower for a few hundred)", default="cuda-cores")
     cuda_graph_max_batch: int = _flag("largest decode batch captured in a CUDA graph", default=1024)
     load_format: str = _flag("safetensors, or random for benchmarks", default="safetensors")
     seed: int = _flag("seed for random weights and unseeded requests", default=0)
@@ -119,6 +124,8 @@ class EngineConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ConfigError("--gpu-memory-utilization must be in (0, 1]")
+        if self.decode_attention not in ("cuda-cores", "tensor-cores"):
+            raise ConfigError(f"--decode-attention must be cuda-cores or tensor-cores, not {self.decode_attention!r}")
         if self.load_format not in ("safetensors", "random"):
             raise ConfigError("--load-format must be safetensors or random")
         if self.kv_cache_tokens is not None and self.kv_cache_tokens < self.page_size:

@@ -62,7 +62,8 @@ def build(cfg: EngineConfig, rank: int):
     def make_runner(num_pages: int) -> ModelRunner:
         # one page more than the scheduler hands out: the scratch page of CUDA-graph padding rows
         cache = KVCache(shape[0], num_pages + 1, cfg.page_size, shape[1], shape[2], dtype, device)
-        backend = make_backend(backend_name, cache, attn0.num_heads, attn0.head_dim)
+        backend = make_backend(backend_name, cache, attn0.num_heads, attn0.head_dim,
+                               tensor_core_decode=cfg.decode_attention == "tensor-cores")
         max_pages_per_seq = min(-(-cfg.max_model_len // cfg.page_size), num_pages)
         return ModelRunner(model, backend, cfg.max_seqs, cfg.page_size, device, scratch_page=num_pages,
                            max_pages_per_seq=max_pages_per_seq)

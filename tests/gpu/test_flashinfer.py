@@ -29,7 +29,8 @@ def make_batch(runner, rows, page_size):
 
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(32, 8, 64), (16, 8, 128)])
 @pytest.mark.parametrize("kind", ["prefill", "decode", "mixed"])
-def test_flashinfer_equals_torch(heads, kv_heads, head_dim, kind):
+@pytest.mark.parametrize("tensor_cores", [False, True], ids=["cuda-core-decode", "tensor-core-decode"])
+def test_flashinfer_equals_torch(heads, kv_heads, head_dim, kind, tensor_cores):
     torch.manual_seed(0)
     dev = torch.device("cuda")
     rows = {
@@ -46,7 +47,7 @@ def test_flashinfer_equals_torch(heads, kv_heads, head_dim, kind):
         torch.manual_seed(1)
         caches[name].data.normal_()
     for name, cache in caches.items():
-        backend = make_backend(name, cache, heads, head_dim)
+        backend = make_backend(name, cache, heads, head_dim, tensor_core_decode=tensor_cores)
         runner = ModelRunner(None, backend, 8, PAGE, dev, scratch_page=127, max_pages_per_seq=128)
         batch = make_batch(runner, rows, PAGE)
         torch.manual_seed(2)
@@ -63,7 +64,8 @@ def test_flashinfer_equals_torch(heads, kv_heads, head_dim, kind):
     assert torch.equal(caches["torch"].data, caches["flashinfer"].data), "appended K/V differ"
 
 
-def test_cuda_graph_and_eager_give_the_same_tokens(tmp_path):
+@pytest.mark.parametrize("decode_attention", ["cuda-cores", "tensor-cores"])
+def test_cuda_graph_and_eager_give_the_same_tokens(tmp_path, decode_attention):
     from tests.helpers import local_runner, prefill_plan
     from toka.protocol import StepPlan
     from tools.make_model import make_model
@@ -72,7 +74,7 @@ def test_cuda_graph_and_eager_give_the_same_tokens(tmp_path):
     outputs = []
     for graphs in (False, True):
         runner = local_runner(str(path), dtype="bfloat16", device="cuda", kv_tokens=4096, max_seqs=16,
-                              cuda_graphs=graphs)
+                              cuda_graphs=graphs, decode_attention=decode_attention)
         assert bool(runner.graphs) == graphs
         prompts = [[(7 * r + i) % 500 for i in range(5 + 3 * r)] for r in range(5)]
         plan = prefill_plan(0, prompts, PAGE)
@@ -95,10 +97,11 @@ def test_cuda_graph_and_eager_give_the_same_tokens(tmp_path):
     assert outputs[0] == outputs[1]
 
 
-def test_flashinfer_hydragen_groups_equal_torch_without_them():
+@pytest.mark.parametrize("tensor_cores", [False, True], ids=["cuda-core-decode", "tensor-core-decode"])
+def test_flashinfer_hydragen_groups_equal_torch_without_them(tensor_cores):
     from tests.unit.test_hydragen import grouped_attention_case
 
-    plain, grouped = grouped_attention_case("cuda", torch.bfloat16, "flashinfer")
+    plain, grouped = grouped_attention_case("cuda", torch.bfloat16, "flashinfer", tensor_core_decode=tensor_cores)
     assert torch.isfinite(grouped).all()
     rel = ((grouped - plain).norm() / plain.norm()).item()
     assert rel <= 1e-2, rel

@@ -102,6 +102,8 @@ FAILURES = {
                               "CPU cores"),
     "KV cache beyond memory": (lambda m, tmp: ["--model", m["tiny-llama"], "--kv-cache-tokens", str(10**13)],
                                "lower --kv-cache-tokens"),
+    "unknown decode kernel": (lambda m, tmp: ["--model", m["tiny-llama"], "--decode-attention", "fa3"],
+                              "--decode-attention must be cuda-cores or tensor-cores"),
 }
 
 

@@ -32,7 +32,7 @@ def test_group_by_prefix_orders_groups_first_and_finds_the_shared_length():
     assert group_by_prefix(a, min_group=3, min_pages=4)[1] == []  # prefix too short
 
 
-def grouped_attention_case(device, dtype, backend: str, seed: int = 0):
+def grouped_attention_case(device, dtype, backend: str, seed: int = 0, tensor_core_decode: bool = False):
     """Decode rows in two groups (4 rows x 5 shared pages, 3 rows x 2) and 2 rows alone, each with
     1..3 own pages: `backend`'s output with the groups and the torch backend's without them."""
     rng = random.Random(seed)
@@ -56,7 +56,7 @@ def grouped_attention_case(device, dtype, backend: str, seed: int = 0):
     for name, groups in (("plain", ((), ())), ("grouped", ([4, 3], [5, 2]))):
         cache = KVCache(1, num_pages, PAGE, kv_heads, dim, dtype, torch.device(device))
         cache.data.copy_(history)
-        attn = make_backend("torch" if name == "plain" else backend, cache, heads, dim)
+        attn = make_backend("torch" if name == "plain" else backend, cache, heads, dim, tensor_core_decode)
         runner = ModelRunner(None, attn, n, PAGE, torch.device(device), scratch_page=num_pages - 1, max_pages_per_seq=8)
         for r, pages in enumerate(row_pages):
             runner.page_table[r, : len(pages)] = torch.tensor(pages, dtype=torch.int32)

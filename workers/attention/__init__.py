@@ -71,7 +71,8 @@ class AttentionBackend:
         raise NotImplementedError
 
 
-def make_backend(name: str, cache, num_heads: int, head_dim: int) -> AttentionBackend:
+def make_backend(name: str, cache, num_heads: int, head_dim: int, tensor_core_decode: bool = False) -> AttentionBackend:
+    """tensor_core_decode: FlashInfer runs decode rows on tensor cores (the torch reference has one path)."""
     if name == "torch":
         from workers.attention.torch_ref import TorchAttention
 
@@ -79,5 +80,5 @@ def make_backend(name: str, cache, num_heads: int, head_dim: int) -> AttentionBa
     if name == "flashinfer":
         from workers.attention.flashinfer_backend import FlashInferAttention
 
-        return FlashInferAttention(cache, num_heads, head_dim)
+        return FlashInferAttention(cache, num_heads, head_dim, tensor_core_decode)
     raise ValueError(f"unknown attention backend {name!r}")

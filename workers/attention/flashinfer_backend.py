@@ -20,10 +20,16 @@ from workers.attention import AttentionBackend, AttentionBatch, cumsum0
 WORKSPACE_BYTES = 256 * 1024 * 1024
 
 
+def _decode_args(tensor_cores: bool) -> dict:
+    # FlashInfer's tensor-core decode runs its FA2 prefill kernel with one query a row; its FA3 one
+    # reads the cache at a seventh of the copy bandwidth there (tools/bench_attention.py)
+    return dict(use_tensor_cores=True, backend="fa2") if tensor_cores else {}
+
+
 class _GraphSlot:
     """Fixed buffers of one captured decode batch size."""
 
-    def __init__(self, bs: int, max_pages: int, device, workspace):
+    def __init__(self, bs: int, max_pages: int, device, workspace, tensor_cores: bool):
         i32 = dict(dtype=torch.int32, device=device)
         self.indptr = torch.zeros(bs + 1, **i32)
         self.indices = torch.zeros(max_pages, **i32)
@@ -33,12 +39,14 @@ class _GraphSlot:
         self.wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
             workspace, "NHD", use_cuda_graph=True, paged_kv_indptr_buffer=self.indptr,
             paged_kv_indices_buffer=self.indices, paged_kv_last_page_len_buffer=self.last_len,
+            **_decode_args(tensor_cores),
         )
 
 
 class FlashInferAttention(AttentionBackend):
-    def __init__(self, cache, num_heads: int, head_dim: int):
+    def __init__(self, cache, num_heads: int, head_dim: int, tensor_core_decode: bool = False):
         self.cache = cache
+        self.tensor_core_decode = tensor_core_decode
         self.num_heads = num_heads
         self.num_kv_heads = cache.layers[0].shape[3]
         self.head_dim = head_dim
@@ -47,7 +55,8 @@ class FlashInferAttention(AttentionBackend):
         self.prefill_ws = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
         self.decode_ws = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
         self.prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.prefill_ws, "NHD")
-        self.decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(self.decode_ws, "NHD")
+        self.decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(self.decode_ws, "NHD",
+                                                                  **_decode_args(tensor_core_decode))
         # Hydragen: each group's queries against its shared pages, a non-causal prefill-shaped problem
         # (a group's many queries share each key read); runs after `prefill` in the same stream
         self.prefix = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.prefill_ws, "NHD")
@@ -58,7 +67,8 @@ class FlashInferAttention(AttentionBackend):
 
     def add_graph_size(self, bs: int, max_pages: int) -> None:
         """Buffers for replaying decode steps of `bs` rows with up to `max_pages` pages in all."""
-        self.graph_slots[bs] = _GraphSlot(bs, max_pages, self.cache.data.device, self.decode_ws)
+        self.graph_slots[bs] = _GraphSlot(bs, max_pages, self.cache.data.device, self.decode_ws,
+                                          self.tensor_core_decode)
 
     def plan(self, batch: AttentionBatch, graph_size: int | None = None) -> None:
         """Plans the step. With `graph_size`, the batch is decode-only and padded to that size, and

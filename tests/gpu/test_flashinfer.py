@@ -15,6 +15,7 @@ from workers.runner import ModelRunner  # noqa: E402
 from tests.helpers import batch_with_pages  # noqa: E402
 
 PAGE = 16
+both_decode_kernels = pytest.mark.parametrize("tensor_cores", [False, True], ids=["cuda-core-decode", "tensor-core-decode"])
 
 
 def make_batch(runner, rows, page_size):
@@ -29,7 +30,7 @@ def make_batch(runner, rows, page_size):
 
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(32, 8, 64), (16, 8, 128)])
 @pytest.mark.parametrize("kind", ["prefill", "decode", "mixed"])
-@pytest.mark.parametrize("tensor_cores", [False, True], ids=["cuda-core-decode", "tensor-core-decode"])
+@both_decode_kernels
 def test_flashinfer_equals_torch(heads, kv_heads, head_dim, kind, tensor_cores):
     torch.manual_seed(0)
     dev = torch.device("cuda")
@@ -97,7 +98,7 @@ def test_cuda_graph_and_eager_give_the_same_tokens(tmp_path, decode_attention):
     assert outputs[0] == outputs[1]
 
 
-@pytest.mark.parametrize("tensor_cores", [False, True], ids=["cuda-core-decode", "tensor-core-decode"])
+@both_decode_kernels
 def test_flashinfer_hydragen_groups_equal_torch_without_them(tensor_cores):
     from tests.unit.test_hydragen import grouped_attention_case
 

@@ -2,7 +2,8 @@
 
 Per step, `plan()` runs FlashInfer's planners once (on host metadata, outside the layers and
 outside CUDA graphs); every layer then appends its new K/V into the cache and runs the prefill
-rows through the paged prefill wrapper and the decode rows through the paged decode wrapper.
+rows through the paged prefill wrapper and the decode rows through the paged decode wrapper
+(FlashInfer's decode kernel on CUDA cores, or with `tensor_core_decode` its FA2 tensor-core path).
 
 CUDA graphs: a decode-only step of `bs` rows can run inside a captured graph. Each captured size
 has its own decode wrapper whose metadata lives in fixed device buffers (FlashInfer's

@@ -49,7 +49,6 @@ def main() -> None:
     kv = torch.empty(pool, 2, ps, args.kv_heads, args.head_dim, dtype=dt, device=dev).normal_()
     indices = torch.randperm(pool, device=dev)[:total].int()  # pages scattered as a long-running cache leaves them
     q = torch.randn(args.batch, args.heads, args.head_dim, dtype=dt, device=dev)
-    host = lambda a: torch.from_numpy(a)  # noqa: E731
     heads = (args.heads, args.kv_heads, args.head_dim, ps)
     common = dict(q_data_type=dt, kv_data_type=dt)
 
@@ -70,7 +69,7 @@ def main() -> None:
     ]:
         try:
             w = make()
-            w.plan(host(indptr), indices, host(last), *heads, **common)
+            w.plan(torch.from_numpy(indptr), indices, torch.from_numpy(last), *heads, **common)
             out = w.run(q, kv)
             ms = time_ms(lambda: w.run(q, kv))
         except Exception as e:  # a kernel this FlashInfer build lacks

@@ -156,7 +156,7 @@ def rank_main(cfg: EngineConfig, rank: int) -> None:
         events = Channel(ctx, zmq.XPUB, cfg.endpoint("events"), None, bind=True) if rank == 0 else None
         control.send(protocol.Ready(name, {"kv_pages": num_pages}))
         with profiled(name):
-            serve(runner, plans, events, StepTrace(name) if cfg.device == "cuda" else None)
+            serve(runner, plans, events, StepTrace(name))
     except Exception as e:
         log.error("%s failed: %s", name, traceback.format_exc())
         control.send(protocol.Fatal(name, f"{type(e).__name__}: {e}"))
@@ -187,6 +187,8 @@ def serve(runner, plans: Channel, events: Channel | None, trace: StepTrace | Non
             raise RuntimeError(f"step plans out of order: expected {expected}, got {msg.step_id}")
         if isinstance(msg, protocol.Stop):
             _publish(runner, pending, events)
+            if trace is not None:
+                trace.close()
             if expected:
                 log.info("%d steps: launching %.2f ms a step; device idle waiting for plans %.2f ms a step "
                          "(%.1f s in all)", expected, launching / expected * 1e3, idle / expected * 1e3, idle)

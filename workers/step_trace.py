@@ -1,13 +1,15 @@
 """Where a served step's device time goes. With TOKA_TRACE=DIR:FIRST:COUNT in the environment, each
-rank records the device's kernels while it runs steps FIRST .. FIRST + COUNT - 1 (torch.profiler,
-device activity only, so the host keeps its pace) and writes DIR/<rank>-steps.txt: how long the device
-was busy and idle over those steps, the kernels by total time, and what the steps held (rows,
-prompt tokens, cached tokens read). bench_step.py measures synthetic steps; this measures the
-steps a real workload makes, with its mix of lengths."""
+rank records the device's kernels while it runs steps FIRST .. FIRST + COUNT - 1, or up to the
+engine's stop if that comes first (torch.profiler, device activity only, so the host keeps its
+pace), and writes DIR/<rank>-steps.txt: how long the device was busy and idle over those steps,
+the kernels by total time, and what the steps held (rows, prompt tokens, cached tokens read).
+bench_step.py measures synthetic steps; this measures the steps a real workload makes, with its
+mix of lengths."""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections import defaultdict
 
@@ -15,6 +17,8 @@ import numpy as np
 import torch
 
 from toka.protocol import StepPlan
+
+log = logging.getLogger("toka.rank")
 
 
 class StepTrace:
@@ -32,6 +36,9 @@ class StepTrace:
         if self.folder is None:
             return
         step = plan.step_id
+        if step == self.first + self.count:
+            self.close()
+            return
         if step == self.first:
             from torch.profiler import ProfilerActivity, profile
 
@@ -39,16 +46,22 @@ class StepTrace:
             device = torch.cuda.is_available()
             self.prof = profile(activities=[ProfilerActivity.CUDA if device else ProfilerActivity.CPU])
             self.prof.start()
-        if self.prof is not None and step < self.first + self.count:
+        if self.prof is not None:
             kv = np.asarray(plan.kv_lens[plan.num_prefill :], dtype=np.int64)
             prompt = int(np.sum(plan.q_lens[: plan.num_prefill]))
             self.plans.append((len(plan.slots) - plan.num_prefill, plan.num_prefill, prompt, int(kv.sum())))
-        if step == self.first + self.count and self.prof is not None:
+
+    def close(self) -> None:
+        """Ends the window (at its last step, or at the engine's stop if the run was shorter) and
+        writes what it recorded."""
+        if self.prof is not None:
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             self.prof.stop()
             self._write()
-            self.prof, self.folder = None, None
+        elif self.folder is not None:
+            log.warning("TOKA_TRACE: the engine stopped before step %d; nothing was traced", self.first)
+        self.prof, self.folder = None, None
 
     def _write(self) -> None:
         os.makedirs(self.folder, exist_ok=True)
@@ -58,14 +71,14 @@ class StepTrace:
             events = json.load(f)["traceEvents"]
         kernels = sorted((e["ts"], e["ts"] + e["dur"], e["name"]) for e in events
                          if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e)
-        lines = [f"steps {self.first} .. {self.first + self.count - 1} ({self.name})"]
+        n = len(self.plans)
+        lines = [f"steps {self.first} .. {self.first + n - 1} ({self.name})"]
         if kernels:
             span = kernels[-1][1] - kernels[0][0]
             busy, end = 0.0, kernels[0][0]
             for lo, hi, _ in kernels:  # union of the kernels' intervals
                 busy += max(0.0, hi - max(lo, end))
                 end = max(end, hi)
-            n = self.count
             lines.append(f"device: {span / n / 1e3:.2f} ms a step, busy {busy / n / 1e3:.2f}, "
                          f"idle {(span - busy) / n / 1e3:.2f} ({100 * (span - busy) / span:.1f} %)")
             by_name: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])

@@ -20,8 +20,25 @@ def test_window_writes_its_steps(tmp_path):
     assert "decode rows 30 / 40, prefill rows 1.0 / 1, prompt tokens 5 / 5, cached tokens decode rows read 3000 / 4000" in text
 
 
+def test_a_run_shorter_than_the_window_writes_its_steps_at_close(tmp_path):
+    trace = StepTrace("rank0", f"{tmp_path}:1:100")
+    for step in range(3):
+        trace.before_launch(plan(step, decode=10, prompt=5))
+    trace.close()
+    text = (tmp_path / "rank0-steps.txt").read_text()
+    assert text.startswith("steps 1 .. 2 (rank0)") and "decode rows 10 / 10" in text
+
+
+def test_a_run_that_ends_before_the_window_says_so(tmp_path, caplog):
+    trace = StepTrace("rank0", f"{tmp_path}:50:10")
+    trace.before_launch(plan(0, decode=1, prompt=1))
+    trace.close()
+    assert not list(tmp_path.iterdir()) and "stopped before step 50" in caplog.text
+
+
 def test_off_without_spec(tmp_path):
     trace = StepTrace("rank0", "")
     for step in range(3):
         trace.before_launch(plan(step, decode=1, prompt=1))
+    trace.close()
     assert not list(tmp_path.iterdir())

@@ -50,7 +50,7 @@ def prefill_plan(step: int, prompts: list[list[int]], page_size: int, prompt_log
         q_lens=[len(p) for p in prompts], kv_lens=[len(p) for p in prompts], emit=[True] * len(prompts),
         num_prefill=len(prompts), prefill_tokens=[t for p in prompts for t in p],
         table_slots=slots, table_cols=cols, table_pages=pages,
-        admit=[SeqParams(r, temperature, 1.0, 0, 0, logprobs, prompt_logprobs) for r in range(len(prompts))],
+        admit=[SeqParams(slot=r, temperature=temperature, logprobs=logprobs, prompt_logprobs=prompt_logprobs) for r in range(len(prompts))],
         prefill_next=[-1] * len(prompts) if prompt_logprobs >= 0 else [],
     )
 

@@ -58,6 +58,11 @@ class EngineConfig:
                                   "1,000 tokens and beyond, slower for a few hundred)", default="cuda-cores")
     cuda_graph_max_batch: int = _flag("largest decode batch captured in a CUDA graph", default=1024)
     load_format: str = _flag("safetensors, or random for benchmarks", default="safetensors")
+    logprobs_mode: str = _flag("what logprobs report: raw (the model's own log-softmax, as OpenAI and vLLM) or "
+                               "processed (the distribution sampled from: after penalties, temperature, "
+                               "min-p, top-k and top-p)", default="raw")
+    api_key: str | None = _flag("key every /v1 route, /tokenize and /detokenize require as "
+                                "'Authorization: Bearer KEY' (default: $TOKA_API_KEY, else none)", default=None)
     seed: int = _flag("seed for random weights and unseeded requests", default=0)
     log_level: str = _flag("logging level", default="INFO")
 
@@ -70,7 +75,13 @@ class EngineConfig:
     # ---- derived -------------------------------------------------------------------------------
     @property
     def model_name(self) -> str:
-        return self.served_model_name or self.model or ""
+        """The name responses report: the first served name."""
+        return self.served_names[0]
+
+    @property
+    def served_names(self) -> list[str]:
+        """Every name a request's `model` may use."""
+        return [self.served_model_name or self.model or ""]
 
     @property
     def num_pages(self) -> int:
@@ -126,6 +137,9 @@ class EngineConfig:
             raise ConfigError("--gpu-memory-utilization must be in (0, 1]")
         if self.decode_attention not in ("cuda-cores", "tensor-cores"):
             raise ConfigError(f"--decode-attention must be cuda-cores or tensor-cores, not {self.decode_attention!r}")
+        if self.logprobs_mode not in ("raw", "processed"):
+            raise ConfigError(f"--logprobs-mode must be raw or processed, not {self.logprobs_mode!r}")
+        self.api_key = self.api_key or os.environ.get("TOKA_API_KEY") or None
         if self.load_format not in ("safetensors", "random"):
             raise ConfigError("--load-format must be safetensors or random")
         if self.kv_cache_tokens is not None and self.kv_cache_tokens < self.page_size:

@@ -23,6 +23,18 @@ class SamplingParams(Struct, array_like=True, omit_defaults=True):
     logprobs: int = -1  # -1: none; k >= 0: the chosen token's logprob and k alternatives
     prompt_logprobs: int = -1  # same, for every prompt token after the first
     stop_token_ids: list[int] = []  # EOS ids and the request's own; empty with ignore_eos
+    # vLLM's meanings; the defaults change nothing, and a batch whose rows all keep them pays nothing
+    min_p: float = 0.0  # drop tokens less likely than min_p times the most likely one
+    repetition_penalty: float = 1.0  # over prompt and output tokens: positive logits / p, negative * p
+    frequency_penalty: float = 0.0  # OpenAI's, over output tokens: logit -= f * count
+    presence_penalty: float = 0.0  # OpenAI's, over output tokens: logit -= p if the token occurred
+    min_tokens: int = 0  # stop_token_ids cannot be sampled before this many output tokens
+    logit_bias: dict[int, float] = {}  # token id -> added to its logit, in [-100, 100]
+
+    @property
+    def penalized(self) -> bool:
+        """Whether sampling needs the sequence's token counts."""
+        return self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
 
     def accept(self, token: int, num_generated: int) -> tuple[bool, str | None]:
         """Decides, for the token sampled after `num_generated` earlier ones, whether it belongs to the
@@ -30,7 +42,7 @@ class SamplingParams(Struct, array_like=True, omit_defaults=True):
         every sequence's end without telling each other."""
         if num_generated >= self.max_tokens:  # max_tokens == 0: a prompt-only (echo) request
             return False, "length"
-        if token in self.stop_token_ids:
+        if token in self.stop_token_ids and num_generated >= self.min_tokens:  # the rank masks them before
             return False, "stop"
         if num_generated + 1 >= self.max_tokens:
             return True, "length"
@@ -61,16 +73,27 @@ class Drain(Struct, tag="drain", array_like=True):
 
 
 # ---- plans socket -------------------------------------------------------------------------------
-class SeqParams(Struct, array_like=True, omit_defaults=True):
-    """Sampling settings a rank keeps per slot, sent once when a sequence takes the slot."""
+class SeqParams(Struct, array_like=True, omit_defaults=True, kw_only=True):
+    """Sampling settings a rank keeps per slot, sent once when a sequence takes the slot (again
+    after a preemption). The token lists travel only for the requests that need them."""
 
     slot: int
-    temperature: float
-    top_p: float
-    top_k: int
-    seed: int
-    logprobs: int
-    prompt_logprobs: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+    logprobs: int = -1
+    prompt_logprobs: int = -1
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    logit_bias: dict[int, float] = {}
+    min_tokens: int = 0
+    stop_token_ids: list[int] = []  # masked until min_tokens output tokens (sent only with min_tokens)
+    prompt_len: int = 0  # output tokens are those at positions >= prompt_len
+    # with a penalty: the sequence's known tokens (prompt, then what it generated before a preemption)
+    history: list[int] = []
 
 
 class StepPlan(Struct, tag="plan", array_like=True):
@@ -126,6 +149,7 @@ class PromptLogprobs(Struct, array_like=True):
     start: int
     logprobs: list[float]
     top: list[TopLogprobs]
+    ranks: list[int] = []  # each prompt token's rank in its distribution (1: the most likely)
 
 
 class StepResult(Struct, tag="result", array_like=True):

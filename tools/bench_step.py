@@ -167,7 +167,7 @@ def run(rank: int, args, run_dir: str) -> None:
         tokens = b + pre_rows * pre_len
         # greedy, no logprobs: the warm-up left other settings in these slots
         runner._admit(StepPlan(-1, [], [], [], [], [], 0, [], [], [], [],
-                               admit=[SeqParams(s, 0.0, 1.0, 0, 0, -1, -1) for s in range(b + pre_rows)]))
+                               admit=[SeqParams(slot=s, temperature=0.0) for s in range(b + pre_rows)]))
         times, host = [], []
         for i in range(args.steps):
             step_i = plan(i)

@@ -105,11 +105,11 @@ def warm_up(runner, cfg: EngineConfig, vocab: int, num_pages: int) -> None:
     budget = min(cfg.max_tokens_per_forward, num_pages * ps, cfg.max_model_len)
     pages = -(-budget // ps)
     tokens = [i % vocab for i in range(budget)]
-    admit = [SeqParams(0, 1.0, 0.9, 50, 0, 20, -1)]
+    admit = [SeqParams(slot=0, top_p=0.9, top_k=50, logprobs=20)]
     runner.step(StepPlan(-1, [0], [0], [budget], [budget], [True], 1, tokens, [0] * pages, list(range(pages)),
                          list(range(pages)), admit))
     rows = min(cfg.max_seqs, num_pages, cfg.max_tokens_per_forward)
-    admit = [SeqParams(r, 1.0, 0.9, 50, 0, 20, -1) for r in range(rows)]
+    admit = [SeqParams(slot=r, top_p=0.9, top_k=50, logprobs=20) for r in range(rows)]
     plan = StepPlan(-1, list(range(rows)), list(range(rows)), [1] * rows, [1] * rows, [True] * rows, 0, [],
                     list(range(rows)), [0] * rows, list(range(rows)), admit)
     runner.step(plan)

@@ -291,7 +291,14 @@ class Scheduler:
     @staticmethod
     def _seq_params(seq: Sequence) -> SeqParams:
         p = seq.params
-        return SeqParams(seq.slot, p.temperature, p.top_p, p.top_k, p.seed, p.logprobs, p.prompt_logprobs)
+        return SeqParams(
+            slot=seq.slot, temperature=p.temperature, top_p=p.top_p, top_k=p.top_k, seed=p.seed,
+            logprobs=p.logprobs, prompt_logprobs=p.prompt_logprobs, min_p=p.min_p,
+            repetition_penalty=p.repetition_penalty, frequency_penalty=p.frequency_penalty,
+            presence_penalty=p.presence_penalty, logit_bias=p.logit_bias, min_tokens=p.min_tokens,
+            stop_token_ids=p.stop_token_ids if p.min_tokens else [], prompt_len=len(seq.prompt),
+            history=seq.known if p.penalized else [],
+        )
 
     # ---- results -------------------------------------------------------------------------------
     def update(self, result: StepResult) -> list[tuple[int, str]]:

@@ -52,14 +52,14 @@ class Launcher:
 
         cfg = self.cfg
         tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer_path)
-        self.server = Server(cfg, tokenizer)
+        self.server = Server(cfg, tokenizer, EngineClient(cfg))
         runner = web.AppRunner(self.server.app(), handler_cancellation=True, access_log=None)
         await runner.setup()
         await web.TCPSite(runner, cfg.host, cfg.port).start()  # early: /health says 503 while loading
         ctx = zmq.asyncio.Context()
         self.control = ctx.socket(zmq.PULL)
         self.control.bind(cfg.endpoint("control"))
-        self.server.engine = engine = EngineClient(cfg)
+        engine = self.server.engine
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, lambda: asyncio.ensure_future(self.shutdown()))
@@ -72,8 +72,7 @@ class Launcher:
                 return 0
             log.error("launch failed: %s", e)
             return 1
-        engine.start()
-        self.server.ready = True
+        self.server.start()
         log.info("ready: serving %s on http://%s:%d/v1 (max_model_len %d, %d KV tokens)",
                  cfg.model_name, cfg.host, cfg.port, cfg.max_model_len, cfg.kv_cache_tokens)
         watcher = asyncio.ensure_future(self.watch())
@@ -118,7 +117,6 @@ class Launcher:
         # every rank sized its own cache; the scheduler plans for the smallest
         cfg.kv_cache_tokens = min(r.info["kv_pages"] for r in ready.values()) * cfg.page_size
         cfg.cap_to_cache()
-        self.server.limits.max_model_len = cfg.max_model_len
         self.spawn("scheduler", scheduler_main)
         await self.wait_ready({"scheduler"})
 

@@ -5,11 +5,9 @@ token events into JSON or server-sent events; a client that goes away aborts its
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import random
 import time
-import uuid
 from collections import Counter
 
 from aiohttp import web
@@ -18,6 +16,7 @@ from toka.server import api
 from toka.server.api import APIError, EngineRequest
 from toka.server.detokenizer import Detokenizer, StopMatcher
 from toka.server.engine_client import EngineClient, EngineDead, OutputStream
+from toka.server.responses import Responses, dumps, error_response, new_id, sse
 
 log = logging.getLogger("toka.server")
 
@@ -58,17 +57,31 @@ class Choice:
 
 
 class Server:
-    def __init__(self, cfg, tokenizer):
+    def __init__(self, cfg, tokenizer, engine: EngineClient):
+        """`engine` exists before the ranks start (its sockets must be subscribed before their first
+        step) but is used only after `start()`."""
         self.cfg = cfg
         self.tokenizer = tokenizer
-        self.limits = api.Limits(cfg.vocab_size, cfg.max_model_len, cfg.eos_token_ids, cfg.sampling_defaults)
-        self.engine: EngineClient | None = None
+        self.limits = self._limits()
+        self.engine = engine
+        self.responses = Responses(tokenizer, cfg.model_name)
         self.ready = False
         self.draining = False
         self.counters: Counter[int] = Counter()  # error responses by HTTP status
         self.finished: Counter[str] = Counter()  # choices by how they ended for the client
         self.active = 0  # generation requests in flight (being validated, generated or written)
         self.rng = random.Random(cfg.seed)
+
+    def _limits(self) -> api.Limits:
+        cfg = self.cfg
+        return api.Limits(cfg.vocab_size, cfg.max_model_len, cfg.eos_token_ids, cfg.sampling_defaults)
+
+    def start(self) -> None:
+        """Called once every process is READY: the KV cache is sized, so cfg.max_model_len is final.
+        Starts following the engine and admitting requests."""
+        self.limits = self._limits()
+        self.engine.start()
+        self.ready = True
 
     # ---- app -----------------------------------------------------------------------------------
     def app(self) -> web.Application:
@@ -103,11 +116,11 @@ class Server:
             log.exception("request failed")
             error = APIError(f"internal error: {type(e).__name__}: {e}", None, 500, "server_error")
         self.counters[error.status] += 1
-        return _error_response(error)
+        return error_response(error)
 
     # ---- simple routes -------------------------------------------------------------------------
     async def health(self, request):
-        ok = self.ready and not self.draining and not (self.engine and self.engine.dead)
+        ok = self.ready and not self.draining and not self.engine.dead
         return web.json_response({"status": "ok" if ok else "unavailable"}, status=200 if ok else 503)
 
     async def models(self, request):
@@ -128,13 +141,13 @@ class Server:
         engine = self.engine
         metric("http_requests", "gauge", "generation requests in flight in the server", [("", self.active)])
         metric("http_streams", "gauge", "output sequences in flight in the server",
-               [("", len(engine.streams) if engine else 0)])
+               [("", len(engine.streams))])
         metric("http_errors", "counter", "error responses, by status",
                [(f'{{status="{k}"}}', v) for k, v in sorted(self.counters.items())])
         metric("requests_finished", "counter", "choices (one output sequence each) returned or given up, by "
                "finish reason: stop, length, abort (the client left) or error (the engine failed)",
                [(f'{{reason="{k}"}}', v) for k, v in sorted(self.finished.items())])
-        s = engine.stats if engine else None
+        s = engine.stats
         if s is not None:
             metric("running", "gauge", "sequences on the ranks", [("", s.running)])
             metric("waiting", "gauge", "sequences waiting for a slot or pages", [("", s.waiting)])
@@ -215,7 +228,7 @@ class Server:
             finally:  # one choice failing leaves no other waiting forever
                 for t in tasks:
                     t.cancel()
-            return web.json_response(self._full_response(req, choices, chat), dumps=_dumps)
+            return web.json_response(self.responses.full(req, choices, chat), dumps=dumps)
         finally:  # finished, failed, or cancelled because the client went away
             for c in choices:
                 if not c.stream.done:
@@ -229,14 +242,14 @@ class Server:
     async def _stream(self, request, req, choices: list[Choice], chat: bool):
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await resp.prepare(request)
-        rid, created = _new_id(chat), int(time.time())
+        rid, created = new_id(chat), int(time.time())
         queue: asyncio.Queue = asyncio.Queue()
 
         async def pump(c: Choice):
             try:
                 first = True
                 async for text, start, end in c.deltas(self.engine):
-                    await queue.put(self._chunk(req, c, text, start, end, chat, first, rid, created))
+                    await queue.put(self.responses.chunk(req, c, text, start, end, chat, first, rid, created))
                     first = False
             except EngineDead as e:
                 await queue.put(APIError(f"the engine failed: {e}", None, 503, "server_error"))
@@ -256,11 +269,9 @@ class Server:
                     continue
                 if isinstance(item, APIError):  # an error event, then the stream ends as usual
                     failed, item = True, item.body()
-                await resp.write(b"data: " + _dumps(item).encode() + b"\n\n")
+                await resp.write(sse(item))
             if req.stream_options and req.stream_options.include_usage and not failed:
-                usage = {"id": rid, "object": _object(chat, True), "created": created, "model": self.cfg.model_name,
-                         "choices": [], "usage": _usage(choices)}
-                await resp.write(b"data: " + _dumps(usage).encode() + b"\n\n")
+                await resp.write(sse(self.responses.usage_chunk(rid, created, chat, choices)))
             await resp.write(b"data: [DONE]\n\n")
             await resp.write_eof()
         except ConnectionResetError:
@@ -269,100 +280,3 @@ class Server:
             for t in tasks:
                 t.cancel()
         return resp
-
-    # ---- response bodies -----------------------------------------------------------------------
-    def _chunk(self, req, c: Choice, text, start, end, chat, first, rid, created) -> dict:
-        choice = {"index": c.index, "finish_reason": c.finish, "logprobs": self._logprobs(req, c, start, end, chat, first)}
-        if chat:
-            choice["delta"] = {"role": "assistant", "content": text} if first else {"content": text}
-        else:
-            choice["text"] = (self._prompt_text(c) if req.echo and first else "") + text
-        return {"id": rid, "object": _object(chat, True), "created": created, "model": self.cfg.model_name, "choices": [choice]}
-
-    def _full_response(self, req, choices: list[Choice], chat: bool) -> dict:
-        out = []
-        for c in choices:
-            choice = {"index": c.index, "finish_reason": c.finish,
-                      "logprobs": self._logprobs(req, c, 0, len(c.stream.tokens), chat, True)}
-            if chat:
-                choice["message"] = {"role": "assistant", "content": c.text}
-            else:
-                choice["text"] = (self._prompt_text(c) if req.echo else "") + c.text
-            out.append(choice)
-        return {"id": _new_id(chat), "object": _object(chat, False), "created": int(time.time()),
-                "model": self.cfg.model_name, "choices": out, "usage": _usage(choices)}
-
-    def _prompt_text(self, c: Choice) -> str:
-        return self.tokenizer.decode(c.req.prompt, skip_special_tokens=False)
-
-    def _logprobs(self, req, c: Choice, start: int, end: int, chat: bool, first: bool):
-        s = c.stream
-        if s.params.logprobs < 0:
-            return None
-        ids = s.tokens[start:end]
-        lps, tops = s.logprobs[start:end], s.top[start:end]
-        if chat:
-            return {"content": [self._chat_entry(req, t, lp, top) for t, lp, top in zip(ids, lps, tops)]}
-        if req.echo and first:
-            ids = c.req.prompt + ids
-            lps = s.prompt_logprobs + lps
-            tops = s.prompt_top + tops
-        toks = self._names(req, ids)
-        offsets, pos = [], 0
-        for t in ids:
-            offsets.append(pos)
-            pos += len(self.tokenizer.decode([t]))
-        return {
-            "tokens": toks,
-            "token_logprobs": lps,
-            "top_logprobs": [self._top_dict(req, top) if top is not None else ({} if lp is not None else None)
-                             for top, lp in zip(tops, lps)],
-            "text_offset": offsets,
-        }
-
-    def _names(self, req, ids: list[int]) -> list[str]:
-        if req.return_tokens_as_token_ids:
-            return [f"token_id:{t}" for t in ids]
-        return self.tokenizer.convert_ids_to_tokens(ids)
-
-    def _top_dict(self, req, top) -> dict:
-        return dict(zip(self._names(req, top.ids), top.logprobs))
-
-    def _chat_entry(self, req, token: int, lp: float, top) -> dict:
-        entry = self._token_entry(req, token, lp)
-        entry["top_logprobs"] = [self._token_entry(req, t, p) for t, p in zip(top.ids, top.logprobs)] if top else []
-        return entry
-
-    def _token_entry(self, req, token: int, lp: float) -> dict:
-        return {"token": self._names(req, [token])[0], "logprob": lp,
-                "bytes": list(self.tokenizer.decode([token]).encode())}
-
-
-def _usage(choices: list[Choice]) -> dict:
-    prompts: dict[int, tuple[int, int]] = {}  # once per prompt, not per choice: (tokens, cached tokens)
-    for c in choices:
-        tokens, cached = prompts.get(id(c.req), (len(c.req.prompt), c.stream.cached))
-        prompts[id(c.req)] = (tokens, min(cached, c.stream.cached))  # cached for every choice of it
-    prompt = sum(t for t, _ in prompts.values())
-    completion = sum(c.stream.sampled for c in choices)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": sum(c for _, c in prompts.values())}}
-
-
-def _object(chat: bool, chunk: bool) -> str:
-    if chat:
-        return "chat.completion.chunk" if chunk else "chat.completion"
-    return "text_completion"
-
-
-def _new_id(chat: bool) -> str:
-    return ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
-
-
-def _dumps(obj) -> str:
-    return json.dumps(obj, separators=(",", ":"), allow_nan=False)
-
-
-def _error_response(e: APIError) -> web.Response:
-    headers = {"Retry-After": "1"} if e.status == 429 else None
-    return web.json_response(e.body(), status=e.status, headers=headers)

@@ -25,12 +25,13 @@ MIN_TOP_P = 1e-8
 
 
 class APIError(Exception):
-    def __init__(self, message: str, param: str | None = None, status: int = 400, kind: str = "invalid_request_error"):
+    def __init__(self, message: str, param: str | None = None, status: int = 400, kind: str = "invalid_request_error",
+                 code: str | None = None):
         super().__init__(message)
-        self.message, self.param, self.status, self.kind = message, param, status, kind
+        self.message, self.param, self.status, self.kind, self.code = message, param, status, kind, code
 
     def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": None}}
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 
 
 class StreamOptions(msgspec.Struct):
@@ -233,28 +234,34 @@ def _text(content) -> str:
     return "".join(parts)
 
 
+def chat_prompt(messages: list[Message], tokenizer) -> list[int]:
+    """The prompt token ids of `messages` through the model's chat template, ready for the reply:
+    what the chat route generates from and what /tokenize reports for them."""
+    if not messages:
+        raise APIError("messages must not be empty", "messages")
+    for m in messages:
+        if m.role not in ROLES:
+            raise APIError(f"unknown role {m.role!r}; expected one of {', '.join(ROLES)}", "messages")
+    turns = [{"role": m.role, "content": _text(m.content)} for m in messages]
+    try:
+        text = tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
+    except Exception as e:  # jinja errors from the model's own template
+        raise APIError(f"the chat template rejected these messages: {e}", "messages") from None
+    return tokenizer(text, add_special_tokens=False).input_ids  # the template wrote the special tokens
+
+
 def chat_request(req: ChatRequest, tokenizer, limits: Limits, seed: int) -> EngineRequest:
     _check_common(req, limits)
     if req.tools:
         raise APIError("tools are not supported", "tools")
     if req.response_format and req.response_format.get("type", "text") != "text":
         raise APIError("response_format other than text is not supported", "response_format")
-    if not req.messages:
-        raise APIError("messages must not be empty", "messages")
-    for m in req.messages:
-        if m.role not in ROLES:
-            raise APIError(f"unknown role {m.role!r}; expected one of {', '.join(ROLES)}", "messages")
     if req.top_logprobs is not None:
         if not req.logprobs:
             raise APIError("top_logprobs needs logprobs=true", "top_logprobs")
         if not 0 <= req.top_logprobs <= MAX_LOGPROBS:
             raise APIError(f"top_logprobs must be in [0, {MAX_LOGPROBS}]", "top_logprobs")
-    messages = [{"role": m.role, "content": _text(m.content)} for m in req.messages]
-    try:
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    except Exception as e:  # jinja errors from the model's own template
-        raise APIError(f"the chat template rejected these messages: {e}", "messages") from None
-    ids = tokenizer(text, add_special_tokens=False).input_ids
+    ids = chat_prompt(req.messages, tokenizer)
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     if max_tokens == 0:
         raise APIError("max_tokens must be >= 1", "max_tokens")

@@ -17,6 +17,7 @@ import torch
 from toka.protocol import PromptLogprobs, StepPlan, StepResult, TopLogprobs
 from workers.attention import AttentionBackend, AttentionBatch, PrefixGroups, cumsum0
 from workers.layers.attention import ForwardContext
+from workers.logits_processor import LogitsProcessor
 from workers.sampling import MIN_LOGPROB, SamplingBatch, fold_seed, sample_hidden
 
 # Rows of logits materialized at once: bounds the float32 [rows, vocab] buffers of large batches.
@@ -39,7 +40,7 @@ class Launched:
 
 class ModelRunner:
     def __init__(self, model, attn: AttentionBackend, max_seqs: int, page_size: int, device: torch.device,
-                 scratch_page: int, max_pages_per_seq: int):
+                 scratch_page: int, max_pages_per_seq: int, raw_logprobs: bool = True):
         self.model = model
         self.attn = attn
         self.page_size = page_size
@@ -54,13 +55,17 @@ class ModelRunner:
         self.top_p = torch.ones(n, **f32)
         self.top_k = torch.zeros(n, **i64)
         self.seed = torch.zeros(n, **i64)
+        self.min_p = torch.zeros(n, **f32)
+        self.raw_logprobs = raw_logprobs
+        self.processor = LogitsProcessor(n, model.lm_head.vocab_size, device)
         # slot -> its sequence's pages in order, filled by the plans' table writes (int32: FlashInfer's)
         self.page_table = torch.zeros(n, max_pages_per_seq, dtype=torch.int32, device=device)
         self.page_table[self.scratch_slot, 0] = scratch_page
         # host mirrors of what decides tensor shapes and code paths, so planning never reads the device
         self.logprobs = np.full(n, -1, dtype=np.int64)
         self.prompt_logprobs = np.full(n, -1, dtype=np.int64)
-        self.filtered = np.zeros(n, dtype=bool)
+        self.filtered = np.zeros(n, dtype=bool)  # min-p, top-p or top-k
+        self.uses_min_p = np.zeros(n, dtype=bool)
         self.sampled = np.zeros(n, dtype=bool)  # temperature > 0
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
 
@@ -78,11 +83,14 @@ class ModelRunner:
         self.top_p[idx] = self.to_device([a.top_p for a in plan.admit], torch.float32)
         self.top_k[idx] = self.to_device([a.top_k for a in plan.admit])
         self.seed[idx] = self.to_device([fold_seed(a.seed) for a in plan.admit])
+        self.min_p[idx] = self.to_device([a.min_p for a in plan.admit], torch.float32)
         for a in plan.admit:
             self.logprobs[a.slot] = a.logprobs
             self.prompt_logprobs[a.slot] = a.prompt_logprobs
-            self.filtered[a.slot] = a.top_p < 1.0 or a.top_k > 0
+            self.uses_min_p[a.slot] = a.min_p > 0
+            self.filtered[a.slot] = a.top_p < 1.0 or a.top_k > 0 or a.min_p > 0
             self.sampled[a.slot] = a.temperature > 0
+            self.processor.admit(a)
 
     def _write_pages(self, plan: StepPlan) -> None:
         if plan.table_pages:
@@ -264,6 +272,7 @@ class ModelRunner:
 
     def _sample(self, slots: np.ndarray, last: np.ndarray, positions: np.ndarray, hidden, num_top: int):
         slot_t, last_t, positions_t = self.to_device(np.stack([slots, last, positions]))
+        processed = self.processor.needed(slots)
         batch = SamplingBatch(
             temperature=self.temperature[slot_t],
             top_p=self.top_p[slot_t],
@@ -273,8 +282,13 @@ class ModelRunner:
             filtered=bool(self.filtered[slots].any()),
             random=bool(self.sampled[slots].any()),
             num_top=num_top,
+            min_p=self.min_p[slot_t] if self.uses_min_p[slots].any() else None,
+            raw_logprobs=self.raw_logprobs,
+            process=(lambda logits: self.processor.apply(logits, slots, positions)) if processed else None,
         )
         tokens, chosen, top_ids, top_lp = sample_hidden(self.model.lm_head, hidden[last_t], batch)
+        if processed:
+            self.processor.record(slots, tokens)
         self.last_token[slot_t] = tokens
         parts = [tokens.float()[:, None], chosen[:, None]]
         if num_top:
@@ -293,14 +307,16 @@ class ModelRunner:
             if not targets:
                 continue
             k = int(self.prompt_logprobs[plan.slots[r]])
-            chosen, top = [], []
+            chosen, top, ranks = [], [], []
             for c in range(0, len(targets), LOGIT_CHUNK):  # bounded like sampling's logits
                 part = targets[c : c + LOGIT_CHUNK]
                 logprobs = torch.log_softmax(self.model.lm_head(hidden[lo + c : lo + c + len(part)]).float(), dim=-1)
-                chosen += logprobs.gather(1, self.to_device(part)[:, None])[:, 0].clamp(min=MIN_LOGPROB).tolist()
+                lp = logprobs.gather(1, self.to_device(part)[:, None])
+                ranks += ((logprobs > lp).sum(dim=-1) + 1).tolist()  # 1: no token is more likely
+                chosen += lp[:, 0].clamp(min=MIN_LOGPROB).tolist()
                 if k > 0:
                     top_lp, top_ids = logprobs.topk(k, dim=-1)
                     top += [TopLogprobs(i, p) for i, p in zip(top_ids.tolist(), top_lp.clamp(min=MIN_LOGPROB).tolist())]
-            out.append(PromptLogprobs(plan.rids[r], plan.kv_lens[r] - plan.q_lens[r] + 1, chosen, top))
+            out.append(PromptLogprobs(plan.rids[r], plan.kv_lens[r] - plan.q_lens[r] + 1, chosen, top, ranks))
         return out
 

@@ -4,13 +4,18 @@ Randomness is a hash of (request seed, token position, vocab id) rather than a g
 a request's samples do not depend on which other requests share its batch, on preemption and
 recomputation, or on which rank draws them, so seeded outputs are reproducible and tensor-parallel
 ranks agree without communicating. The Gumbel-max trick turns the hashed uniforms into a sample
-from exactly the distribution whose logprobs are reported: softmax(logits / temperature), after
-top-k and top-p (greedy rows, temperature 0, report the model's unfiltered distribution).
+from the processed distribution: softmax(logits / temperature) after the logits processor
+(penalties, logit_bias, min_tokens) and min-p, top-k and top-p.
+
+Reported logprobs are the model's own log-softmax of the raw logits by default (`raw`, as OpenAI
+and vLLM report them, whatever the temperature), or the processed distribution sampled from
+(`processed`, for RL; greedy rows then report their logits' unfiltered log-softmax).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -55,23 +60,27 @@ class SamplingBatch:
     top_k: torch.Tensor  # int64; 0 = off
     seeds: torch.Tensor  # int64, folded to 32 bits
     positions: torch.Tensor  # int64: the position the sampled token will take
-    filtered: bool  # host-known: does any row use top-p or top-k
+    filtered: bool  # host-known: does any row use min-p, top-p or top-k
     random: bool  # host-known: does any row sample (temperature > 0); else no noise is drawn
     num_top: int  # host-known: the most alternatives any row asked for
+    min_p: torch.Tensor | None = None  # float32 in [0, 1]; None: no row uses it
+    raw_logprobs: bool = True  # report the raw logits' log-softmax, not the processed distribution
+    # host-known: the rows need the logits processor; process(logits) edits the float32 logits
+    process: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
 def sample_hidden(head, hidden: torch.Tensor, b: SamplingBatch):
     """Samples the rows of `hidden` [rows, hidden] through the LM head (a ParallelLMHead); returns
-    what `sample` does. Without top-p, top-k or alternatives, on CUDA, one fused pass reduces each
-    rank's slice of the logits and only four numbers a row cross ranks; otherwise the head gathers
-    the whole vocabulary's logits for `sample`."""
-    if hidden.is_cuda and not b.filtered and b.num_top == 0:
+    what `sample` does. Without filters, processing or alternatives, on CUDA, one fused pass
+    reduces each rank's slice of the logits and only four numbers a row cross ranks; otherwise
+    the head gathers the whole vocabulary's logits for `sample`."""
+    if hidden.is_cuda and not b.filtered and b.num_top == 0 and b.process is None:
         from workers.sampling_kernel import combine, sample_partials
 
         if sample_partials is not None:
             keys = row_keys(b.seeds, b.positions) if b.random else b.seeds  # greedy rows read no noise
             parts = head.reduce_slices(hidden, lambda logits, offset: sample_partials(
-                logits, b.temperature, keys, b.random, offset))
+                logits, b.temperature, keys, b.random, offset, raw=b.raw_logprobs))
             return (*combine(parts), None, None)
     return sample(head(hidden), b)
 
@@ -80,6 +89,9 @@ def sample(logits: torch.Tensor, b: SamplingBatch):
     """logits: [rows, V] (any float dtype). Returns tokens [rows], their logprobs [rows] (float32),
     and the num_top best (ids, logprobs) [rows, num_top] of the reported distribution."""
     logits = logits.float()
+    raw = logits
+    if b.process is not None:
+        logits = b.process(logits.clone())
     greedy = b.temperature <= 0
     temp = torch.where(greedy, torch.ones_like(b.temperature), b.temperature)
     logprobs = torch.log_softmax(logits / temp[:, None], dim=-1)
@@ -90,6 +102,8 @@ def sample(logits: torch.Tensor, b: SamplingBatch):
         before = probs.cumsum(dim=-1) - probs  # mass strictly ahead of each token
         keep = (before < b.top_p[:, None]) | (b.top_p[:, None] >= 1.0)  # rounding must not cut the tail
         keep &= (b.top_k[:, None] <= 0) | (vocab[None, :] < b.top_k[:, None])
+        if b.min_p is not None:  # sorted: probs[:, 0] is the most likely token's
+            keep &= probs >= b.min_p[:, None] * probs[:, :1]
         keep |= greedy[:, None]  # the argmax needs no filter, and its logprobs stay the model's own
         sorted_lp = sorted_lp.masked_fill(~keep, float("-inf"))
         renorm = torch.logsumexp(sorted_lp, dim=-1, keepdim=True)
@@ -98,6 +112,8 @@ def sample(logits: torch.Tensor, b: SamplingBatch):
     if b.random:
         noisy = logprobs + gumbel(b.seeds, b.positions, vocab)
         tokens = torch.where(greedy, tokens, noisy.argmax(dim=-1))
+    if b.raw_logprobs:
+        logprobs = torch.log_softmax(raw, dim=-1)
     # -inf (filtered out) is reported as -9999, as OpenAI-style APIs do: JSON has no infinity
     chosen = logprobs.gather(1, tokens[:, None])[:, 0].clamp(min=MIN_LOGPROB)
     if b.num_top > 0:

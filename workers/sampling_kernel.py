@@ -1,6 +1,7 @@
 """Gumbel-max sampling in one pass over the logits (Triton, CUDA), for batches without top-p,
 top-k or alternatives: per row, the token of argmax(logits / T + gumbel) (argmax(logits) for
-greedy rows) and its logprob, log_softmax(logits / T) at that token, from an online logsumexp.
+greedy rows) and its logprob, log_softmax(logits) (or, processed, log_softmax(logits / T)) at that
+token, from an online logsumexp.
 
 The pass works on a slice of the vocabulary: each tensor-parallel rank reduces the logits of its
 own slice to four numbers a row (`sample_partials`), and `combine` merges the slices' partials, so
@@ -38,7 +39,7 @@ if triton is not None:
 
     @triton.jit
     def _sample_rows(logits, stride, vocab, offset, temperature, keys, out,
-                     RANDOM: tl.constexpr, BLOCK: tl.constexpr):
+                     RANDOM: tl.constexpr, RAW: tl.constexpr, BLOCK: tl.constexpr):
         row = tl.program_id(0)
         t = tl.load(temperature + row)
         greedy = t <= 0
@@ -53,9 +54,11 @@ if triton is not None:
         for start in range(0, vocab, BLOCK):
             ids = start + offs
             inside = ids < vocab
-            x = tl.load(base + ids, mask=inside, other=-float("inf")).to(tl.float32) * inv_t
-            new_max = tl.maximum(run_max, tl.max(x, 0))
-            run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(x - new_max), 0)
+            raw = tl.load(base + ids, mask=inside, other=-float("inf")).to(tl.float32)
+            x = raw * inv_t
+            lse_in = raw if RAW else x  # the reported distribution: the model's own, or the sampled one
+            new_max = tl.maximum(run_max, tl.max(lse_in, 0))
+            run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(lse_in - new_max), 0)
             run_max = new_max
             score = x
             if RANDOM:
@@ -67,7 +70,9 @@ if triton is not None:
             if block_best > best:  # strictly greater: the first maximum wins, as torch.argmax
                 best = block_best
                 best_id = start + tl.argmax(score, 0)
-        chosen = tl.load(base + best_id).to(tl.float32) * inv_t
+        chosen = tl.load(base + best_id).to(tl.float32)
+        if not RAW:
+            chosen = chosen * inv_t
         out_row = out + row * 4
         tl.store(out_row, best)
         tl.store(out_row + 1, (offset + best_id).to(tl.float32))
@@ -75,17 +80,17 @@ if triton is not None:
         tl.store(out_row + 3, chosen)
 
     def sample_partials(logits: torch.Tensor, temperature: torch.Tensor, keys: torch.Tensor, random: bool,
-                        offset: int = 0) -> torch.Tensor:
+                        offset: int = 0, raw: bool = True) -> torch.Tensor:
         """logits [rows, V] of vocab ids offset .. offset + V - 1 (contiguous last dim), temperature
         [rows] float32, keys [rows] int64 from sampling.row_keys. Returns [rows, 4] float32: the best
         score of the slice, its vocab id (exact in float32 below 2**24), the slice's logsumexp of
-        logits / T, and the best token's logits / T."""
+        the reported logits (raw: the logits; else logits / T), and the best token's reported logit."""
         rows, vocab = logits.shape
         assert offset + vocab < 2**24, "vocab ids travel as float32"
         out = torch.empty(rows, 4, dtype=torch.float32, device=logits.device)
         if rows:
             _sample_rows[(rows,)](logits, logits.stride(0), vocab, offset, temperature, keys, out,
-                                  RANDOM=random, BLOCK=BLOCK)
+                                  RANDOM=random, RAW=raw, BLOCK=BLOCK)
         return out
 else:
     sample_partials = None
@@ -100,6 +105,7 @@ def combine(parts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return ids.gather(0, win)[0].long(), logprob.clamp(min=MIN_LOGPROB)
 
 
-def fused_sample(logits: torch.Tensor, temperature: torch.Tensor, keys: torch.Tensor, random: bool):
+def fused_sample(logits: torch.Tensor, temperature: torch.Tensor, keys: torch.Tensor, random: bool,
+                 raw: bool = True):
     """The whole vocabulary's logits [rows, V] -> tokens [rows] int64 and their logprobs [rows] float32."""
-    return combine(sample_partials(logits, temperature, keys, random)[None])
+    return combine(sample_partials(logits, temperature, keys, random, raw=raw)[None])

@@ -17,27 +17,29 @@ pytestmark = pytest.mark.skipif(sample_partials is None or not (torch.cuda.is_av
                                 reason="needs CUDA and Triton")
 
 
-def reference(logits, temperature, seeds, positions, random):
+def reference(logits, temperature, seeds, positions, random, raw):
     """The torch path of sample() on the same rows, whatever device they are on."""
     rows = logits.shape[0]
     b = SamplingBatch(temperature, torch.ones(rows, device=logits.device), torch.zeros(rows, dtype=torch.int64,
-                      device=logits.device), seeds, positions, filtered=True, random=random, num_top=0)
+                      device=logits.device), seeds, positions, filtered=True, random=random, num_top=0,
+                      raw_logprobs=raw)
     # filtered=True with top_p 1 and top_k 0 keeps every token: the torch code, same distribution
     tokens, chosen, _, _ = sample(logits.float(), b)
     return tokens, chosen
 
 
+@pytest.mark.parametrize("raw", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("random", [False, True])
-def test_fused_sampling_matches_torch(dtype, random):
+def test_fused_sampling_matches_torch(dtype, random, raw):
     torch.manual_seed(0)
     rows, vocab = (8, 5000) if INTERPRET else (64, 32000 + 17)  # a vocab that is not a block multiple
     logits = (torch.randn(rows, vocab, device=DEVICE) * 3).to(dtype)
     temperature = torch.tensor([0.0, 0.5, 1.0, 1.5] * (rows // 4), device=DEVICE)
     seeds = torch.arange(rows, device=DEVICE) * 7919 % 2**32
     positions = torch.arange(rows, device=DEVICE) + 100
-    want_tokens, want_lp = reference(logits, temperature, seeds, positions, random)
-    tokens, lp = fused_sample(logits, temperature, row_keys(seeds, positions), random)
+    want_tokens, want_lp = reference(logits, temperature, seeds, positions, random, raw)
+    tokens, lp = fused_sample(logits, temperature, row_keys(seeds, positions), random, raw=raw)
     agree = (tokens == want_tokens).float().mean().item()
     assert agree >= 0.95 and (tokens == want_tokens)[temperature <= 0].all(), agree  # greedy rows exactly
     same = tokens == want_tokens

@@ -8,7 +8,9 @@ import torch
 from workers.sampling import MIN_LOGPROB, SamplingBatch, fold_seed, gumbel, sample
 
 
-def batch(rows, temperature=1.0, top_p=1.0, top_k=0, seeds=0, positions=None, filtered=None, num_top=0):
+def batch(rows, temperature=1.0, top_p=1.0, top_k=0, seeds=0, positions=None, filtered=None, num_top=0,
+          raw_logprobs=False, min_p=None):
+    """Processed logprobs unless raw_logprobs: most tests here check the distribution sampled from."""
     def col(v, dtype):
         if isinstance(v, (list, tuple)):
             return torch.tensor(v, dtype=dtype)
@@ -16,12 +18,13 @@ def batch(rows, temperature=1.0, top_p=1.0, top_k=0, seeds=0, positions=None, fi
 
     tp, tk = col(top_p, torch.float32), col(top_k, torch.int64)
     temp = col(temperature, torch.float32)
+    mp = None if min_p is None else col(min_p, torch.float32)
     if filtered is None:
-        filtered = bool((tp < 1).any() or (tk > 0).any())
+        filtered = bool((tp < 1).any() or (tk > 0).any() or mp is not None)
     return SamplingBatch(
         temperature=temp, top_p=tp, top_k=tk, seeds=col(seeds, torch.int64),
         positions=torch.arange(rows, dtype=torch.int64) if positions is None else col(positions, torch.int64),
-        filtered=filtered, random=bool((temp > 0).any()), num_top=num_top,
+        filtered=filtered, random=bool((temp > 0).any()), num_top=num_top, min_p=mp, raw_logprobs=raw_logprobs,
     )
 
 

@@ -59,6 +59,11 @@ class FakeRanks:
             assert (a.temperature, a.top_p, a.top_k, a.seed, a.logprobs, a.prompt_logprobs) == (
                 p.temperature, p.top_p, p.top_k, p.seed, p.logprobs, p.prompt_logprobs)
             self.slot_rid[a.slot] = rid
+            assert a.prompt_len == len(h.requests[rid][0])
+            if p.penalized:  # the counts start from every known token: prompt, then earlier output
+                assert a.history == h.true_sequence(rid, len(a.history)) and len(a.history) >= a.prompt_len
+            else:
+                assert a.history == []
         tokens_in = list(plan.prefill_tokens)
         self.rows_pages = apply_table_writes(self.table, plan, ps)
         result = StepResult(plan.step_id, [], [], [])
@@ -459,11 +464,13 @@ def test_out_of_order_result_raises():
 def test_preemption_recomputes_prompt_plus_generated():
     # 6 pages of 2 tokens: both sequences fit alone (prompt 4 + 8 tokens = 12), not together
     h = Harness(num_pages=6, page_size=2, max_seqs=4, max_tokens_per_forward=16, steps_ahead=2)
-    reqs = [(1, [1, 2, 3, 4], params(8, stop=())), (2, [5, 6, 8, 9], params(8, stop=()))]
+    reqs = [(rid, prompt, params(8, stop=(), frequency_penalty=0.5)) for rid, prompt in ((1, [1, 2, 3, 4]), (2, [5, 6, 8, 9]))]
     for r in reqs:
         h.add(*r)
     h.run()
     assert h.sched.preemptions > 0
+    readmitted = [a for p in h.plans for a in p.admit]
+    assert len(readmitted) > 2 and max(len(a.history) for a in readmitted) > 4, "history with earlier output"
     # a readmission's prefill covers prompt and tokens generated before the preemption
     recomputes = [(p, r) for p in h.plans for r in range(p.num_prefill)
                   if p.kv_lens[r] == p.q_lens[r] and p.kv_lens[r] > 4]

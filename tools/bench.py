@@ -51,7 +51,7 @@ def workload(args) -> list[dict]:
             reqs.append(dict(prompt=[rng.randrange(lo, hi) for _ in range(800)], max_tokens=256,
                              temperature=0.6, n=1024, seed=i))
     for r in reqs:
-        r.update(model="bench", ignore_eos=True)
+        r.update(ignore_eos=True)  # no model name: the server's own
     return reqs
 
 

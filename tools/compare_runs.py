@@ -27,7 +27,7 @@ from tools.bench import launch
 async def post_all(url: str, bodies: list[dict]) -> list[dict]:
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None)) as session:
         async def one(body):
-            async with session.post(url + "/v1/completions", json=dict(model="m", **body)) as resp:
+            async with session.post(url + "/v1/completions", json=body) as resp:
                 return (await resp.json())["choices"][0]["logprobs"]
 
         return await asyncio.gather(*(one(b) for b in bodies))

@@ -51,7 +51,7 @@ def workload(args) -> list[dict]:
             reqs.append(dict(prompt=[rng.randrange(lo, hi) for _ in range(800)], max_tokens=256,
                              temperature=0.6, n=1024, seed=i))
     for r in reqs:
-        r.update(ignore_eos=True)  # no model name: the server's own
+        r.update(ignore_eos=True, **args.extra)  # no model name: the server's own
     return reqs
 
 
@@ -130,9 +130,8 @@ async def run(url: str, reqs: list[dict]) -> dict:
         "total_tok_s": (out_tokens + prompt_tokens) / elapsed,
         "mean_running_batch": sum(busy) / max(len(busy), 1),
         "kv_tokens": metrics.get("toka_total_pages", 0) * 16,
-        "preemptions": metrics.get("toka_preemptions", 0),
-        "prefix_hit_tokens": metrics.get("toka_prefix_hit_tokens", 0),
-        "grouped_rows": metrics.get("toka_grouped_rows", 0),
+        **{name: metrics.get(f"toka_{name}_total", metrics.get(f"toka_{name}", 0))  # counters of either naming
+           for name in ("preemptions", "prefix_hit_tokens", "grouped_rows")},
     }
 
 
@@ -168,6 +167,8 @@ def main() -> None:
     p.add_argument("--model", help="model folder for the speed of light (default: --model in --launch)")
     p.add_argument("--flops", type=float, default=785e12, help="bf16 matmul FLOP/s of the card")
     p.add_argument("--bandwidth", type=float, default=2.96e12, help="memory bytes/s of the card")
+    p.add_argument("--extra", type=json.loads, default={},
+                   help='JSON merged into every request body, e.g. \'{"repetition_penalty": 1.1}\'')
     p.add_argument("--out")
     args = p.parse_args()
     proc = None

@@ -9,11 +9,11 @@ out=${1:?OUT_DIR}; workload=${2:?WORKLOAD}; flags=${3-}; rounds=${4:-2}; shift 4
 mkdir -p "$out"
 m=/tmp/toka-models/llama-3.2-1b
 [ -d $m ] || python tools/make_model.py llama-3.2-1b $m --dtype bfloat16 --no-weights > /dev/null
-base=$PWD/build/base
+base=${BASE:-$PWD/build/base}; tree=${TREE:-$PWD}  # A's code and B's
 [ -d "$base/toka" ] || { echo "no $base: git archive REV toka workers | tar -x -C build/base"; exit 2; }
 for round in $(seq "$rounds"); do
   for side in A B; do
-    path=$PWD; [ $side = A ] && path=$base
+    path=$tree; [ $side = A ] && path=$base
     PYTHONPATH=$path:$PYTHONPATH timeout ${RUN_TIMEOUT:-300} python tools/bench.py \
       --launch "--model $m --load-format random $flags" --vocab 128000 --workload "$workload" --quick \
       --out "$out/$side$round.json" "$@" > "$out/$side$round.log" 2>&1

@@ -57,7 +57,8 @@ class ModelRunner:
         self.seed = torch.zeros(n, **i64)
         self.min_p = torch.zeros(n, **f32)
         self.raw_logprobs = raw_logprobs
-        self.processor = LogitsProcessor(n, model.lm_head.vocab_size, device)
+        vocab = model.lm_head.vocab_size if model is not None else 0  # a runner without a model only plans steps
+        self.processor = LogitsProcessor(n, vocab, device)
         # slot -> its sequence's pages in order, filled by the plans' table writes (int32: FlashInfer's)
         self.page_table = torch.zeros(n, max_pages_per_seq, dtype=torch.int32, device=device)
         self.page_table[self.scratch_slot, 0] = scratch_page

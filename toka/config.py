@@ -17,13 +17,17 @@ class ConfigError(ValueError):
     """A launch-time problem with a message meant for the user."""
 
 
-def _flag(help: str, **kw):
-    return field(metadata={"help": help}, **kw)
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def _flag(help: str, choices: tuple[str, ...] | None = None, **kw):
+    return field(metadata={"help": help, "choices": choices}, **kw)
 
 
 @dataclass
 class EngineConfig:
     model: str | None = _flag("model folder or hub id (default: the embedded SmolLM2-135M-Instruct)", default=None)
+    revision: str | None = _flag("hub revision of --model: a branch, tag or commit (default: main)", default=None)
     tokenizer: str | None = _flag("tokenizer folder or hub id (default: the model's)", default=None)
     host: str = _flag("address the HTTP server binds", default="127.0.0.1")
     port: int = _flag("HTTP port", default=10210)
@@ -37,14 +41,15 @@ class EngineConfig:
     max_seqs: int | None = _flag("sequences running at once (default: 2048 on cuda, 64 on cpu)", default=None)
     max_tokens_per_forward: int | None = _flag("tokens in one forward pass (default: 8192 on cuda, 1024 on cpu)", default=None)
     max_model_len: int | None = _flag("context window (default: the model's, capped by the KV cache)", default=None)
-    served_model_name: str | None = _flag("model name the API reports (default: the model path)", default=None)
+    served_model_name: list[str] | None = _flag(  # noqa: RUF009 (_flag returns a field)
+        "names a request's model may use; responses report the first (default: --model as given)", default=None)
     # 3: a step's plan then reaches the rank a whole step before the device needs it, so the host
     # part of launching it (~12 ms for an eager mixed step) is done in time (2: 7 % less throughput)
     steps_ahead: int = _flag("steps the scheduler plans before their tokens return", default=3)
     max_waiting_requests: int = _flag("sequences waiting beyond --max-seqs before 429", default=131072)
     max_waiting_tokens: int = _flag("prompt tokens in flight before 429 (when some wait; a prompt counts once for its n choices)", default=64_000_000)
     max_body_bytes: int = _flag("largest request body accepted", default=8 * 1024 * 1024)
-    drain_timeout: float = _flag("seconds SIGTERM waits for in-flight requests", default=30.0)
+    drain_timeout: float = _flag("seconds SIGTERM or SIGINT waits for in-flight requests", default=30.0)
     step_timeout: float = _flag("seconds a step may take before the engine counts as hung", default=600.0)
     cuda_graphs: bool = _flag("capture decode steps in CUDA graphs", default=True)
     prefix_caching: bool = _flag("reuse the KV cache pages of prompt prefixes computed before", default=True)
@@ -64,7 +69,7 @@ class EngineConfig:
     api_key: str | None = _flag("key every /v1 route, /tokenize and /detokenize require as "
                                 "'Authorization: Bearer KEY' (default: $TOKA_API_KEY, else none)", default=None)
     seed: int = _flag("seed for random weights and unseeded requests", default=0)
-    log_level: str = _flag("logging level", default="INFO")
+    log_level: str = _flag("logging level", default="INFO", choices=LOG_LEVELS)
 
     # Filled by resolve(); not flags.
     run_dir: str = field(default="", metadata={"cli": False})
@@ -80,8 +85,9 @@ class EngineConfig:
 
     @property
     def served_names(self) -> list[str]:
-        """Every name a request's `model` may use."""
-        return [self.served_model_name or self.model or ""]
+        """Every name a request's `model` may use. resolve() fills in the default, `--model` as the
+        user gave it, before `model` becomes a local folder."""
+        return list(self.served_model_name or [self.model or ""])
 
     @property
     def num_pages(self) -> int:
@@ -100,12 +106,18 @@ class EngineConfig:
         """Fills machine- and model-dependent defaults and checks every value; raises ConfigError."""
         import torch
 
-        from toka.model_info import ModelInfo
+        from toka.model_info import MODEL_FILES, TOKENIZER_FILES, ModelInfo, local_folder
 
         if self.model is None:
-            from toka.default_model import default_model_path
+            from toka.default_model import NAME, default_model_path
 
+            self.served_model_name = self.served_model_name or [NAME]
             self.model = str(default_model_path())
+        else:
+            self.served_model_name = self.served_model_name or [self.model]
+            self.model = local_folder(self.model, "--model", MODEL_FILES, self.revision)
+        if self.tokenizer is not None:  # AutoTokenizer may read config.json to pick the tokenizer class
+            self.tokenizer = local_folder(self.tokenizer, "--tokenizer", [*TOKENIZER_FILES, "config.json"])
         info = ModelInfo.load(self.model)
         if self.device is None:
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -146,7 +158,10 @@ class EngineConfig:
             raise ConfigError("--kv-cache-tokens must hold at least one page")
         if self.kv_cache_tokens is None and not gpu:
             self.kv_cache_tokens = 32768  # CPU: no memory probe; ample for tests and small models
-        self.max_model_len = min(self.max_model_len or info.max_position_embeddings, info.max_position_embeddings)
+        if self.max_model_len is not None and self.max_model_len > info.max_position_embeddings:
+            raise ConfigError(f"--max-model-len {self.max_model_len} exceeds the model's context window of "
+                              f"{info.max_position_embeddings} tokens (max_position_embeddings)")
+        self.max_model_len = self.max_model_len or info.max_position_embeddings
         info.check_architecture(self.max_model_len)
         self.vocab_size = info.vocab_size
         self.eos_token_ids = info.eos_token_ids
@@ -165,8 +180,16 @@ class EngineConfig:
         self.max_model_len = min(self.max_model_len, self.num_pages * self.page_size)
 
 
-def parse_args(argv: list[str] | None = None) -> EngineConfig:
-    parser = argparse.ArgumentParser("toka-launch", description="Serve a model through an OpenAI-compatible API.")
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends every flag's default, except where its help says what the default is already."""
+
+    def _get_help_string(self, action):
+        return action.help if "(default:" in (action.help or "") else super()._get_help_string(action)
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser("toka-launch", description="Serve a model through an OpenAI-compatible API.",
+                                     formatter_class=_HelpFormatter)
     for f in dataclasses.fields(EngineConfig):
         if f.metadata.get("cli") is False:
             continue
@@ -174,6 +197,14 @@ def parse_args(argv: list[str] | None = None) -> EngineConfig:
         if f.type in ("bool", bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
             continue
-        kind = {"int": int, "float": float}.get(str(f.type).replace(" | None", ""), str)
-        parser.add_argument(flag, type=kind, default=f.default, help=f.metadata["help"])
-    return EngineConfig(**vars(parser.parse_args(argv)))
+        kind = str(f.type).replace(" | None", "")
+        many = {"nargs": "+", "metavar": "NAME"} if kind == "list[str]" else {}
+        choices = f.metadata["choices"]
+        # choices are upper case names: `--log-level debug` is the same level
+        parser.add_argument(flag, type=str.upper if choices else {"int": int, "float": float}.get(kind, str),
+                            choices=choices, default=f.default, help=f.metadata["help"], **many)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> EngineConfig:
+    return EngineConfig(**vars(make_parser().parse_args(argv)))

@@ -13,8 +13,9 @@ from pathlib import Path
 
 from toka.config import ConfigError
 
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-FOLDER = "SmolLM2-135M-Instruct-v1"  # the version names the conversion: bump it when convert() changes
+NAME = "SmolLM2-135M-Instruct"  # the name the API serves it under, rather than its cache folder
+GGUF_NAME = f"{NAME}.Q4_1.gguf"
+FOLDER = f"{NAME}-v1"  # the version names the conversion: bump it when convert() changes
 
 
 def cache_dir() -> Path:

@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import shutil
+import signal
 import tempfile
 import time
 
@@ -108,12 +109,26 @@ class Channel:
         self.sock.close(0)
 
 
+# Ctrl-C in a terminal sends SIGINT to the whole process group; systemd, `docker stop` of a process
+# tree and `timeout` send SIGTERM to every process. Only the launcher acts on them (it drains).
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
+def leave_stop_signals_to_launcher() -> None:
+    """The first call of a child's process main. The launcher starts children with STOP_SIGNALS
+    blocked (the mask survives exec), so one that came during the child's imports is still pending:
+    ignoring drops it, and unblocking lets none through. The child still dies with the launcher
+    (watch_parent) and stops when the launcher tells it to."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
 def watch_parent() -> None:
     """Dies with the parent: the kernel sends SIGKILL when the process that started us exits, so a
     killed launcher leaves no orphans behind."""
     import ctypes
     import multiprocessing
-    import signal
 
     pr_set_pdeathsig = 1
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)

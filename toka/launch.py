@@ -4,12 +4,16 @@ The launcher hosts the HTTP server and starts one process per rank, then the sch
 answers 200 only after every process said READY. Any process dying means the engine is dead: open
 requests fail, /health answers 503 and the launcher stops everything and exits non-zero. SIGTERM or
 SIGINT drains: new requests get 503, running ones finish (up to --drain-timeout), then the ranks
-stop at the same step and the launcher exits 0.
+stop at the same step and the launcher exits 0. The children ignore both signals, so one sent to the
+whole process group (Ctrl-C, systemd, `docker stop`) drains the same way; a second SIGINT stops at
+once, failing what still runs (exit 130).
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
+import ipaddress
 import logging
 import multiprocessing as mp
 import multiprocessing.connection
@@ -24,11 +28,13 @@ import zmq.asyncio
 
 from toka import protocol
 from toka.config import ConfigError, EngineConfig, parse_args
-from toka.fabric import make_run_dir, profiled, remove_run_dir, remove_stale_run_dirs, setup_logging
+from toka.fabric import STOP_SIGNALS, make_run_dir, profiled, remove_run_dir, remove_stale_run_dirs, setup_logging
 
 log = logging.getLogger("toka.launch")
 
 STARTUP_TIMEOUT = 1800.0  # loading weights and compiling kernels can take long on a cold machine
+OPEN_FILES = 65536  # file descriptors wanted: one per connection
+INTERRUPTED = 130  # the exit code of a program Ctrl-C stopped, as shells report it
 
 
 class LaunchError(Exception):
@@ -40,6 +46,7 @@ class Launcher:
         self.cfg = cfg
         self.procs: list[mp.Process] = []
         self.stopping = False
+        self.interrupted = False  # a second SIGINT: stop_now() ends the run
         self.exit_code = 0
         self.done = asyncio.Event()
 
@@ -61,8 +68,8 @@ class Launcher:
         self.control.bind(cfg.endpoint("control"))
         engine = self.server.engine
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, lambda: asyncio.ensure_future(self.shutdown()))
+        for sig in STOP_SIGNALS:
+            loop.add_signal_handler(sig, self.on_signal, sig)
         try:
             await self.start_processes()
         except LaunchError as e:
@@ -73,8 +80,8 @@ class Launcher:
             log.error("launch failed: %s", e)
             return 1
         self.server.start()
-        log.info("ready: serving %s on http://%s:%d/v1 (max_model_len %d, %d KV tokens)",
-                 cfg.model_name, cfg.host, cfg.port, cfg.max_model_len, cfg.kv_cache_tokens)
+        log.info("ready: serving %s from %s on http://%s:%d/v1 (max_model_len %d, %d KV tokens)",
+                 " ".join(cfg.served_names), cfg.model, cfg.host, cfg.port, cfg.max_model_len, cfg.kv_cache_tokens)
         watcher = asyncio.ensure_future(self.watch())
         await self.done.wait()
         watcher.cancel()
@@ -85,7 +92,13 @@ class Launcher:
     # ---- start-up ------------------------------------------------------------------------------
     def spawn(self, name: str, target, *args) -> None:
         proc = mp.get_context("spawn").Process(target=target, args=(self.cfg, *args), name=name)
-        proc.start()
+        # the child inherits the blocked mask: a stop signal sent while it imports waits until it can
+        # ignore it (fabric.leave_stop_signals_to_launcher); here it waits only for start() to return
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            proc.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         self.procs.append(proc)
         log.info("started %s pid %d", name, proc.pid)  # supervisors and tests find the children here
 
@@ -133,6 +146,8 @@ class Launcher:
         await asyncio.wait([exited, fatal, lost], return_when=asyncio.FIRST_COMPLETED)
         fatal.cancel()
         lost.cancel()
+        if self.interrupted:
+            return  # stop_now() killed them
         if fatal.done() and not fatal.cancelled():
             msg = decoder.decode(fatal.result())
             reason = f"{msg.name} failed: {getattr(msg, 'message', '')}"
@@ -152,12 +167,31 @@ class Launcher:
             return  # shutdown() sees the engine dead and finishes the job
         self.stopping = True
         self.kill_all()  # the rest cannot serve without the dead one
-        # let the failed requests' error responses go out, and health checks see 503, before the
-        # listener closes
-        t0 = time.monotonic()
-        while time.monotonic() - t0 < 0.5 or (self.server.active and time.monotonic() - t0 < 5):
-            await asyncio.sleep(0.05)
+        await self.let_errors_out(at_least=0.5, at_most=5)  # health checks see 503 before the listener closes
         self.done.set()
+
+    def on_signal(self, sig: int) -> None:
+        if not self.stopping:
+            asyncio.ensure_future(self.shutdown())
+        elif sig == signal.SIGINT and not self.interrupted:
+            # Ctrl-C again: whoever pressed it will not wait for the drain. A second SIGTERM does not
+            # cut the drain short: a supervisor may send one to the launcher and one to its group.
+            asyncio.ensure_future(self.stop_now())
+
+    async def stop_now(self) -> None:
+        self.interrupted = True
+        self.exit_code = INTERRUPTED  # before any await: shutdown() may end the run first
+        log.warning("interrupted during the drain: stopping now, failing %d sequences", len(self.server.engine.streams))
+        self.server.engine.fail_all("the server was interrupted before this request finished")
+        self.kill_all()
+        await self.let_errors_out(at_least=0, at_most=2)
+        self.done.set()
+
+    async def let_errors_out(self, at_least: float, at_most: float) -> None:
+        """Waits for the failed requests' error responses to go out before the listener closes."""
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < at_least or (self.server.active and time.monotonic() - t0 < at_most):
+            await asyncio.sleep(0.05)
 
     async def shutdown(self) -> None:
         if self.stopping:
@@ -200,21 +234,60 @@ def raise_open_files_limit() -> int:
     return hard
 
 
-def port_free(host: str, port: int) -> bool:
-    with socket.socket() as s:
+def open_files_warning(limit: int) -> str | None:
+    if limit >= OPEN_FILES:
+        return None
+    return (f"open files are limited to {limit} by the system, so fewer than {limit:,} connections can be open "
+            f"at once: raise the limit before launching (`ulimit -n {OPEN_FILES}` in the shell, which needs the "
+            f"hard limit that high; LimitNOFILE={OPEN_FILES} in a systemd unit; --ulimit nofile={OPEN_FILES} "
+            "for docker run)")
+
+
+def check_listen_address(host: str, port: int) -> None:
+    """Fails before the model loads if the HTTP server could not listen on host:port, and says why:
+    an address that is no address, one this machine does not have, or a port taken."""
+    if all(part.isdigit() for part in host.split(".")):  # meant as an IPv4 address, not a host name
         try:
-            s.bind((host, port))
-        except OSError:
-            return False
-    return True
+            ipaddress.IPv4Address(host)
+        except ValueError as e:
+            raise ConfigError(f"--host {host} is not a valid IPv4 address: {e}") from None
+    try:
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise ConfigError(f"--host {host} is neither an IP address nor a name this machine resolves: "
+                          f"{e.strerror}") from None
+    for family, kind, proto, _, address in addresses:  # aiohttp listens on each of them
+        with socket.socket(family, kind, proto) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as aiohttp does
+            try:
+                s.bind(address)
+            except OSError as e:
+                if e.errno == errno.EADDRINUSE:
+                    raise ConfigError(f"port {port} on {host} is already in use") from None
+                if e.errno == errno.EADDRNOTAVAIL:
+                    raise ConfigError(f"--host {host} is not an address of this machine") from None
+                if e.errno == errno.EACCES:
+                    raise ConfigError(f"--port {port} needs privileges this user lacks") from None
+                raise ConfigError(f"cannot listen on --host {host} --port {port}: {e.strerror}") from None
+
+
+def stop_before_start(cfg: EngineConfig, sig: int) -> None:
+    """A stop signal before the event loop handles them (a hub download, imports, the tokenizer):
+    no child runs yet, so the launch just ends. Not by KeyboardInterrupt, which torch's C++ start-up
+    turns into abort()."""
+    log.info("%s before the engine started: stopping", signal.Signals(sig).name)
+    if cfg.run_dir:
+        remove_run_dir(cfg.run_dir)
+    os._exit(0)
 
 
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_args(argv)
     setup_logging("launcher", cfg.log_level)
+    for sig in STOP_SIGNALS:  # until Launcher.run() hands them to the event loop
+        signal.signal(sig, lambda sig, _: stop_before_start(cfg, sig))
     try:
-        if cfg.port and not port_free(cfg.host, cfg.port):
-            raise ConfigError(f"port {cfg.port} on {cfg.host} is already in use")
+        check_listen_address(cfg.host, cfg.port)
         cfg.resolve()
     except ConfigError as e:
         print(f"toka-launch: error: {e}", file=sys.stderr)
@@ -224,8 +297,8 @@ def main(argv: list[str] | None = None) -> None:
         # spinning while waiting (libgomp's default) then starves them all: steps get tens of times
         # slower. Sleeping waiters cost a little latency and avoid that. Set before ranks start.
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    if raise_open_files_limit() < 65536:
-        log.warning("open files are limited by the system: fewer than 65,536 connections at once")
+    if warning := open_files_warning(raise_open_files_limit()):
+        log.warning(warning)
     remove_stale_run_dirs()
     cfg.run_dir = make_run_dir()
     try:

@@ -7,6 +7,45 @@ from dataclasses import dataclass
 
 from toka.config import ConfigError
 
+# What the engine reads of a hub repository; nothing else is downloaded (no .bin or GGUF copies).
+TOKENIZER_FILES = ["tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt",
+                   "chat_template.*", "*.tiktoken"]
+MODEL_FILES = ["config.json", "generation_config.json", "*.safetensors", "*.safetensors.index.json",
+               *TOKENIZER_FILES]
+
+
+def local_folder(name: str, flag: str, files: list[str], revision: str | None = None) -> str:
+    """The folder `name` names, or, for a hub id, its snapshot in the hub cache (downloaded when
+    missing). The launcher calls this once, before any child starts, so every process reads the same
+    local files and no child ever talks to the hub. huggingface_hub itself honours HF_HOME,
+    HF_HUB_OFFLINE and HF_TOKEN."""
+    if os.path.isdir(name):
+        if revision is not None:
+            raise ConfigError(f"--revision picks a version of a hub id; {flag} {name!r} is a folder")
+        return name
+    if name.startswith(("/", ".", "~")) or name.count("/") > 1:  # a path: hub ids are NAME or ORG/NAME
+        raise ConfigError(f"{flag} folder {name!r} does not exist")
+    from huggingface_hub import constants, errors, snapshot_download
+
+    try:
+        return snapshot_download(name, revision=revision, allow_patterns=files)
+    except errors.HFValidationError:
+        raise ConfigError(f"{flag} {name!r} is neither a folder nor a hub id") from None
+    except errors.RevisionNotFoundError:
+        raise ConfigError(f"--revision {revision!r} does not exist in the hub repository {name!r}") from None
+    except errors.RepositoryNotFoundError:  # also what a private or gated one answers without a token
+        raise ConfigError(f"{flag} {name!r} is no folder, and no hub repository this machine may read "
+                          "(a private or gated one needs HF_TOKEN)") from None
+    except errors.LocalEntryNotFoundError as e:
+        if constants.HF_HUB_OFFLINE:
+            raise ConfigError(f"{flag} {name!r} is no folder and not in the hub cache {constants.HF_HUB_CACHE}, "
+                              f"and HF_HUB_OFFLINE=1 forbids downloading it: run `hf download {name}` where "
+                              "the hub is reachable, point HF_HOME at a cache that holds it, or unset "
+                              "HF_HUB_OFFLINE") from None
+        raise ConfigError(f"{flag} {name!r} is no folder, not in the hub cache, and cannot be downloaded: {e}") from None
+    except OSError as e:  # the hub's HTTP errors and the disk's
+        raise ConfigError(f"downloading {flag} {name!r} failed: {e}") from None
+
 
 @dataclass
 class ModelInfo:
@@ -24,12 +63,11 @@ class ModelInfo:
 
     @classmethod
     def load(cls, model: str) -> "ModelInfo":
+        """`model` is a folder (local_folder resolved a hub id already)."""
         from transformers import AutoConfig, GenerationConfig
 
         from workers.models import SUPPORTED_MODEL_TYPES
 
-        if os.path.sep in model and not os.path.isdir(model):
-            raise ConfigError(f"model folder {model!r} does not exist")
         try:
             cfg = AutoConfig.from_pretrained(model)
         except Exception as e:  # transformers raises several kinds for a missing or bad config

@@ -14,7 +14,7 @@ import zmq
 
 from toka import protocol
 from toka.config import EngineConfig
-from toka.fabric import Channel, profiled, setup_logging, watch_parent
+from toka.fabric import Channel, leave_stop_signals_to_launcher, profiled, setup_logging, watch_parent
 from workers.step_trace import StepTrace
 
 log = logging.getLogger("toka.rank")
@@ -145,6 +145,7 @@ def _pages_from_memory(cfg, make_runner, bytes_per_token: int, device) -> int:
 
 
 def rank_main(cfg: EngineConfig, rank: int) -> None:
+    leave_stop_signals_to_launcher()
     watch_parent()
     name = f"rank{rank}"
     setup_logging(name, cfg.log_level)

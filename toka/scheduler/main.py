@@ -11,7 +11,7 @@ import zmq
 
 from toka import protocol
 from toka.config import EngineConfig
-from toka.fabric import Channel, profiled, setup_logging, watch_parent
+from toka.fabric import Channel, leave_stop_signals_to_launcher, profiled, setup_logging, watch_parent
 from toka.scheduler.batching import Scheduler
 
 log = logging.getLogger("toka.scheduler")
@@ -20,6 +20,7 @@ STATS_INTERVAL = 0.5  # seconds between Stats messages to the server while busy
 
 
 def scheduler_main(cfg: EngineConfig) -> None:
+    leave_stop_signals_to_launcher()
     watch_parent()
     setup_logging("scheduler", cfg.log_level)
     ctx = zmq.Context()

@@ -1,0 +1,73 @@
+"""Launch flags as users meet them: served names, limits that are errors rather than silent caps,
+usage errors, the help text, the listen address and the open-files warning. No server starts."""
+
+from __future__ import annotations
+
+import re
+import socket
+
+import pytest
+
+from toka.config import ConfigError, EngineConfig, make_parser, parse_args
+from toka.launch import check_listen_address, open_files_warning
+
+
+def test_served_model_name_takes_aliases_and_responses_report_the_first(tiny_models):
+    cfg = parse_args(["--model", tiny_models["tiny-llama"], "--device", "cpu",
+                      "--served-model-name", "alpha", "beta", "gamma"]).resolve()
+    assert cfg.served_names == ["alpha", "beta", "gamma"] and cfg.model_name == "alpha"
+    assert cfg.model == tiny_models["tiny-llama"]
+
+
+def test_the_default_served_name_is_the_model_as_given(tiny_models, monkeypatch):
+    cfg = EngineConfig(model=tiny_models["tiny-qwen2"], device="cpu").resolve()
+    assert cfg.served_names == [tiny_models["tiny-qwen2"]]
+    # the embedded model keeps its own name, not the cache folder it is converted into
+    from toka import default_model
+
+    monkeypatch.setattr(default_model, "default_model_path", lambda: tiny_models["tiny-qwen2"])
+    cfg = EngineConfig(device="cpu").resolve()
+    assert cfg.model == tiny_models["tiny-qwen2"] and cfg.served_names == ["SmolLM2-135M-Instruct"]
+
+
+def test_max_model_len_beyond_the_models_context_is_an_error(tiny_models):
+    with pytest.raises(ConfigError, match=r"--max-model-len 4096 .* 2048 tokens"):
+        EngineConfig(model=tiny_models["tiny-llama"], device="cpu", max_model_len=4096).resolve()
+    assert EngineConfig(model=tiny_models["tiny-llama"], device="cpu", max_model_len=2048).resolve().max_model_len == 2048
+
+
+def test_an_unknown_log_level_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit:
+        parse_args(["--log-level", "LOUD"])
+    assert exit.value.code == 2 and "--log-level: invalid choice: 'LOUD'" in capsys.readouterr().err
+    assert parse_args(["--log-level", "debug"]).log_level == "DEBUG"
+
+
+def test_help_shows_every_default_once(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+    options = make_parser().format_help().split("\noptions:\n", 1)[1]
+    entries = re.split(r"\n  (?=-)", "\n" + options)[1:]  # one per flag: its names, then its help
+    assert len(entries) > 30 and entries[0].startswith("-h, --help")
+    for entry in entries[1:]:
+        assert entry.count("(default:") == 1, entry
+    assert "(default: 127.0.0.1)" in next(e for e in entries if e.startswith("--host"))
+
+
+def test_a_bad_host_is_told_apart_from_a_taken_port():
+    with pytest.raises(ConfigError, match=r"--host 999\.1\.1\.1 is not a valid IPv4 address"):
+        check_listen_address("999.1.1.1", 0)
+    with pytest.raises(ConfigError, match="--host no-such-host.invalid is neither an IP address nor a name"):
+        check_listen_address("no-such-host.invalid", 0)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        with pytest.raises(ConfigError, match=f"port {port} on 127.0.0.1 is already in use"):
+            check_listen_address("127.0.0.1", port)
+    check_listen_address("127.0.0.1", port)  # free again: no error
+
+
+def test_the_open_files_warning_names_the_limit_and_how_to_raise_it():
+    warning = open_files_warning(1024)
+    assert "limited to 1024" in warning and "ulimit -n 65536" in warning and "LimitNOFILE=65536" in warning
+    assert open_files_warning(65536) is None

@@ -22,13 +22,18 @@ class FakeTokenizer:
         ids = [10 + ord(c) % 90 for c in text]
         return SimpleNamespace(input_ids=([1] if add_special_tokens and text else []) + ids)
 
-    def apply_chat_template(self, messages, add_generation_prompt=False, tokenize=True):
+    def apply_chat_template(self, messages, add_generation_prompt=False, continue_final_message=False,
+                            tokenize=True, **variables):
+        """Each turn is "<role>content."; a `think` variable adds "<think>" to the generation prompt,
+        as Qwen3's enable_thinking does."""
         assert tokenize is False
         for m in messages:
             if m["content"] == "RAISE":
                 raise ValueError("the template rejects this")
-        text = "".join(f"<{m['role']}>{m['content']}" for m in messages)
-        return text + ("<assistant>" if add_generation_prompt else "")
+        text = "".join(f"<{m['role']}>{m['content']}." for m in messages)
+        if continue_final_message:  # what transformers does: the text ends with the last message's
+            text = text.removesuffix(".")
+        return text + ("<assistant>" + ("<think>" if variables.get("think") else "") if add_generation_prompt else "")
 
 
 TOK = FakeTokenizer()
@@ -96,8 +101,8 @@ BAD_COMPLETIONS = [
     ({"prompt": "hi", "stop": ["s"] * (api.MAX_STOP + 1)}, "stop"),
     ({"prompt": "hi", "suffix": "tail"}, "suffix"),
     ({"prompt": "hi", "best_of": 3}, "best_of"),
-    ({"prompt": "hi", "presence_penalty": 0.5}, "presence_penalty"),
-    ({"prompt": "hi", "logit_bias": {"5": 1.0}}, "logit_bias"),
+    ({"prompt": "hi", "presence_penalty": 2.5}, "presence_penalty"),
+    ({"prompt": "hi", "logit_bias": {str(VOCAB): 1.0}}, "logit_bias"),
     ({"prompt": ["a", 5]}, "prompt"),  # strings and ids mixed
     ({"prompt": [5, "a"]}, "prompt"),
 ]
@@ -273,7 +278,7 @@ def test_chat_prompt_over_the_window_names_messages():
 
 
 def test_chat_prompt_filling_the_window_exactly():
-    text_len = CTX - len("<user><assistant>")
+    text_len = CTX - len("<user>.<assistant>")
     with pytest.raises(APIError) as e:
         chat({"messages": msgs("x" * text_len)})
     assert e.value.param == "messages"

@@ -11,25 +11,13 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from toka.server.detokenizer import Detokenizer, StopMatcher
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte -> printable character table (the ByteLevel alphabet)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {b: chr(c) for b, c in zip(bs, cs)}
+from toka.server.token_bytes import bytes_to_unicode
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
     """Byte-level BPE: ids 0..255 are the bytes, plus a few merges, some of them inside multi-byte
     characters so that a character's bytes are split over tokens in several ways."""
-    B = _bytes_to_unicode()
+    B = bytes_to_unicode()
     vocab = {B[b]: b for b in range(256)}
     merges = []
 
@@ -253,3 +241,68 @@ def test_random_stops_and_splits_match_a_whole_text_search(text, stops, seed):
         acc += m.feed("", final=True)
     assert acc == want
     assert m.stopped == bool(hits)
+
+
+# ---- vLLM's output options -------------------------------------------------------------------------
+def test_special_tokens_are_kept_when_not_skipped():
+    ids = TOK("hello").input_ids + [TOK.eos_token_id] + TOK(" world").input_ids
+    for sizes in ([1], [2], [7]):
+        assert "".join(stream(Detokenizer(TOK, skip_special_tokens=False), ids, sizes)) == "hello<|end|> world"
+        assert "".join(stream(Detokenizer(TOK), ids, sizes)) == "hello world"
+
+
+def test_the_stop_string_that_ended_the_text_is_named():
+    m = StopMatcher(["zzz", "b", "cd"])
+    assert "".join(feed_all(m, ["a c", "d b"])) == "a "
+    assert m.stopped and m.matched == "cd"
+    m = StopMatcher(["x"])
+    feed_all(m, ["abc"])
+    assert not m.stopped and m.matched is None
+
+
+@pytest.mark.parametrize("deltas", [["abc ST", "O", "P tail"], ["abc STOP tail"], ["a", "b", "c", " ", "S", "TOP"]])
+def test_included_stop_string_ends_the_text(deltas):
+    m = StopMatcher(["STOP"], include=True)
+    out = feed_all(m, deltas)
+    assert "".join(out) == "abc STOP" and m.matched == "STOP"
+    assert m.feed("more", final=True) == ""
+
+
+def test_included_stop_holds_nothing_back():
+    m = StopMatcher(["</answer>"], include=True)
+    assert m.feed("the answer is 42 </ans") == "the answer is 42 </ans"
+    assert m.feed("wer> and more") == "wer>"
+    assert m.stopped
+
+
+def test_included_stop_earliest_end_wins_whatever_the_split():
+    for deltas in (["xabcd"], ["xabc", "d"], ["x", "a", "b", "c", "d"]):
+        m = StopMatcher(["abcd", "c"], include=True)
+        assert "".join(feed_all(m, deltas)) == "xabc" and m.matched == "c"
+
+
+def test_text_fed_without_search_never_stops():
+    """min_tokens: a stop string counts only where it ends in text searched for it."""
+    m = StopMatcher(["ab", "x"])
+    out = m.feed("xx ab", search=False)
+    assert not m.stopped
+    out += m.feed("a") + m.feed("b!")  # a stop ending in searched text is found, even if it began earlier
+    assert m.stopped and m.matched == "ab" and out == "xx ab"
+    m = StopMatcher(["ab"])
+    out = m.feed("a", search=False) + m.feed("b", search=True)
+    assert m.stopped and out == ""
+
+
+@settings(max_examples=200, deadline=None)
+@given(text=st.text(alphabet="abcd", max_size=30), stops=st.lists(st.text(alphabet="abcd", min_size=1, max_size=4),
+       min_size=1, max_size=3), seed=st.integers(0, 10**6))
+def test_random_included_stops_and_splits(text, stops, seed):
+    """With include: the text up to the end of the earliest-ending stop, however it is split."""
+    ends = [text.find(s) + len(s) for s in stops if s in text]
+    want = text[: min(ends)] if ends else text
+    rng = random.Random(seed)
+    cuts = sorted(rng.sample(range(len(text) + 1), k=min(len(text) + 1, rng.randint(0, 6))))
+    m = StopMatcher(stops, include=True)
+    got = "".join(feed_all(m, [text[a:b] for a, b in zip([0] + cuts, cuts + [len(text)])]))
+    assert got == want and m.stopped == bool(ends)
+    assert m.matched is None or want.endswith(m.matched)

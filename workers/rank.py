@@ -66,7 +66,7 @@ def build(cfg: EngineConfig, rank: int):
                                tensor_core_decode=cfg.decode_attention == "tensor-cores")
         max_pages_per_seq = min(-(-cfg.max_model_len // cfg.page_size), num_pages)
         return ModelRunner(model, backend, cfg.max_seqs, cfg.page_size, device, scratch_page=num_pages,
-                           max_pages_per_seq=max_pages_per_seq)
+                           max_pages_per_seq=max_pages_per_seq, raw_logprobs=cfg.logprobs_mode == "raw")
 
     if cfg.kv_cache_tokens:
         num_pages = cfg.kv_cache_tokens // cfg.page_size
@@ -109,7 +109,10 @@ def warm_up(runner, cfg: EngineConfig, vocab: int, num_pages: int) -> None:
     runner.step(StepPlan(-1, [0], [0], [budget], [budget], [True], 1, tokens, [0] * pages, list(range(pages)),
                          list(range(pages)), admit))
     rows = min(cfg.max_seqs, num_pages, cfg.max_tokens_per_forward)
-    admit = [SeqParams(slot=r, top_p=0.9, top_k=50, logprobs=20) for r in range(rows)]
+    # a few rows with every logits-processor option: their path's buffers count in the peak
+    processed = dict(repetition_penalty=1.1, frequency_penalty=0.1, min_p=0.05, logit_bias={0: 1.0}, min_tokens=2,
+                     stop_token_ids=[1], history=[0, 1], prompt_len=1)
+    admit = [SeqParams(slot=r, top_p=0.9, top_k=50, logprobs=20, **(processed if r < 8 else {})) for r in range(rows)]
     plan = StepPlan(-1, list(range(rows)), list(range(rows)), [1] * rows, [1] * rows, [True] * rows, 0, [],
                     list(range(rows)), [0] * rows, list(range(rows)), admit)
     runner.step(plan)

@@ -22,15 +22,16 @@ log = logging.getLogger("toka.server")
 
 
 class Choice:
-    """One output sequence as the client sees it: text so far and the finish reason."""
+    """One output sequence as the client sees it: text so far, the finish reason and what ended it."""
 
     def __init__(self, index: int, stream: OutputStream, req: EngineRequest, tokenizer):
         self.index, self.stream, self.req = index, stream, req
-        self.detok = Detokenizer(tokenizer)
-        self.stop = StopMatcher(req.stop)
+        self.detok = Detokenizer(tokenizer, req.skip_special)
+        self.stop = StopMatcher(req.stop, req.include_stop)
         self.text = ""
         self.sent_tokens = 0
         self.finish: str | None = None
+        self.stop_reason: str | int | None = None  # vLLM's: the stop string or stop token id that ended it
 
     async def deltas(self, engine: EngineClient):
         """Yields (text delta, first new token index, end token index) until the sequence ends."""
@@ -42,14 +43,22 @@ class Choice:
                 raise EngineDead(s.error)
             start, end = self.sent_tokens, len(s.tokens)
             final = s.done
-            text = self.stop.feed(self.detok.add(s.tokens[start:end], final=final), final=final)
+            ids, text = s.tokens[start:end], ""
+            if start < s.params.min_tokens:  # as vLLM: a stop string counts from the token after min_tokens
+                early = min(s.params.min_tokens, end) - start
+                text = self.stop.feed(self.detok.add(ids[:early]), search=False)
+                ids = ids[early:]
+            stop_text = final and self.req.include_stop and s.stop_token is not None
+            text += self.stop.feed(self.detok.add(ids, final=final and not stop_text), final=final and not stop_text)
+            if stop_text:  # as vLLM: the stop token's text too, where no stop string is looked for
+                text += self.stop.feed(self.detok.add([s.stop_token], final=True), final=True, search=False)
             self.sent_tokens = end
             if self.stop.stopped and not s.done:
                 engine.abort(s)
             if self.stop.stopped:
-                self.finish = "stop"
+                self.finish, self.stop_reason = "stop", self.stop.matched
             elif final:
-                self.finish = s.finish
+                self.finish, self.stop_reason = s.finish, s.stop_token
             self.text += text
             yield text, start, end
             if self.finish is not None:

@@ -33,9 +33,11 @@ class OutputStream:
         scored = prompt_len if params.prompt_logprobs >= 0 else 0  # kept only when asked for
         self.prompt_logprobs: list[float | None] = [None] * scored
         self.prompt_top: list[TopLogprobs | None] = [None] * scored
+        self.prompt_ranks: list[int | None] = [None] * scored  # None where the ranks sent none
         self.sampled = 0  # tokens counted as completion tokens: kept ones and a final stop token
         self.cached = 0  # prompt tokens whose KV the prefix cache held when it was first scheduled
         self.finish: str | None = None
+        self.stop_token: int | None = None  # the stop token that ended it (finish "stop"); not in `tokens`
         self.error: str | None = None
         # a reader that only needs the final result (no streaming, no stop strings) is woken once at
         # the end instead of once per token: the per-token path is the server's hot loop
@@ -49,6 +51,8 @@ class OutputStream:
             self.logprobs.append(logprob)
             self.top.append(top)
         self.sampled += keep or reason == "stop"
+        if reason == "stop":
+            self.stop_token = token
         self.finish = reason
         if self.each_token or reason is not None:
             self._changed.set()
@@ -159,6 +163,7 @@ class EngineClient:
                 if pos < len(stream.prompt_logprobs):  # a recomputed sequence also scores its own output
                     stream.prompt_logprobs[pos] = lp
                     stream.prompt_top[pos] = p.top[j] if p.top else None
+                    stream.prompt_ranks[pos] = p.ranks[j] if p.ranks else None
         for rid, cached in zip(result.cached_rids, result.cached_tokens):
             if rid in streams:
                 streams[rid].cached = cached

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
+from toka.protocol import TopLogprobs
 from toka.server.api import APIError
 
 if TYPE_CHECKING:
@@ -27,16 +28,21 @@ class Responses:
     # ---- whole responses -----------------------------------------------------------------------
     def full(self, req, choices: list[Choice], chat: bool) -> dict:
         choice = self._chat_choice if chat else self._completion_choice
-        return {"id": new_id(chat), "object": object_name(chat, False), "created": int(time.time()),
+        body = {"id": new_id(chat), "object": object_name(chat, False), "created": int(time.time()),
                 "model": self.model_name, "choices": [choice(req, c) for c in choices], "usage": usage(choices)}
+        if chat:  # vLLM's place for them in a chat response: its one prompt's, beside the choices
+            body["prompt_logprobs"] = self._prompt_logprobs(req, choices[0])
+        return body
 
     def _completion_choice(self, req, c: Choice) -> dict:
         return {"index": c.index, "text": (self._prompt_text(c) if req.echo else "") + c.text,
-                "finish_reason": c.finish, "logprobs": self._completion_logprobs(req, c, 0, len(c.stream.tokens), True)}
+                "finish_reason": c.finish, "stop_reason": c.stop_reason,
+                "logprobs": self._completion_logprobs(req, c, 0, len(c.stream.tokens), True),
+                "prompt_logprobs": self._prompt_logprobs(req, c)}
 
     def _chat_choice(self, req, c: Choice) -> dict:
         return {"index": c.index, "message": {"role": "assistant", "content": c.text}, "finish_reason": c.finish,
-                "logprobs": self._chat_logprobs(req, c, 0, len(c.stream.tokens))}
+                "stop_reason": c.stop_reason, "logprobs": self._chat_logprobs(req, c, 0, len(c.stream.tokens))}
 
     # ---- stream chunks -------------------------------------------------------------------------
     def chunk(self, req, c: Choice, text: str, start: int, end: int, chat: bool, first: bool, rid: str,
@@ -51,11 +57,12 @@ class Responses:
 
     def _completion_delta(self, req, c: Choice, text: str, start: int, end: int, first: bool) -> dict:
         return {"index": c.index, "text": (self._prompt_text(c) if req.echo and first else "") + text,
-                "finish_reason": c.finish, "logprobs": self._completion_logprobs(req, c, start, end, first)}
+                "finish_reason": c.finish, "stop_reason": c.stop_reason,
+                "logprobs": self._completion_logprobs(req, c, start, end, first)}
 
     def _chat_delta(self, req, c: Choice, text: str, start: int, end: int, first: bool) -> dict:
         delta = {"role": "assistant", "content": text} if first else {"content": text}
-        return {"index": c.index, "delta": delta, "finish_reason": c.finish,
+        return {"index": c.index, "delta": delta, "finish_reason": c.finish, "stop_reason": c.stop_reason,
                 "logprobs": self._chat_logprobs(req, c, start, end)}
 
     def usage_chunk(self, rid: str, created: int, chat: bool, choices: list[Choice]) -> dict:
@@ -72,7 +79,9 @@ class Responses:
         if req.echo and first:
             ids = c.req.prompt + ids
             lps = s.prompt_logprobs + lps
-            tops = s.prompt_top + tops
+            k = s.params.logprobs  # prompt_logprobs may have had the prompt scored with more alternatives
+            tops = [t if t is None or len(t.ids) <= k else TopLogprobs(t.ids[:k], t.logprobs[:k])
+                    for t in s.prompt_top] + tops
         offsets, pos = [], 0
         for t in ids:
             offsets.append(pos)
@@ -91,6 +100,29 @@ class Responses:
             return None
         return {"content": [self._chat_entry(req, t, lp, top)
                             for t, lp, top in zip(s.tokens[start:end], s.logprobs[start:end], s.top[start:end])]}
+
+    def _prompt_logprobs(self, req, c: Choice) -> list[dict | None] | None:
+        """vLLM's prompt_logprobs: per prompt token after the first, token id (a string) -> logprob,
+        rank (1: the most likely) and text, for the prompt token and the k most likely ones."""
+        k = c.req.prompt_logprobs
+        if k < 0:
+            return None
+        s, prompt = c.stream, c.req.prompt
+        ids = list(set(prompt[1:]).union(*(t.ids[:k] for t in s.prompt_top[1:] if t is not None)))
+        if req.return_tokens_as_token_ids:
+            text = {t: f"token_id:{t}" for t in ids}
+        else:
+            text = dict(zip(ids, self.tokenizer.batch_decode([[t] for t in ids], skip_special_tokens=False)))
+        out: list[dict | None] = [None]
+        for token, lp, top, rank in zip(prompt[1:], s.prompt_logprobs[1:], s.prompt_top[1:], s.prompt_ranks[1:]):
+            alternatives = list(zip(top.ids[:k], top.logprobs[:k])) if top is not None else []
+            if rank is None and top is not None and token in top.ids:  # no ranks came: known among the top
+                rank = top.ids.index(token) + 1
+            entry = {str(token): {"logprob": lp, "rank": rank, "decoded_token": text[token]}}
+            for r, (t, p) in enumerate(alternatives, 1):
+                entry[str(t)] = {"logprob": p, "rank": r, "decoded_token": text[t]}
+            out.append(entry)
+        return out
 
     def _names(self, req, ids: list[int]) -> list[str]:
         if req.return_tokens_as_token_ids:

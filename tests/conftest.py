@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.helpers import Server
+from tests.helpers import TINY_NAME, Server
 from tools.make_model import make_model
 
 TINY_SHAPES = ["tiny-llama", "tiny-qwen2", "tiny-qwen3", "tiny-mistral"]
@@ -25,7 +25,8 @@ def default_model() -> str:
 @pytest.fixture(scope="session")
 def tiny_server(tiny_models):
     """A server of tiny-llama with a small KV cache, shared by the end-to-end tests."""
-    server = Server("--model", tiny_models["tiny-llama"], "--kv-cache-tokens", "16384", "--max-seqs", "64")
+    server = Server("--model", tiny_models["tiny-llama"], "--served-model-name", TINY_NAME, "--kv-cache-tokens", "16384",
+                    "--max-seqs", "64")
     yield server
     server.stop()
 

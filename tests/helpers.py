@@ -16,6 +16,10 @@ from toka.config import EngineConfig
 from toka.protocol import SeqParams, StepPlan
 
 
+# the name tiny_server serves its model under: requests must use a served name (or none)
+TINY_NAME = "tiny-llama"
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -107,11 +111,12 @@ def compare_with_hf(url: str, path: str, dtype, prompts: list[str], max_tokens: 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tokenizer = AutoTokenizer.from_pretrained(path)
     client = OpenAI(base_url=url + "/v1", api_key="none")
+    model = client.models.list().data[0].id
     outputs = []
     for prompt in prompts:
         messages = [{"role": "user", "content": prompt}]
         resp = client.chat.completions.create(
-            model="any", messages=messages, temperature=0, max_tokens=max_tokens, logprobs=True, top_logprobs=5,
+            model=model, messages=messages, temperature=0, max_tokens=max_tokens, logprobs=True, top_logprobs=5,
         )
         content = resp.choices[0].logprobs.content
         assert len(content) > 0 and resp.usage.completion_tokens >= len(content)

@@ -19,6 +19,8 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoConfig, GenerationConfig, PreTrainedTokenizerFast
 
+from toka.server.token_bytes import bytes_to_unicode  # the alphabet the served tokens' bytes are read in
+
 _SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, vocab_size=512, max_position_embeddings=2048, rope_theta=10000.0)
 
@@ -75,19 +77,6 @@ FIRST_WORD_ID = 256 + len(SPECIAL_TOKENS)  # ids below are bytes and special tok
 DEFAULT_SHARD_MB = 2000  # models above this size are sharded even without --shard-size-mb
 _LETTER_FREQ = dict(zip("etaoinshrdlcumwfgypbvkjxqz", [12.7, 9.1, 8.2, 7.5, 7.0, 6.7, 6.3, 6.1, 6.0, 4.3, 4.0, 2.8,
                                                       2.8, 2.4, 2.4, 2.2, 2.0, 2.0, 1.9, 1.5, 1.0, .8, .15, .15, .1, .07]))
-
-
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte -> printable character table, the alphabet the ByteLevel pre-tokenizer emits."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
-    chars, extra = {}, 0
-    for b in range(256):
-        if b in keep:
-            chars[b] = chr(b)
-        else:
-            chars[b] = chr(256 + extra)
-            extra += 1
-    return chars
 
 
 def build_merges(count: int) -> list[tuple[str, str]]:

@@ -10,6 +10,8 @@ import requests
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from tests.helpers import TINY_NAME
+
 
 @pytest.fixture(scope="module")
 def client(tiny_server):
@@ -17,7 +19,7 @@ def client(tiny_server):
 
 
 def greedy(client, prompt, max_tokens=16, **kw):
-    return client.completions.create(model="m", prompt=prompt, max_tokens=max_tokens, temperature=0, **kw)
+    return client.completions.create(model=TINY_NAME, prompt=prompt, max_tokens=max_tokens, temperature=0, **kw)
 
 
 def test_default_model_answers_paris(default_server):
@@ -30,7 +32,7 @@ def test_default_model_answers_paris(default_server):
 
 def test_models(client, tiny_server):
     models = client.models.list().data
-    assert len(models) == 1 and models[0].id.endswith("tiny-llama")
+    assert [m.id for m in models] == [TINY_NAME]
 
 
 def test_completion_prompt_forms(client, tiny_models):
@@ -60,7 +62,7 @@ def test_greedy_matches_transformers_generate(client, tiny_models):
 
 
 def test_sampling_with_seed_is_reproducible_and_n_gives_distinct_choices(client):
-    kw = dict(model="m", prompt="hello world", max_tokens=24, temperature=1.0, seed=1234, n=4)
+    kw = dict(model=TINY_NAME, prompt="hello world", max_tokens=24, temperature=1.0, seed=1234, n=4)
     a = client.completions.create(**kw)
     b = client.completions.create(**kw)
     texts = [c.text for c in a.choices]
@@ -71,7 +73,7 @@ def test_sampling_with_seed_is_reproducible_and_n_gives_distinct_choices(client)
 
 
 def test_top_k_1_is_greedy(client):
-    kw = dict(model="m", prompt="some text", max_tokens=16)
+    kw = dict(model=TINY_NAME, prompt="some text", max_tokens=16)
     sampled = client.completions.create(**kw, temperature=1.5, seed=7, extra_body={"top_k": 1})
     assert sampled.choices[0].text == greedy(client, "some text").choices[0].text
 
@@ -87,7 +89,7 @@ def test_streaming_equals_non_streaming(client):
 
 
 def test_chat_streaming(client):
-    kw = dict(model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=20, temperature=0)
+    kw = dict(model=TINY_NAME, messages=[{"role": "user", "content": "hi"}], max_tokens=20, temperature=0)
     full = client.chat.completions.create(**kw).choices[0].message.content
     chunks = list(client.chat.completions.create(**kw, stream=True))
     assert chunks[0].choices[0].delta.role == "assistant"
@@ -123,7 +125,7 @@ def test_echo_prompt_logprobs_match_transformers(client, tiny_models):
     path = tiny_models["tiny-llama"]
     tokenizer = AutoTokenizer.from_pretrained(path)
     ids = tokenizer("the meaning of life is forty two").input_ids
-    resp = client.completions.create(model="m", prompt=ids, max_tokens=0, echo=True, logprobs=1, temperature=0)
+    resp = client.completions.create(model=TINY_NAME, prompt=ids, max_tokens=0, echo=True, logprobs=1, temperature=0)
     lp = resp.choices[0].logprobs
     assert lp.token_logprobs[0] is None and len(lp.token_logprobs) == len(ids)
     assert resp.choices[0].text == tokenizer.decode(ids)
@@ -147,7 +149,7 @@ def test_bad_request_then_good_request(client, tiny_server):
     err = resp.json()["error"]
     assert err["param"] == "temperature" and err["type"] == "invalid_request_error"
     with pytest.raises(openai.BadRequestError):
-        client.completions.create(model="m", prompt=[10**9], max_tokens=4)
+        client.completions.create(model=TINY_NAME, prompt=[10**9], max_tokens=4)
     assert greedy(client, "still fine").choices[0].text is not None
 
 

@@ -9,6 +9,8 @@ import openai
 import pytest
 import requests
 
+from tests.helpers import TINY_NAME
+
 
 def metric(server, name: str) -> float:
     """A /metrics value once the scheduler's stats (sent every half second) caught up."""
@@ -26,7 +28,7 @@ def client(tiny_server):
 
 def test_repeated_prompt_is_cached_and_gives_the_same_output(client):
     prompt = [(31 * i + 7) % 400 + 20 for i in range(150)]  # tokens, so the page count is known
-    kw = dict(model="m", prompt=prompt, max_tokens=12, temperature=0, logprobs=2)
+    kw = dict(model=TINY_NAME, prompt=prompt, max_tokens=12, temperature=0, logprobs=2)
     first = client.completions.create(**kw)
     again = client.completions.create(**kw)
     assert first.usage.prompt_tokens_details.cached_tokens == 0
@@ -41,10 +43,10 @@ def test_repeated_prompt_is_cached_and_gives_the_same_output(client):
 def test_n_choices_share_their_prompt(client):
     """n = 4 sampled choices of a new prompt: one prefill serves them all, seeds as without sharing."""
     prompt = [(17 * i + 3) % 400 + 20 for i in range(100)]
-    many = client.completions.create(model="m", prompt=prompt, max_tokens=8, temperature=1.0, n=4, seed=5)
+    many = client.completions.create(model=TINY_NAME, prompt=prompt, max_tokens=8, temperature=1.0, n=4, seed=5)
     assert many.usage.prompt_tokens == 100 and many.usage.prompt_tokens_details.cached_tokens == 0
     assert len({c.text for c in many.choices}) > 1
-    again = client.completions.create(model="m", prompt=prompt, max_tokens=8, temperature=1.0, n=4, seed=5)
+    again = client.completions.create(model=TINY_NAME, prompt=prompt, max_tokens=8, temperature=1.0, n=4, seed=5)
     assert [c.text for c in again.choices] == [c.text for c in many.choices]  # cached or not, same draws
     assert again.usage.prompt_tokens_details.cached_tokens == 96
 
@@ -55,9 +57,9 @@ def test_hydragen_gives_what_plain_attention_gives(tiny_models, client):
     from tests.helpers import Server
 
     prompt = [(23 * i + 5) % 400 + 20 for i in range(120)]
-    kw = dict(model="m", prompt=prompt, max_tokens=10, n=8, seed=3, logprobs=1)
-    server = Server("--model", tiny_models["tiny-llama"], "--kv-cache-tokens", "16384", "--max-seqs", "64",
-                    "--hydragen", "--hydragen-min-group", "2", "--hydragen-min-prefix", "16")
+    kw = dict(model=TINY_NAME, prompt=prompt, max_tokens=10, n=8, seed=3, logprobs=1)
+    server = Server("--model", tiny_models["tiny-llama"], "--served-model-name", TINY_NAME, "--kv-cache-tokens",
+                    "16384", "--max-seqs", "64", "--hydragen", "--hydragen-min-group", "2", "--hydragen-min-prefix", "16")
     try:
         hydra = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
         for temperature in (0.0, 1.0):
@@ -66,6 +68,6 @@ def test_hydragen_gives_what_plain_attention_gives(tiny_models, client):
             assert [c.text for c in got.choices] == [c.text for c in want.choices]
             for a, b in zip(want.choices, got.choices):
                 assert b.logprobs.token_logprobs == pytest.approx(a.logprobs.token_logprobs, abs=1e-4)
-        assert metric(server, "toka_grouped_rows") > 0, "no step ran Hydragen groups"
+        assert metric(server, "toka_grouped_rows_total") > 0, "no step ran Hydragen groups"
     finally:
         assert server.stop() == 0

@@ -12,9 +12,10 @@ PROMPTS = ["tensor parallel check", "a b c d e f g", "the quick brown fox " * 5]
 
 def outputs(server: Server) -> list[tuple[list[str], list[float]]]:
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
+    model = client.models.list().data[0].id
     out = []
     for prompt in PROMPTS:
-        resp = client.completions.create(model="m", prompt=prompt, max_tokens=24, temperature=0, logprobs=2,
+        resp = client.completions.create(model=model, prompt=prompt, max_tokens=24, temperature=0, logprobs=2,
                                          extra_body={"ignore_eos": True})
         lp = resp.choices[0].logprobs
         out.append((lp.tokens, lp.token_logprobs))

@@ -52,7 +52,7 @@ def test_queue_bounds_give_429_and_admitted_requests_finish(fresh):
         choice = r.json()["choices"][0]
         assert choice["finish_reason"] == "length" and r.json()["usage"]["completion_tokens"] == 600
     assert [r.json()["choices"][0]["text"] for r in results[:3]] == [expected] * 3
-    assert metrics(url)['http_errors{status="429"}'] == 3
+    assert metrics(url)['http_errors_total{status="429"}'] == 3
     wait_idle(url)
     # the queue drained: admitted again; an idle engine takes even a request larger than the bounds
     resp = complete(url, {**LONG, "max_tokens": 4, "n": 6, "prompt": [7] * 50})

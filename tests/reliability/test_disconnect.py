@@ -46,8 +46,8 @@ def test_disconnected_requests_are_aborted_and_free_their_pages(shared):
     outcomes = asyncio.run(main())
     assert outcomes.count("left the stream") == N // 2 and outcomes.count("timed out") == N // 2, outcomes
     after = wait_idle(shared.url)
-    aborted = after.get('finished{reason="abort"}', 0) - before.get('finished{reason="abort"}', 0)
+    aborted = after.get('finished_total{reason="abort"}', 0) - before.get('finished_total{reason="abort"}', 0)
     assert aborted == N  # every sequence was aborted in the scheduler, none ran to its end
-    gone = after['requests_finished{reason="abort"}'] - before.get('requests_finished{reason="abort"}', 0)
+    gone = after['requests_finished_total{reason="abort"}'] - before.get('requests_finished_total{reason="abort"}', 0)
     assert gone == N  # and the server counted each as given up by its client
-    assert after["tokens_generated"] > before["tokens_generated"]
+    assert after["tokens_generated_total"] > before["tokens_generated_total"]

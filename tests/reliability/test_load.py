@@ -76,6 +76,6 @@ def test_2000_requests_from_200_clients(shared):
     assert not wrong, f"{len(wrong)} outputs differ from the prompt's output alone, e.g. request {wrong[0]}"
     m = wait_idle(url)  # no request state in the server, no running or waiting sequence, every page free
     assert m["http_streams"] == 0 and m["free_pages"] == m["total_pages"]
-    finished = m['requests_finished{reason="length"}'] - before['requests_finished{reason="length"}']
+    finished = m['requests_finished_total{reason="length"}'] - before['requests_finished_total{reason="length"}']
     assert finished == REQUESTS
     print(f"{REQUESTS} requests from {CLIENTS} clients in {took:.1f}s")

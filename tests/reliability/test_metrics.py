@@ -9,8 +9,9 @@ import requests
 
 from tests.reliability.conftest import metrics, settled
 
-REQUIRED = ["http_requests", "http_streams", "http_errors", "requests_finished", "running", "waiting",
-            "free_pages", "total_pages", "tokens_generated", "finished"]
+REQUIRED = ["http_requests", "http_streams", "http_errors_total", "requests_finished_total", "running", "waiting",
+            "free_pages", "total_pages", "tokens_generated_total", "finished_total", "prompt_tokens_total",
+            "generation_tokens_total"]
 
 
 def test_metrics_are_prometheus_text_and_settle_while_idle(shared):
@@ -19,12 +20,12 @@ def test_metrics_are_prometheus_text_and_settle_while_idle(shared):
     body = {"prompt": "count my tokens", "max_tokens": 7, "ignore_eos": True, "n": 2}
     assert requests.post(url + "/v1/completions", json=body).status_code == 200
     deadline = time.monotonic() + 5
-    while (m := metrics(url))["tokens_generated"] != before["tokens_generated"] + 14:  # no traffic since
+    while (m := metrics(url))["tokens_generated_total"] != before["tokens_generated_total"] + 14:  # no traffic since
         assert time.monotonic() < deadline, (before, m)
         time.sleep(0.1)
     delta = {k: m.get(k, 0) - before.get(k, 0) for k in m}
-    assert delta['finished{reason="length"}'] == 2 and delta['requests_finished{reason="length"}'] == 2
-    assert delta["steps"] >= 7 and m["free_pages"] == m["total_pages"] and m["running"] == m["waiting"] == 0
+    assert delta['finished_total{reason="length"}'] == 2 and delta['requests_finished_total{reason="length"}'] == 2
+    assert delta["steps_total"] >= 7 and m["free_pages"] == m["total_pages"] and m["running"] == m["waiting"] == 0
     text = requests.get(url + "/metrics").text
     for name in REQUIRED:
         assert f"# TYPE toka_{name} " in text and f"# HELP toka_{name} " in text, name

@@ -49,7 +49,6 @@ BAD = [
     ("completions", b"\"a string\"", None),
     ("completions", b"null", None),
     ("completions", b"42", None),
-    ("completions", json.dumps({"prompt": "x" * 100_000}).encode(), None),  # over --max-body-bytes 65536
 ]
 
 
@@ -72,6 +71,11 @@ def test_bad_request_is_a_400_naming_the_field(shared, path, body, param):
     assert_error(post(shared.url, path, body), 400, param)
 
 
+def test_a_body_over_max_body_bytes_is_a_413(shared):
+    body = json.dumps({"prompt": "x" * 100_000}).encode()  # over --max-body-bytes 65536
+    assert "65536" in assert_error(post(shared.url, "completions", body), 413, None)["message"]
+
+
 def test_nothing_bad_reaches_the_scheduler_and_serving_goes_on(shared):
     good = {"prompt": "a good request", "max_tokens": 8, "temperature": 0}
     expected = post(shared.url, "completions", good).json()["choices"][0]["text"]
@@ -79,8 +83,8 @@ def test_nothing_bad_reaches_the_scheduler_and_serving_goes_on(shared):
     for path, body, param in BAD:
         assert post(shared.url, path, body).status_code == 400
     after = settled(shared.url)
-    assert after["steps"] == before["steps"], "a bad request reached the ranks"
-    key = 'http_errors{status="400"}'
+    assert after["steps_total"] == before["steps_total"], "a bad request reached the ranks"
+    key = 'http_errors_total{status="400"}'
     assert after[key] - before.get(key, 0) == len(BAD)
     resp = post(shared.url, "completions", good)
     assert resp.status_code == 200 and resp.json()["choices"][0]["text"] == expected

@@ -11,25 +11,13 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from toka.server.detokenizer import Detokenizer, StopMatcher
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte -> printable character table (the ByteLevel alphabet)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {b: chr(c) for b, c in zip(bs, cs)}
+from toka.server.token_bytes import bytes_to_unicode
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
     """Byte-level BPE: ids 0..255 are the bytes, plus a few merges, some of them inside multi-byte
     characters so that a character's bytes are split over tokens in several ways."""
-    B = _bytes_to_unicode()
+    B = bytes_to_unicode()
     vocab = {B[b]: b for b in range(256)}
     merges = []
 

@@ -1,18 +1,20 @@
 """The OpenAI-compatible HTTP API (aiohttp): /v1/completions, /v1/chat/completions, /v1/models,
-/health and /metrics. Routes validate and tokenize, submit one engine sequence per choice, and turn
-token events into JSON or server-sent events; a client that goes away aborts its sequences."""
+/tokenize, /detokenize, /version, /health and /metrics. Routes validate and tokenize, submit one
+engine sequence per choice, and turn token events into JSON or server-sent events; a client that
+goes away aborts its sequences. The bodies themselves are built in responses.py."""
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import random
 import time
-from collections import Counter
+from importlib.metadata import version
 
 from aiohttp import web
 
-from toka.server import api
+from toka.server import api, metrics, tokens
 from toka.server.api import APIError, EngineRequest
 from toka.server.detokenizer import Detokenizer, StopMatcher
 from toka.server.engine_client import EngineClient, EngineDead, OutputStream
@@ -32,6 +34,9 @@ class Choice:
         self.sent_tokens = 0
         self.finish: str | None = None
         self.stop_reason: str | int | None = None  # vLLM's: the stop string or stop token id that ended it
+        # text_offset of the next token a stream chunk reports: responses.py adds each reported
+        # token's length, so that the offsets run on across chunks as in the whole response
+        self.text_offset = 0
 
     async def deltas(self, engine: EngineClient):
         """Yields (text delta, first new token index, end token index) until the sequence ends."""
@@ -74,10 +79,11 @@ class Server:
         self.limits = self._limits()
         self.engine = engine
         self.responses = Responses(tokenizer, cfg.model_name)
+        self.metrics = metrics.ServerMetrics()
+        # compared in constant time, as bytes (compare_digest takes str only when ASCII)
+        self._auth_header = f"Bearer {cfg.api_key}".encode() if cfg.api_key else None
         self.ready = False
         self.draining = False
-        self.counters: Counter[int] = Counter()  # error responses by HTTP status
-        self.finished: Counter[str] = Counter()  # choices by how they ended for the client
         self.active = 0  # generation requests in flight (being validated, generated or written)
         self.rng = random.Random(cfg.seed)
 
@@ -99,11 +105,27 @@ class Server:
             web.post("/v1/completions", self.completions),
             web.post("/v1/chat/completions", self.chat),
             web.get("/v1/models", self.models),
+            web.get("/v1/models/{name:.+}", self.model),  # hub names have a slash
+            web.post("/tokenize", self.tokenize),
+            web.post("/detokenize", self.detokenize),
+            web.get("/version", self.version),
             web.get("/health", self.health),
-            web.get("/metrics", self.metrics),
+            web.get("/metrics", self.prometheus),
         ])
-        app.middlewares.append(self._errors)
+        app.middlewares.extend([self._errors, self._auth])  # _errors outermost: it formats _auth's 401
         return app
+
+    @web.middleware
+    async def _auth(self, request, handler):
+        """With --api-key, every /v1 route and /tokenize, /detokenize need it; health checks and
+        scrapers (/health, /metrics, /version) stay open."""
+        path = request.path
+        if self._auth_header is not None and (path.startswith("/v1/") or path in ("/tokenize", "/detokenize")):
+            given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
+            if not hmac.compare_digest(given, self._auth_header):
+                raise APIError("a valid API key is needed: send the header 'Authorization: Bearer <key>'", None,
+                               401, "invalid_request_error", "invalid_api_key")
+        return await handler(request)
 
     @web.middleware
     async def _errors(self, request, handler):
@@ -112,7 +134,7 @@ class Server:
         except APIError as e:
             error = e
         except web.HTTPRequestEntityTooLarge:  # aiohttp's own 413 has no OpenAI body
-            error = APIError(f"the request body exceeds {self.cfg.max_body_bytes} bytes", None)
+            error = APIError(f"the request body exceeds {self.cfg.max_body_bytes} bytes", None, 413)
         except EngineDead as e:
             error = APIError(f"the engine failed: {e}", None, 503, "server_error")
         except web.HTTPException as e:  # aiohttp's own answers (404, 405): in the API's format
@@ -124,7 +146,7 @@ class Server:
         except Exception as e:  # a bug: answer in the API's format, keep serving
             log.exception("request failed")
             error = APIError(f"internal error: {type(e).__name__}: {e}", None, 500, "server_error")
-        self.counters[error.status] += 1
+        self.metrics.errors[error.status] += 1
         return error_response(error)
 
     # ---- simple routes -------------------------------------------------------------------------
@@ -133,47 +155,40 @@ class Server:
         return web.json_response({"status": "ok" if ok else "unavailable"}, status=200 if ok else 503)
 
     async def models(self, request):
-        return web.json_response({"object": "list", "data": [{
-            "id": self.cfg.model_name, "object": "model", "created": 0, "owned_by": "toka",
-            "max_model_len": self.cfg.max_model_len,
-        }]})
+        return web.json_response({"object": "list", "data": [self._model_card(n) for n in self.cfg.served_names]})
 
-    async def metrics(self, request):
-        """Prometheus text. The scheduler's numbers come from its latest Stats message, sent every
-        STATS_INTERVAL even while idle, so they settle once the engine does."""
-        lines = []
+    async def model(self, request):
+        return web.json_response(self._model_card(self._served(request.match_info["name"])))
 
-        def metric(name, kind, help, values):
-            lines.extend([f"# HELP toka_{name} {help}", f"# TYPE toka_{name} {kind}"])
-            lines.extend(f"toka_{name}{labels} {value}" for labels, value in values)
+    def _model_card(self, name: str) -> dict:
+        return {"id": name, "object": "model", "created": 0, "owned_by": "toka", "root": self.cfg.model,
+                "max_model_len": self.cfg.max_model_len}
 
-        engine = self.engine
-        metric("http_requests", "gauge", "generation requests in flight in the server", [("", self.active)])
-        metric("http_streams", "gauge", "output sequences in flight in the server",
-               [("", len(engine.streams))])
-        metric("http_errors", "counter", "error responses, by status",
-               [(f'{{status="{k}"}}', v) for k, v in sorted(self.counters.items())])
-        metric("requests_finished", "counter", "choices (one output sequence each) returned or given up, by "
-               "finish reason: stop, length, abort (the client left) or error (the engine failed)",
-               [(f'{{reason="{k}"}}', v) for k, v in sorted(self.finished.items())])
-        s = engine.stats
-        if s is not None:
-            metric("running", "gauge", "sequences on the ranks", [("", s.running)])
-            metric("waiting", "gauge", "sequences waiting for a slot or pages", [("", s.waiting)])
-            metric("free_pages", "gauge", "free KV-cache pages", [("", s.free_pages)])
-            metric("total_pages", "gauge", "KV-cache pages", [("", s.total_pages)])
-            metric("tokens_generated", "counter", "output tokens generated", [("", s.tokens_generated)])
-            metric("preemptions", "counter", "sequences preempted for pages", [("", s.preemptions)])
-            metric("steps", "counter", "steps completed", [("", s.steps)])
-            metric("cached_pages", "gauge", "free pages kept for the prefix cache (counted in free_pages)",
-                   [("", s.cached_pages)])
-            metric("prefix_hit_tokens", "counter", "prompt tokens found in the prefix cache", [("", s.prefix_hit_tokens)])
-            metric("grouped_rows", "counter", "decode rows that attended to a shared prefix once per group (Hydragen)",
-                   [("", s.grouped_rows)])
-            metric("finished", "counter", "sequences the scheduler finished, by reason (abort: a stop string, "
-                   "a client gone, a drain timeout)",
-                   [(f'{{reason="{k}"}}', v) for k, v in sorted(s.finished.items())])
-        return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
+    def _served(self, name: str | None) -> str:
+        """The model a request names, which must be one this server serves; unnamed is the first."""
+        if name is None:
+            return self.cfg.model_name
+        if name not in self.cfg.served_names:
+            served = ", ".join(repr(n) for n in self.cfg.served_names)
+            raise APIError(f"the model {name!r} does not exist; this server serves {served}", "model", 404,
+                           "model_not_found", "model_not_found")
+        return name
+
+    async def tokenize(self, request):
+        req = api.decode_body(await request.read(), tokens.TokenizeRequest)
+        self._served(req.model)
+        return web.json_response(tokens.tokenize(req, self.tokenizer, self.limits.max_model_len))
+
+    async def detokenize(self, request):
+        req = api.decode_body(await request.read(), tokens.DetokenizeRequest)
+        self._served(req.model)
+        return web.json_response(tokens.detokenize(req, self.tokenizer, self.limits.vocab_size))
+
+    async def version(self, request):
+        return web.json_response({"version": version("toka")})
+
+    async def prometheus(self, request):
+        return web.Response(text=metrics.render(self), content_type="text/plain")
 
     # ---- generation routes ---------------------------------------------------------------------
     async def completions(self, request):
@@ -183,15 +198,18 @@ class Server:
         return await self._serve(request, chat=True)
 
     async def _serve(self, request, chat: bool):
+        arrival = time.monotonic()
         self.active += 1
         try:
             if chat:
                 req = api.decode_body(await request.read(), api.ChatRequest)
+                self._served(req.model)
                 engine_reqs = [api.chat_request(req, self.tokenizer, self.limits, self._seed(req.seed))]
             else:
                 req = api.decode_body(await request.read(), api.CompletionRequest)
+                self._served(req.model)
                 engine_reqs = api.completion_requests(req, self.tokenizer, self.limits, self._seed(req.seed))
-            return await self._generate(request, req, engine_reqs, chat)
+            return await self._generate(request, req, engine_reqs, chat, arrival)
         finally:
             self.active -= 1
 
@@ -218,11 +236,11 @@ class Server:
         if waiting > cfg.max_waiting_requests:
             raise APIError(f"{max(0, waiting - new)} sequences are waiting already; retry later", None, 429,
                            "rate_limit_error")
-        tokens = self.engine.prompt_tokens + sum(len(r.prompt) for r in engine_reqs)  # once for its n choices
-        if waiting and tokens > cfg.max_waiting_tokens:
+        queued = self.engine.prompt_tokens + sum(len(r.prompt) for r in engine_reqs)  # once for its n choices
+        if waiting and queued > cfg.max_waiting_tokens:
             raise APIError("too many prompt tokens are queued; retry later", None, 429, "rate_limit_error")
 
-    async def _generate(self, request, req, engine_reqs: list[EngineRequest], chat: bool):
+    async def _generate(self, request, req, engine_reqs: list[EngineRequest], chat: bool, arrival: float):
         self._admit(engine_reqs)
         choices: list[Choice] = []
         try:
@@ -242,7 +260,7 @@ class Server:
             for c in choices:
                 if not c.stream.done:
                     self.engine.abort(c.stream)
-                self.finished[c.finish or ("error" if c.stream.error else "abort")] += 1
+            self.metrics.record(arrival, choices)
 
     async def _drain(self, choice: Choice) -> None:
         async for _ in choice.deltas(self.engine):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 import zmq
 import zmq.asyncio
@@ -39,6 +40,10 @@ class OutputStream:
         self.finish: str | None = None
         self.stop_token: int | None = None  # the stop token that ended it (finish "stop"); not in `tokens`
         self.error: str | None = None
+        # time.monotonic() of the first token sampled and of the engine ending it, for the latency
+        # metrics: read once a sequence, so the tokens in between cost no clock reads
+        self.first_at: float | None = None
+        self.end_at: float | None = None
         # a reader that only needs the final result (no streaming, no stop strings) is woken once at
         # the end instead of once per token: the per-token path is the server's hot loop
         self.each_token = each_token
@@ -50,11 +55,16 @@ class OutputStream:
             self.tokens.append(token)
             self.logprobs.append(logprob)
             self.top.append(top)
+        if self.first_at is None:
+            self.first_at = time.monotonic()
         self.sampled += keep or reason == "stop"
         if reason == "stop":
             self.stop_token = token
         self.finish = reason
-        if self.each_token or reason is not None:
+        if reason is not None:
+            self.end_at = time.monotonic()
+            self._changed.set()
+        elif self.each_token:
             self._changed.set()
         return reason is not None
 

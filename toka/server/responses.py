@@ -13,6 +13,7 @@ from aiohttp import web
 
 from toka.protocol import TopLogprobs
 from toka.server.api import APIError
+from toka.server.token_bytes import TokenBytes
 
 if TYPE_CHECKING:
     from toka.server.app import Choice
@@ -24,6 +25,7 @@ class Responses:
     def __init__(self, tokenizer, model_name: str):
         self.tokenizer = tokenizer
         self.model_name = model_name
+        self.token_bytes = TokenBytes(tokenizer)
 
     # ---- whole responses -----------------------------------------------------------------------
     def full(self, req, choices: list[Choice], chat: bool) -> dict:
@@ -82,10 +84,11 @@ class Responses:
             k = s.params.logprobs  # prompt_logprobs may have had the prompt scored with more alternatives
             tops = [t if t is None or len(t.ids) <= k else TopLogprobs(t.ids[:k], t.logprobs[:k])
                     for t in s.prompt_top] + tops
-        offsets, pos = [], 0
+        offsets, pos = [], c.text_offset  # 0 for a whole response; a stream's chunks run on
         for t in ids:
             offsets.append(pos)
             pos += len(self.tokenizer.decode([t]))
+        c.text_offset = pos
         return {
             "tokens": self._names(req, ids),
             "token_logprobs": lps,
@@ -138,8 +141,7 @@ class Responses:
         return entry
 
     def _token_entry(self, req, token: int, lp: float) -> dict:
-        return {"token": self._names(req, [token])[0], "logprob": lp,
-                "bytes": list(self.tokenizer.decode([token]).encode())}
+        return {"token": self._names(req, [token])[0], "logprob": lp, "bytes": self.token_bytes(token)}
 
     def _prompt_text(self, c: Choice) -> str:
         return self.tokenizer.decode(c.req.prompt, skip_special_tokens=False)

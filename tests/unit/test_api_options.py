@@ -225,3 +225,10 @@ def test_body_with_unknown_fields_decodes_like_one_without():
     plain = api.decode_body(json.dumps(body).encode(), api.CompletionRequest)
     extra = api.decode_body(json.dumps({**body, "zz_unknown_too": [1, 2]}).encode(), api.CompletionRequest)
     assert extra == plain
+
+
+@pytest.mark.parametrize("given,served", [(1e-300, 1 / api.MAX_REPETITION_PENALTY), (1e300, api.MAX_REPETITION_PENALTY),
+                                          (1e-3, 1e-3), (50.0, 50.0)])
+def test_repetition_penalty_is_served_within_float32s_reach(given, served):
+    [r] = completion({"prompt": "hi", "repetition_penalty": given})
+    assert r.params.repetition_penalty == pytest.approx(served)

@@ -28,6 +28,10 @@ MIN_TEMPERATURE = 1e-5
 MIN_TOP_P = 1e-8
 MAX_LOGIT_BIAS = 100.0
 MAX_PENALTY = 2.0  # presence_penalty and frequency_penalty lie in [-MAX_PENALTY, MAX_PENALTY] (OpenAI's range)
+# Ranks keep repetition_penalty in float32, where a huge one is inf (and 0 * inf, for a logit of 0, NaN)
+# and a tiny one 0 (a division by zero). Past this factor either way the sampled distribution is the
+# same, so a repetition_penalty outside [1 / MAX, MAX] is served as the bound.
+MAX_REPETITION_PENALTY = 1e6
 
 
 class APIError(Exception):
@@ -215,6 +219,7 @@ def _check_common(req: _Common, limits: Limits) -> dict:
     repetition_penalty = 1.0 if req.repetition_penalty is None else req.repetition_penalty
     if not 0 < repetition_penalty < math.inf:
         raise APIError("repetition_penalty must be > 0 (1: none)", "repetition_penalty")
+    repetition_penalty = min(max(repetition_penalty, 1 / MAX_REPETITION_PENALTY), MAX_REPETITION_PENALTY)
     if not 0 <= (req.min_p or 0.0) <= 1:
         raise APIError("min_p must be in [0, 1]", "min_p")
     if req.min_tokens < 0:

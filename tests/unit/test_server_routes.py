@@ -138,6 +138,21 @@ def test_models_lists_every_served_name_and_answers_each_by_id(model, tokenizer)
     serve(model, tokenizer, check)
 
 
+def test_every_alias_is_served_and_listed_and_responses_report_the_first(model, tokenizer):
+    async def check(client, server):
+        listed = await (await client.get("/v1/models")).json()
+        assert [m["id"] for m in listed["data"]] == ["tiny", "org/alias"]
+        for name in ("tiny", "org/alias"):  # a hub-style name has a slash
+            resp = await client.get(f"/v1/models/{name}")
+            assert resp.status == 200 and (await resp.json())["id"] == name
+            resp = await client.post("/v1/completions", json=completion(model=name))
+            assert resp.status == 200 and (await resp.json())["model"] == "tiny"
+        resp = await client.post("/v1/chat/completions", json=chat(model=model))  # the path is no alias now
+        assert resp.status == 404 and error_of(await resp.json())["code"] == "model_not_found"
+
+    serve(model, tokenizer, check, served_model_name=["tiny", "org/alias"])
+
+
 # ---- /tokenize, /detokenize, /version ----------------------------------------------------------
 def test_tokenize_a_prompt_and_chat_messages(model, tokenizer):
     async def check(client, server):

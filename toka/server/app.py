@@ -73,7 +73,8 @@ class Choice:
 class Server:
     def __init__(self, cfg, tokenizer, engine: EngineClient):
         """`engine` exists before the ranks start (its sockets must be subscribed before their first
-        step) but is used only after `start()`."""
+        step): /health and /metrics read it from the first request, generation routes only after
+        `start()`."""
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.limits = self._limits()

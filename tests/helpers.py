@@ -15,7 +15,6 @@ import torch
 from toka.config import EngineConfig
 from toka.protocol import SeqParams, StepPlan
 
-
 # the name tiny_server serves its model under: requests must use a served name (or none)
 TINY_NAME = "tiny-llama"
 

@@ -26,9 +26,9 @@ def build(cfg: EngineConfig, rank: int):
 
     from workers.attention import make_backend
     from workers.kv_cache import KVCache
-    from workers.runner import ModelRunner
     from workers.layers.parallel import TPGroup
     from workers.models import model_class
+    from workers.runner import ModelRunner
     from workers.weights import init_random, load_checkpoint
 
     device = torch.device(f"cuda:{rank}" if cfg.device == "cuda" else "cpu")

@@ -9,10 +9,10 @@ import torch
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
+from tests.helpers import batch_with_pages  # noqa: E402
 from workers.attention import make_backend  # noqa: E402
 from workers.kv_cache import KVCache  # noqa: E402
 from workers.runner import ModelRunner  # noqa: E402
-from tests.helpers import batch_with_pages  # noqa: E402
 
 PAGE = 16
 both_decode_kernels = pytest.mark.parametrize("tensor_cores", [False, True], ids=["cuda-core-decode", "tensor-core-decode"])

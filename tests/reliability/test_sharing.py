@@ -11,7 +11,7 @@ import random
 import aiohttp
 import requests
 
-from tests.reliability.conftest import metrics, wait_idle
+from tests.reliability.conftest import wait_idle
 
 PREFIXES = [" ".join(f"shared{p} block {i}" for i in range(12)) for p in range(3)]
 PROMPTS = [f"{PREFIXES[i % 3]} question {i}:" for i in range(12)]

@@ -80,7 +80,7 @@ def test_nothing_bad_reaches_the_scheduler_and_serving_goes_on(shared):
     good = {"prompt": "a good request", "max_tokens": 8, "temperature": 0}
     expected = post(shared.url, "completions", good).json()["choices"][0]["text"]
     before = settled(shared.url)
-    for path, body, param in BAD:
+    for path, body, _ in BAD:
         assert post(shared.url, path, body).status_code == 400
     after = settled(shared.url)
     assert after["steps_total"] == before["steps_total"], "a bad request reached the ranks"

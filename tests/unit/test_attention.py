@@ -9,10 +9,10 @@ import random
 import pytest
 import torch
 
+from tests.helpers import batch_with_pages
 from workers.attention import AttentionBatch, make_backend
 from workers.attention.torch_ref import TorchAttention
 from workers.kv_cache import KVCache
-from tests.helpers import batch_with_pages
 from workers.runner import ModelRunner
 
 PAGE = 4
@@ -76,8 +76,9 @@ def run_step(attn, seqs, rows, num_prefill, layers, heads, kv_heads):
         start = 0
         for s, ql, kv in rows:
             want = reference(seqs, layer, s, ql, kv, heads, kv_heads)
+            where = f"layer {layer} seq {s} (q_len {ql}, kv_len {kv})"
             torch.testing.assert_close(out[start : start + ql].double(), want, atol=2e-5, rtol=1e-5,
-                                       msg=lambda m: f"layer {layer} seq {s} (q_len {ql}, kv_len {kv}): {m}")
+                                       msg=lambda m, where=where: f"{where}: {m}")
             start += ql
 
 
@@ -142,7 +143,7 @@ def test_prefill_of_a_whole_sequence_one_token_at_a_time_matches_one_shot():
         cache = KVCache(1, 8, PAGE, kv_heads, dim, torch.float32, torch.device("cpu"))
         attn = TorchAttention(cache, heads, dim)
         pieces, done = [], 0
-        for i, c in enumerate(chunks):
+        for c in chunks:
             rows = [(0, c, done + c)]
             attn.plan(plan_for(rows, seqs, num_prefill=1))
             pieces.append(attn.forward(0, seqs.q[0][0][done : done + c], seqs.k[0][0][done : done + c],

@@ -19,7 +19,6 @@ from toka.protocol import SamplingParams, SeqParams, Stats, StepPlan, StepResult
 from toka.scheduler.hydragen import group_by_prefix
 from toka.scheduler.pages import PageAllocator, page_keys
 
-
 # After a preemption, admission keeps free pages for the output the running sequences may still
 # write (this share of it, at most RESERVE_CLIP tokens a sequence): set to 1 by each preemption, it
 # decays by RESERVE_DECAY a step to 0. Without it a preempted sequence comes back as soon as pages

@@ -53,5 +53,5 @@ def test_shared_prefixes_n_and_hydragen_under_pressure(fresh):
         i, n, _ = jobs[k]
         assert results[k] == [alone[i]] * n, f"job {k} (prompt {i}, n {n}) differs from the prompt alone"
     m = wait_idle(url)
-    assert m["prefix_hit_tokens"] > 0 and m["grouped_rows"] > 0
-    assert m["preemptions"] > 0, "the cache was meant to be too small for the load"
+    assert m["prefix_hit_tokens_total"] > 0 and m["grouped_rows_total"] > 0
+    assert m["preemptions_total"] > 0, "the cache was meant to be too small for the load"

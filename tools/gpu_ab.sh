@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The same quick workload served by an earlier commit's code (A) and by this tree (B), alternating
-# A B A B on one GPU, so that the difference can be read against the run-to-run spread. The same
+# A B A B on one GPU (ORDER="B A" to start with B), so that the difference can be read against the
+# run-to-run spread. The same
 # client (this tree's tools/bench.py) measures both.
 #   git archive REV toka workers | tar -x -C build/base   (here; carry build/base to the GPU host)
 #   tools/gpu_ab.sh OUT_DIR WORKLOAD "LAUNCH FLAGS" [ROUNDS] [bench flags...]
@@ -12,11 +13,12 @@ m=/tmp/toka-models/llama-3.2-1b
 base=${BASE:-$PWD/build/base}; tree=${TREE:-$PWD}  # A's code and B's
 [ -d "$base/toka" ] || { echo "no $base: git archive REV toka workers | tar -x -C build/base"; exit 2; }
 for round in $(seq "$rounds"); do
-  for side in A B; do
+  for side in ${ORDER:-A B}; do
     path=$tree; [ $side = A ] && path=$base
     PYTHONPATH=$path:$PYTHONPATH timeout ${RUN_TIMEOUT:-300} python tools/bench.py \
       --launch "--model $m --load-format random $flags" --vocab 128000 --workload "$workload" --quick \
       --out "$out/$side$round.json" "$@" > "$out/$side$round.log" 2>&1
+    pgrep -fa "toka.launch|multiprocessing" > "$out/$side$round.left" || true  # nothing should outlive a run
   done
 done
 python - "$out" <<'PY'

@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
 # The same quick workload served by an earlier commit's code (A) and by this tree (B), alternating
 # A B A B on one GPU (ORDER="B A" to start with B), so that the difference can be read against the
-# run-to-run spread. The same
-# client (this tree's tools/bench.py) measures both.
+# run-to-run spread. The same client (this tree's tools/bench.py) measures both.
 #   git archive REV toka workers | tar -x -C build/base   (here; carry build/base to the GPU host)
 #   tools/gpu_ab.sh OUT_DIR WORKLOAD "LAUNCH FLAGS" [ROUNDS] [bench flags...]
 set -uo pipefail

@@ -32,6 +32,7 @@ from toka.fabric import STOP_SIGNALS, make_run_dir, profiled, remove_run_dir, re
 
 log = logging.getLogger("toka.launch")
 
+LISTEN_BACKLOG = 65535
 STARTUP_TIMEOUT = 1800.0  # loading weights and compiling kernels can take long on a cold machine
 OPEN_FILES = 65536  # file descriptors wanted: one per connection
 INTERRUPTED = 130  # the exit code of a program Ctrl-C stopped, as shells report it
@@ -62,7 +63,10 @@ class Launcher:
         self.server = Server(cfg, tokenizer, EngineClient(cfg))
         runner = web.AppRunner(self.server.app(), handler_cancellation=True, access_log=None)
         await runner.setup()
-        await web.TCPSite(runner, cfg.host, cfg.port).start()  # early: /health says 503 while loading
+        # early: /health says 503 while loading. The accept queue holds a burst of connections (aiohttp's
+        # default, 128, drops the SYNs of a larger one, and each dropped client waits a second or more
+        # to retry); the kernel caps it at net.core.somaxconn.
+        await web.TCPSite(runner, cfg.host, cfg.port, backlog=LISTEN_BACKLOG).start()
         ctx = zmq.asyncio.Context()
         self.control = ctx.socket(zmq.PULL)
         self.control.bind(cfg.endpoint("control"))

@@ -6,12 +6,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
+import subprocess
 import time
 
 import aiohttp
+import pytest
 import requests
 
 from tests.reliability.conftest import metrics, wait_idle
+from toka.launch import LISTEN_BACKLOG
 
 REQUESTS = 2000
 CLIENTS = 200
@@ -79,3 +83,14 @@ def test_2000_requests_from_200_clients(shared):
     finished = m['requests_finished_total{reason="length"}'] - before['requests_finished_total{reason="length"}']
     assert finished == REQUESTS
     print(f"{REQUESTS} requests from {CLIENTS} clients in {took:.1f}s")
+
+
+@pytest.mark.skipif(shutil.which("ss") is None, reason="needs ss (iproute2) to read the listen queue")
+def test_the_listen_queue_holds_a_burst_of_connections(shared):
+    """aiohttp's default accept queue (128) drops the SYNs of a larger burst, and every dropped
+    client waits a second or more to retry: the server asks for the kernel's largest."""
+    port = shared.url.rsplit(":", 1)[1]
+    out = subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True, check=True).stdout
+    backlog = int(out.split()[2])  # State Recv-Q Send-Q ...: a listening socket's Send-Q is its backlog
+    somaxconn = int(open("/proc/sys/net/core/somaxconn").read())
+    assert backlog == min(somaxconn, LISTEN_BACKLOG)

@@ -33,6 +33,7 @@ class LogitsProcessor:
         self.prompt_len = np.zeros(num_slots, dtype=np.int64)
         self.stop_ids: list[np.ndarray | None] = [None] * num_slots  # masked before min_tokens
         self.bias: list[tuple[np.ndarray, np.ndarray] | None] = [None] * num_slots
+        self.edited = np.zeros(num_slots, dtype=bool)  # a logit_bias, or stop tokens to hold back
         self.active = np.zeros(num_slots, dtype=bool)  # any of the above
         self.counts = torch.zeros(0, vocab, dtype=torch.int32, device=device)
         self.seen = torch.zeros(0, vocab, dtype=torch.bool, device=device)
@@ -54,7 +55,8 @@ class LogitsProcessor:
         elif self.row_of[s] >= 0:
             self.free_rows.append(int(self.row_of[s]))
             self.row_of[s] = -1
-        self.active[s] = penalized or self.bias[s] is not None or self.stop_ids[s] is not None
+        self.edited[s] = self.bias[s] is not None or self.stop_ids[s] is not None
+        self.active[s] = penalized or self.edited[s]
 
     def _fill_row(self, slot: int, a: SeqParams) -> None:
         row = int(self.row_of[slot])
@@ -90,8 +92,8 @@ class LogitsProcessor:
         """logits [rows, V] float32 of rows in `slots` whose sampled token takes `positions` (host
         arrays); returns the edited logits (in place where possible)."""
         rows, cols, values = [], [], []
-        for i in np.flatnonzero(self.active[slots]).tolist():
-            s = slots[i]
+        for i in np.flatnonzero(self.edited[slots]).tolist():  # Python per row: only rows with edits
+            s = int(slots[i])
             if self.bias[s] is not None:
                 ids, bias = self.bias[s]
                 rows.append(np.full(len(ids), i))

@@ -35,6 +35,10 @@ class EngineConfig:
     dtype: str | None = _flag("bfloat16, float16 or float32 (default: float32 on cpu; on cuda float16 for "
                               "float16 checkpoints, else bfloat16)", default=None)
     tp: int = _flag("tensor-parallel ranks, one process each", default=1)
+    dp: int = _flag("data-parallel replicas behind one server, each its own scheduler and --tp ranks (replica k "
+                    "on GPUs k * tp .. k * tp + tp - 1)", default=1)
+    dp_fail_fast: bool = _flag("any replica dying ends the engine (otherwise the others keep serving)",
+                               default=False)
     kv_cache_tokens: int | None = _flag("KV cache size in tokens (default: from free memory)", default=None)
     gpu_memory_utilization: float = _flag("fraction of GPU memory the engine may use", default=0.9)
     page_size: int = _flag("tokens per KV-cache page", default=16)
@@ -73,6 +77,7 @@ class EngineConfig:
 
     # Filled by resolve(); not flags.
     run_dir: str = field(default="", metadata={"cli": False})
+    replica: int = field(default=0, metadata={"cli": False})  # which replica a child serves (for_replica)
     vocab_size: int = field(default=0, metadata={"cli": False})
     eos_token_ids: list[int] = field(default_factory=list, metadata={"cli": False})
     sampling_defaults: dict = field(default_factory=dict, metadata={"cli": False})
@@ -99,7 +104,25 @@ class EngineConfig:
         return self.tokenizer or self.model or ""
 
     def endpoint(self, name: str) -> str:
-        return f"ipc://{os.path.join(self.run_dir, name)}"
+        """A socket of this replica's (requests, plans, events, status), or the launcher's control."""
+        return f"ipc://{self.run_path(name)}"
+
+    def run_path(self, name: str) -> str:
+        """A file of the launch's private folder; replicas beyond the first have their own."""
+        if name != "control" and self.replica:
+            name = f"{name}.{self.replica}"
+        return os.path.join(self.run_dir, name)
+
+    def for_replica(self, replica: int) -> "EngineConfig":
+        return dataclasses.replace(self, replica=replica)
+
+    def process_name(self, role: str) -> str:
+        """rank0, scheduler; with several replicas replica1.rank0, replica1.scheduler."""
+        return role if self.dp == 1 else f"replica{self.replica}.{role}"
+
+    @property
+    def first_gpu(self) -> int:
+        return self.replica * self.tp
 
     # ---- validation ----------------------------------------------------------------------------
     def resolve(self) -> "EngineConfig":
@@ -130,13 +153,15 @@ class EngineConfig:
             self.dtype = ("float16" if info.checkpoint_dtype == "float16" else "bfloat16") if gpu else "float32"
         if self.dtype not in ("bfloat16", "float16", "float32"):
             raise ConfigError(f"--dtype must be bfloat16, float16 or float32, not {self.dtype!r}")
-        if self.tp < 1:
-            raise ConfigError("--tp must be at least 1")
-        if gpu and self.tp > torch.cuda.device_count():
-            raise ConfigError(f"--tp {self.tp} needs {self.tp} GPUs but {torch.cuda.device_count()} are visible")
+        if self.tp < 1 or self.dp < 1:
+            raise ConfigError("--tp and --dp must be at least 1")
+        ranks = self.tp * self.dp
+        layout = f"--tp {self.tp}" if self.dp == 1 else f"--dp {self.dp} x --tp {self.tp}"
+        if gpu and ranks > torch.cuda.device_count():
+            raise ConfigError(f"{layout} needs {ranks} GPUs but {torch.cuda.device_count()} are visible")
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        if not gpu and self.tp > cores:  # a CPU rank needs a core of its own
-            raise ConfigError(f"--tp {self.tp} on cpu needs {self.tp} CPU cores but {cores} are available")
+        if not gpu and ranks > cores:  # a CPU rank needs a core of its own
+            raise ConfigError(f"{layout} on cpu needs {ranks} CPU cores but {cores} are available")
         info.check_tp(self.tp)
         self.max_seqs = self.max_seqs or (2048 if gpu else 64)
         self.max_tokens_per_forward = self.max_tokens_per_forward or (8192 if gpu else 1024)

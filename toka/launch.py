@@ -46,6 +46,7 @@ class Launcher:
     def __init__(self, cfg: EngineConfig):
         self.cfg = cfg
         self.procs: list[mp.Process] = []
+        self.replica_of: dict[str, int] = {}  # process name -> its replica
         self.stopping = False
         self.interrupted = False  # a second SIGINT: stop_now() ends the run
         self.exit_code = 0
@@ -57,10 +58,13 @@ class Launcher:
 
         from toka.server.app import Server
         from toka.server.engine_client import EngineClient
+        from toka.server.replicas import Replicas
 
         cfg = self.cfg
         tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer_path)
-        self.server = Server(cfg, tokenizer, EngineClient(cfg))
+        # every replica's sockets exist before its processes start: they subscribe to them
+        clients = [EngineClient(cfg.for_replica(k)) for k in range(cfg.dp)]
+        self.server = Server(cfg, tokenizer, Replicas(clients, cfg.page_size, fail_fast=cfg.dp_fail_fast))
         runner = web.AppRunner(self.server.app(), handler_cancellation=True, access_log=None)
         await runner.setup()
         # early: /health says 503 while loading. The accept queue holds a burst of connections (aiohttp's
@@ -94,8 +98,9 @@ class Launcher:
         return self.exit_code
 
     # ---- start-up ------------------------------------------------------------------------------
-    def spawn(self, name: str, target, *args) -> None:
-        proc = mp.get_context("spawn").Process(target=target, args=(self.cfg, *args), name=name)
+    def spawn(self, cfg: EngineConfig, name: str, target, *args) -> None:
+        proc = mp.get_context("spawn").Process(target=target, args=(cfg, *args), name=name)
+        self.replica_of[name] = cfg.replica
         # the child inherits the blocked mask: a stop signal sent while it imports waits until it can
         # ignore it (fabric.leave_stop_signals_to_launcher); here it waits only for start() to return
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
@@ -128,44 +133,72 @@ class Launcher:
         from workers.rank import rank_main
 
         cfg = self.cfg
-        for rank in range(cfg.tp):
-            self.spawn(f"rank{rank}", rank_main, rank)
-        ready = await self.wait_ready({f"rank{r}" for r in range(cfg.tp)})
-        # every rank sized its own cache; the scheduler plans for the smallest
-        cfg.kv_cache_tokens = min(r.info["kv_pages"] for r in ready.values()) * cfg.page_size
-        cfg.cap_to_cache()
-        self.spawn("scheduler", scheduler_main)
-        await self.wait_ready({"scheduler"})
+        replicas = [cfg.for_replica(k) for k in range(cfg.dp)]
+        names = {rc.replica: [rc.process_name(f"rank{r}") for r in range(cfg.tp)] for rc in replicas}
+        for rc in replicas:
+            for rank, name in enumerate(names[rc.replica]):
+                self.spawn(rc, name, rank_main, rank)
+        ready = await self.wait_ready({n for ns in names.values() for n in ns})
+        # every rank sized its own cache; a replica's scheduler plans for its smallest, and one context
+        # window holds for every replica
+        for rc in replicas:
+            rc.kv_cache_tokens = min(ready[n].info["kv_pages"] for n in names[rc.replica]) * cfg.page_size
+            rc.cap_to_cache()
+        cfg.kv_cache_tokens = sum(rc.kv_cache_tokens for rc in replicas)
+        cfg.max_model_len = min(rc.max_model_len for rc in replicas)
+        for rc in replicas:
+            rc.max_model_len = cfg.max_model_len
+            if cfg.dp > 1:
+                gpus = f"GPUs {rc.first_gpu}-{rc.first_gpu + cfg.tp - 1}" if cfg.device == "cuda" else "cpu"
+                log.info("replica %d: %s, %d KV tokens", rc.replica, gpus, rc.kv_cache_tokens)
+            self.spawn(rc, rc.process_name("scheduler"), scheduler_main)
+        await self.wait_ready({rc.process_name("scheduler") for rc in replicas})
 
     # ---- supervision and shutdown --------------------------------------------------------------
     async def watch(self) -> None:
-        """Waits for a child to exit, a child's fatal report or the server losing token events. Any
-        of them means the engine is dead, except children exiting 0 at the end of a drain."""
+        """Waits for children to exit, a child's fatal report or a replica losing its token events.
+        One replica failing takes only it out of service while others live (Replicas.fail_replica);
+        the engine is dead when none is left, or at the first failure with --dp-fail-fast. Children
+        exiting 0 at the end of a drain are no failure."""
         loop = asyncio.get_running_loop()
         engine = self.server.engine
         decoder = protocol.decoder(protocol.ControlMsg)
-        exited = loop.run_in_executor(None, multiprocessing.connection.wait, [p.sentinel for p in self.procs])
         fatal = asyncio.ensure_future(self.control.recv())
-        lost = asyncio.ensure_future(engine.failed.wait())
-        await asyncio.wait([exited, fatal, lost], return_when=asyncio.FIRST_COMPLETED)
+        exited = None
+        while not engine.dead:
+            if exited is None:  # one waiting thread at a time; it also sees a dead replica's processes end
+                watched = [p for p in self.procs if p.exitcode is None]
+                exited = loop.run_in_executor(None, multiprocessing.connection.wait, [p.sentinel for p in watched])
+            changed = asyncio.ensure_future(engine.changed.wait())
+            await asyncio.wait([exited, fatal, changed], return_when=asyncio.FIRST_COMPLETED)
+            changed.cancel()
+            if self.interrupted:
+                fatal.cancel()
+                return  # stop_now() killed them
+            failed: dict[int, str] = {}
+            if fatal.done():
+                msg = decoder.decode(fatal.result())
+                failed[self.replica_of.get(msg.name, 0)] = f"{msg.name} failed: {getattr(msg, 'message', '')}"
+                fatal = asyncio.ensure_future(self.control.recv())
+            if exited.done():
+                ended = [p for p in watched if p.sentinel in exited.result()]
+                exited = None
+                for p in ended:  # the sentinel closes a moment before the exit code can be read
+                    p.join(1)
+                if self.stopping and all(p.exitcode == 0 for p in ended):
+                    fatal.cancel()
+                    return  # the drain stopped them
+                for p in ended:
+                    if engine.live[self.replica_of[p.name]]:
+                        failed.setdefault(self.replica_of[p.name], f"{p.name} exited with code {p.exitcode}")
+            engine.changed.clear()
+            for k, reason in failed.items():
+                engine.fail_replica(k, reason)
+            for p in self.procs:  # a replica out of service stops: the rest of it cannot serve alone
+                if not engine.live[self.replica_of[p.name]] and p.is_alive():
+                    p.kill()
         fatal.cancel()
-        lost.cancel()
-        if self.interrupted:
-            return  # stop_now() killed them
-        if fatal.done() and not fatal.cancelled():
-            msg = decoder.decode(fatal.result())
-            reason = f"{msg.name} failed: {getattr(msg, 'message', '')}"
-        elif engine.dead:
-            reason = engine.dead
-        else:
-            ended = [p for p in self.procs if p.sentinel in exited.result()]
-            for p in ended:  # the sentinel closes a moment before the exit code can be read
-                p.join(1)
-            if self.stopping and all(p.exitcode == 0 for p in ended):
-                return  # the drain stopped them
-            reason = ", ".join(f"{p.name} exited with code {p.exitcode}" for p in ended)
-        log.error("engine dead: %s", reason)
-        engine.fail_all(reason)  # /health answers 503 from here on
+        log.error("engine dead: %s", engine.dead)
         self.exit_code = 1
         if self.stopping:
             return  # shutdown() sees the engine dead and finishes the job

@@ -31,18 +31,18 @@ def build(cfg: EngineConfig, rank: int):
     from workers.runner import ModelRunner
     from workers.weights import init_random, load_checkpoint
 
-    device = torch.device(f"cuda:{rank}" if cfg.device == "cuda" else "cpu")
+    device = torch.device(f"cuda:{cfg.first_gpu + rank}" if cfg.device == "cuda" else "cpu")
     if cfg.device == "cuda":
         torch.cuda.set_device(device)
     tp = TPGroup(rank, cfg.tp)
     if cfg.device == "cpu":  # ranks share the cores
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // cfg.tp))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // (cfg.tp * cfg.dp)))
     if cfg.tp > 1:
         import torch.distributed as dist
 
         dist.init_process_group(
             "nccl" if cfg.device == "cuda" else "gloo",
-            init_method=f"file://{os.path.join(cfg.run_dir, 'dist-init')}",
+            init_method=f"file://{cfg.run_path('dist-init')}",
             rank=rank, world_size=cfg.tp, device_id=device if cfg.device == "cuda" else None,
         )
     hf = AutoConfig.from_pretrained(cfg.model)
@@ -150,7 +150,7 @@ def _pages_from_memory(cfg, make_runner, bytes_per_token: int, device) -> int:
 def rank_main(cfg: EngineConfig, rank: int) -> None:
     leave_stop_signals_to_launcher()
     watch_parent()
-    name = f"rank{rank}"
+    name = cfg.process_name(f"rank{rank}")
     setup_logging(name, cfg.log_level)
     ctx = zmq.Context()
     control = Channel(ctx, zmq.PUSH, cfg.endpoint("control"), None, bind=False)

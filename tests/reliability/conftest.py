@@ -60,10 +60,16 @@ def metrics(url: str) -> dict[str, float]:
     return out
 
 
+def total(m: dict[str, float], name: str) -> float | None:
+    """A figure summed over replicas (samples `name` or `name{replica=...}`); None when absent."""
+    values = [v for k, v in m.items() if k == name or k.startswith(name + "{replica=")]
+    return sum(values) if values else None
+
+
 def idle(m: dict[str, float]) -> bool:
-    """No request state left anywhere: server, scheduler, KV cache."""
-    return (m.get("http_requests") == 0 and m.get("http_streams") == 0 and m.get("running") == 0
-            and m.get("waiting") == 0 and m.get("free_pages") == m.get("total_pages"))
+    """No request state left anywhere: server, schedulers, KV caches."""
+    return (m.get("http_requests") == 0 and m.get("http_streams") == 0 and total(m, "running") == 0
+            and total(m, "waiting") == 0 and total(m, "free_pages") == total(m, "total_pages"))
 
 
 def wait_idle(url: str, timeout: float = 30) -> dict[str, float]:
@@ -93,7 +99,7 @@ def settled(url: str, timeout: float = 30) -> dict[str, float]:
 def child_pids(server: Server) -> dict[str, int]:
     """The launcher logs "started <name> pid <pid>" for each child it spawns."""
     with open(server.log.name) as f:
-        return {name: int(pid) for name, pid in re.findall(r"started (\w+) pid (\d+)", f.read())}
+        return {name: int(pid) for name, pid in re.findall(r"started ([\w.]+) pid (\d+)", f.read())}
 
 
 def descendants(pid: int) -> list[int]:

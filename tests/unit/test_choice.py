@@ -155,7 +155,7 @@ def scored_stream(req: api.EngineRequest, ranks: bool, tmp_path) -> OutputStream
     rank_list = [2] + [1] * (len(PROMPT) - 2) if ranks else []
 
     async def main():
-        cfg = SimpleNamespace(endpoint=lambda name: f"ipc://{tmp_path}/{name}")
+        cfg = SimpleNamespace(endpoint=lambda name: f"ipc://{tmp_path}/{name}", replica=0)
         client = EngineClient(cfg)
         try:
             [stream] = client.submit(req.prompt, req.params)

@@ -31,11 +31,15 @@ class ScriptedEngine:
         self.prompt_tokens = 0
         self.dead = None
         self.stats = None
+        self.live_count = 1
         self.prompts: list[list[int]] = []
         self._next_rid = 0
 
     def start(self):
         pass
+
+    def replica_stats(self):
+        return [(0, self.stats)] if self.stats is not None else []
 
     def submit(self, prompt, params, n=1, each_token=True):
         self.prompts.append(prompt)

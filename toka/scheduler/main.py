@@ -22,7 +22,8 @@ STATS_INTERVAL = 0.5  # seconds between Stats messages to the server while busy
 def scheduler_main(cfg: EngineConfig) -> None:
     leave_stop_signals_to_launcher()
     watch_parent()
-    setup_logging("scheduler", cfg.log_level)
+    name = cfg.process_name("scheduler")
+    setup_logging(name, cfg.log_level)
     ctx = zmq.Context()
     control = Channel(ctx, zmq.PUSH, cfg.endpoint("control"), None, bind=False)
     try:
@@ -31,14 +32,14 @@ def scheduler_main(cfg: EngineConfig) -> None:
         events = Channel(ctx, zmq.SUB, cfg.endpoint("events"), protocol.EventMsg, bind=False)
         status = Channel(ctx, zmq.PUSH, cfg.endpoint("status"), None, bind=False)
         plans.wait_subscribers(cfg.tp, timeout=60, name="plans")
-        control.send(protocol.Ready("scheduler"))
+        control.send(protocol.Ready(name))
         sched = Scheduler(cfg.num_pages, cfg.page_size, cfg.max_seqs, cfg.max_tokens_per_forward,
                           prefix_caching=cfg.prefix_caching, hydragen=cfg.hydragen_groups)
-        with profiled("scheduler"):
+        with profiled(name):
             Loop(cfg, sched, requests, plans, events, status).run()
     except Exception as e:
         log.error("scheduler failed: %s", traceback.format_exc())
-        control.send(protocol.Fatal("scheduler", f"{type(e).__name__}: {e}"))
+        control.send(protocol.Fatal(name, f"{type(e).__name__}: {e}"))
         control.sock.close(linger=2000)
         sys.exit(1)
     log.info("scheduler stopped")

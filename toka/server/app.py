@@ -152,8 +152,9 @@ class Server:
 
     # ---- simple routes -------------------------------------------------------------------------
     async def health(self, request):
-        ok = self.ready and not self.draining and not self.engine.dead
-        return web.json_response({"status": "ok" if ok else "unavailable"}, status=200 if ok else 503)
+        ok = self.ready and not self.draining and not self.engine.dead  # dead: no replica lives
+        body = {"status": "ok" if ok else "unavailable", "replicas": self.engine.live_count}
+        return web.json_response(body, status=200 if ok else 503)
 
     async def models(self, request):
         return web.json_response({"object": "list", "data": [self._model_card(n) for n in self.cfg.served_names]})
@@ -219,8 +220,8 @@ class Server:
         return seed & ((1 << 63) - 1) if seed is not None else self.rng.getrandbits(63)
 
     def _admit(self, engine_reqs: list[EngineRequest]) -> None:
-        """The scheduler runs up to max_seqs sequences and queues the rest in arrival order, so the
-        sequences in flight past max_seqs are the waiting ones (at least: a sequence may also wait for
+        """Each replica's scheduler runs up to max_seqs sequences and queues the rest in arrival order,
+        so the sequences in flight past dp * max_seqs are the waiting ones (at least: a sequence may also wait for
         pages). The token bound counts the prompt of every request in flight, once for its n choices
         (they share it). A request that would push either past its bound gets a 429; one that does
         not wait is always taken."""
@@ -233,7 +234,7 @@ class Server:
             return
         cfg = self.cfg
         new = sum(r.n for r in engine_reqs)
-        waiting = max(0, len(streams) + new - cfg.max_seqs)  # O(1): this runs for every request
+        waiting = max(0, len(streams) + new - cfg.max_seqs * cfg.dp)  # O(replicas): this runs for every request
         if waiting > cfg.max_waiting_requests:
             raise APIError(f"{max(0, waiting - new)} sequences are waiting already; retry later", None, 429,
                            "rate_limit_error")

@@ -24,8 +24,11 @@ class OutputStream:
     """One sequence's output as rank 0 reports it; `accept` (shared with the scheduler) decides which
     tokens belong to it and when it ends."""
 
-    def __init__(self, rid: int, prompt_len: int, prompt_share: int, params: SamplingParams, each_token: bool):
-        self.rid = rid
+    def __init__(self, rid: int, prompt_len: int, prompt_share: int, params: SamplingParams, each_token: bool,
+                 prompt: list[int] | None = None):
+        self.rid = rid  # within its replica's engine; a new one if another replica takes it over
+        self.replica = 0
+        self.prompt = prompt  # the request's list (shared by its n choices), for a takeover
         self.params = params
         self.prompt_share = prompt_share  # its part of the prompt tokens in flight: n choices split the length
         self.tokens: list[int] = []
@@ -97,6 +100,8 @@ class EngineClient:
         self.status_decoder = protocol.decoder(protocol.StatusMsg)
         self.streams: dict[int, OutputStream] = {}
         self.prompt_tokens = 0  # prompt tokens in flight: the streams' prompt shares
+        self.output_budget = 0  # the open streams' max_tokens
+        self.replica = cfg.replica
         self.stats: protocol.Stats | None = None
         self.dead: str | None = None
         self.failed = asyncio.Event()  # set with `dead`: the launcher treats it like a dead process
@@ -115,18 +120,40 @@ class EngineClient:
         rid = self._next_rid
         self._next_rid += n
         share, extra = divmod(len(prompt), n)
-        streams = [OutputStream(rid + i, len(prompt), share + (i < extra), params.for_choice(i), each_token)
+        streams = [OutputStream(rid + i, len(prompt), share + (i < extra), params.for_choice(i), each_token, prompt)
                    for i in range(n)]
         for stream in streams:
-            self.streams[stream.rid] = stream
-        self.prompt_tokens += len(prompt)
+            self._register(stream)
         self.requests.send(protocol.encode(protocol.Submit(rid, prompt, params, n)))
         return streams
 
-    def abort(self, stream: OutputStream) -> None:
-        """Stops generation for a stream that is not done (stop string hit, client gone)."""
+    def adopt(self, stream: OutputStream) -> None:
+        """Takes over a stream whose replica died before it returned a token: a new rid here, the same
+        object for the route reading it."""
+        stream.rid = self._next_rid
+        self._next_rid += 1
+        self._register(stream)
+        self.requests.send(protocol.encode(protocol.Submit(stream.rid, stream.prompt, stream.params, 1)))
+
+    @property
+    def load(self) -> int:
+        """Tokens this engine has yet to serve, at most: the open streams' prompts and output budgets."""
+        return self.prompt_tokens + self.output_budget
+
+    def _register(self, stream: OutputStream) -> None:
+        stream.replica = self.replica
+        self.streams[stream.rid] = stream
+        self.prompt_tokens += stream.prompt_share
+        self.output_budget += stream.params.max_tokens
+
+    def _forget(self, stream: OutputStream) -> None:
         if self.streams.pop(stream.rid, None) is not None:
             self.prompt_tokens -= stream.prompt_share
+            self.output_budget -= stream.params.max_tokens
+
+    def abort(self, stream: OutputStream) -> None:
+        """Stops generation for a stream that is not done (stop string hit, client gone)."""
+        self._forget(stream)
         if not self.dead and not stream.done:
             self.requests.send(protocol.encode(protocol.Abort(stream.rid)))
 
@@ -146,7 +173,7 @@ class EngineClient:
         for stream in self.streams.values():
             stream._fail(message)
         self.streams.clear()
-        self.prompt_tokens = 0
+        self.prompt_tokens = self.output_budget = 0
 
     async def _follow_events(self) -> None:
         try:
@@ -181,8 +208,7 @@ class EngineClient:
         for i, (rid, token, lp) in enumerate(zip(result.rids, result.tokens, result.logprobs)):
             stream = streams.get(rid)
             if stream is not None and stream._add(token, lp, tops.get(i)):
-                del streams[rid]
-                self.prompt_tokens -= stream.prompt_share
+                self._forget(stream)
 
     async def _follow_status(self) -> None:
         while True:

@@ -103,21 +103,33 @@ def render(server: Server) -> str:
     histogram("inter_token_latency_seconds", "between a choice's consecutive tokens (each choice's gaps "
               "counted at their mean)", m.itl)
     histogram("e2e_request_latency_seconds", "from a request's arrival to each choice's end", m.e2e)
-    s = engine.stats
-    if s is not None:
-        metric("running", "gauge", "sequences on the ranks", [("", s.running)])
-        metric("waiting", "gauge", "sequences waiting for a slot or pages", [("", s.waiting)])
-        metric("free_pages", "gauge", "free KV-cache pages", [("", s.free_pages)])
-        metric("total_pages", "gauge", "KV-cache pages", [("", s.total_pages)])
-        metric("tokens_generated_total", "counter", "output tokens generated", [("", s.tokens_generated)])
-        metric("preemptions_total", "counter", "sequences preempted for pages", [("", s.preemptions)])
-        metric("steps_total", "counter", "steps completed", [("", s.steps)])
+    # the schedulers' figures: unlabelled for one replica, labelled replica="K" for several
+    replicas = [(k if server.cfg.dp > 1 else None, s) for k, s in engine.replica_stats()]
+    if replicas:
+        def each(field):
+            return [(_labels(k), getattr(s, field)) for k, s in replicas]
+
+        metric("replicas_live", "gauge", "data-parallel replicas serving", [("", engine.live_count)])
+        metric("running", "gauge", "sequences on the ranks", each("running"))
+        metric("waiting", "gauge", "sequences waiting for a slot or pages", each("waiting"))
+        metric("free_pages", "gauge", "free KV-cache pages", each("free_pages"))
+        metric("total_pages", "gauge", "KV-cache pages", each("total_pages"))
+        metric("tokens_generated_total", "counter", "output tokens generated", each("tokens_generated"))
+        metric("preemptions_total", "counter", "sequences preempted for pages", each("preemptions"))
+        metric("steps_total", "counter", "steps completed", each("steps"))
         metric("cached_pages", "gauge", "free pages kept for the prefix cache (counted in free_pages)",
-               [("", s.cached_pages)])
+               each("cached_pages"))
         metric("prefix_hit_tokens_total", "counter", "prompt tokens found in the prefix cache",
-               [("", s.prefix_hit_tokens)])
+               each("prefix_hit_tokens"))
         metric("grouped_rows_total", "counter", "decode rows that attended to a shared prefix once per group "
-               "(Hydragen)", [("", s.grouped_rows)])
+               "(Hydragen)", each("grouped_rows"))
         metric("finished_total", "counter", "sequences the scheduler finished, by reason (abort: a stop string, "
-               "a client gone, a drain timeout)", [(f'{{reason="{k}"}}', v) for k, v in sorted(s.finished.items())])
+               "a client gone, a drain timeout)",
+               [(_labels(k, reason=r), v) for k, s in replicas for r, v in sorted(s.finished.items())])
     return "\n".join(lines) + "\n"
+
+
+def _labels(replica: int | None, **pairs) -> str:
+    """A sample's labels: replica="K" first when the engine has several replicas."""
+    items = ([f'replica="{replica}"'] if replica is not None else []) + [f'{k}="{v}"' for k, v in pairs.items()]
+    return "{" + ",".join(items) + "}" if items else ""

@@ -16,10 +16,10 @@ from toka.scheduler.pages import page_keys
 # The leading pages hashed for affinity: enough for system prompts and few-shot prefixes, bounded
 # so that routing a long prompt costs microseconds.
 AFFINITY_PAGES = 64
-# Affinity yields to balance when the replica it picks carries more than this many times the
-# least loaded replica's tokens, plus SLACK_TOKENS (so that an idle engine still groups prefixes).
+# Affinity yields to balance when the replica it picks carries more than this many times the least
+# loaded replica's tokens plus the prompt tokens its cache would save: a short shared prefix (a
+# system prompt) does not pile every request onto one replica.
 IMBALANCE = 1.5
-SLACK_TOKENS = 65536
 
 
 class Router:
@@ -33,10 +33,10 @@ class Router:
         least = min(candidates, key=lambda r: loads[r])
         keys = page_keys(prompt[: AFFINITY_PAGES * self.page_size], self.page_size)
         pick = least
-        for key in reversed(keys):  # the longest shared prefix first
-            owner = self.owner.get(key)
+        for depth in range(len(keys) - 1, -1, -1):  # the longest shared prefix first
+            owner = self.owner.get(keys[depth])
             if owner is not None and live[owner]:
-                if loads[owner] <= IMBALANCE * loads[least] + SLACK_TOKENS:
+                if loads[owner] <= IMBALANCE * loads[least] + (depth + 1) * self.page_size:
                     pick = owner
                 break
         for key in keys:

@@ -97,9 +97,9 @@ def test_a_shared_prefix_returns_to_its_replica(dp2):
     assert all(after[f'prefix_hit_tokens_total{{replica="{k}"}}'] > hits[k] for k in (0, 1))
 
 
-def stream(url: str, started: threading.Event) -> list:
+def stream(url: str, started: threading.Event, prompt: str = "a long story", max_tokens: int = 1500) -> list:
     events = []
-    body = {"prompt": "a long story", "max_tokens": 1500, "ignore_eos": True, "temperature": 0, "stream": True}
+    body = {"prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True, "temperature": 0, "stream": True}
     with requests.post(url + "/v1/completions", json=body, stream=True, timeout=120) as resp:
         for line in resp.iter_lines():
             if line.startswith(b"data: "):
@@ -151,5 +151,32 @@ def test_fail_fast_ends_the_engine_with_any_replica(tiny_models):
         assert server.proc.returncode != 0
         assert wait_gone(list(pids.values())) == []
         assert "engine dead: replica 1 failed" in server.output()
+    finally:
+        server.stop()
+
+
+def test_a_dead_replicas_waiting_request_finishes_on_the_other(tiny_models):
+    """One sequence a replica (--max-seqs 1): A runs on replica 0, B on replica 1, and C, routed to
+    the lighter replica 1, waits behind B. Replica 1 dies: B fails naming it, C (no token yet)
+    moves to replica 0 and is answered there once A is done, as if nothing happened."""
+    server = start(tiny_models["tiny-llama"], "--dp", "2", "--max-seqs", "1")
+    try:
+        pids = child_pids(server)
+        with ThreadPoolExecutor(3) as pool:
+            started = [threading.Event(), threading.Event()]
+            a = pool.submit(stream, server.url, started[0], "a long story", 2000)
+            assert started[0].wait(60)
+            b = pool.submit(stream, server.url, started[1], "another one", 1000)
+            assert started[1].wait(60)
+            c = pool.submit(complete, server.url, "the third", max_tokens=8, ignore_eos=True)
+            deadline = time.monotonic() + 30
+            while metrics(server.url).get('waiting{replica="1"}', 0) < 1:  # C queued behind B
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            os.kill(pids["replica1.rank0"], signal.SIGKILL)
+            assert "replica 1" in errors(b.result(timeout=120))[0]
+            assert errors(a.result(timeout=300)) == []
+            body = c.result(timeout=300)
+        assert body["usage"]["completion_tokens"] == 8 and body["choices"][0]["finish_reason"] == "length"
     finally:
         server.stop()

@@ -71,3 +71,17 @@ def test_the_open_files_warning_names_the_limit_and_how_to_raise_it():
     warning = open_files_warning(1024)
     assert "limited to 1024" in warning and "ulimit -n 65536" in warning and "LimitNOFILE=65536" in warning
     assert open_files_warning(65536) is None
+
+
+def test_replicas_need_their_ranks_devices(tiny_models, monkeypatch):
+    import os
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    with pytest.raises(ConfigError, match=r"--dp 3 x --tp 1 on cpu needs 3 CPU cores but 2 are available"):
+        EngineConfig(model=tiny_models["tiny-llama"], device="cpu", dp=3).resolve()
+    with pytest.raises(ConfigError, match="--tp and --dp must be at least 1"):
+        EngineConfig(model=tiny_models["tiny-llama"], device="cpu", dp=0).resolve()
+    cfg = EngineConfig(model=tiny_models["tiny-llama"], device="cpu", dp=2, tp=1).resolve()
+    second = cfg.for_replica(1)
+    assert second.first_gpu == 1 and second.process_name("rank0") == "replica1.rank0"
+    assert second.endpoint("plans") != cfg.endpoint("plans") and second.endpoint("control") == cfg.endpoint("control")

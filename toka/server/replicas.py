@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterator
 
 from toka.protocol import SamplingParams, Stats
 from toka.server.engine_client import EngineClient, EngineDead, OutputStream
@@ -20,21 +19,13 @@ log = logging.getLogger("toka.server")
 
 
 class _AllStreams:
-    """The open streams of every live replica, as far as the routes need them (len, iteration)."""
+    """The open streams of every replica, as far as the routes and the launcher need them: how many."""
 
     def __init__(self, clients: list[EngineClient]):
         self.clients = clients
 
     def __len__(self) -> int:
         return sum(len(c.streams) for c in self.clients)
-
-    def __iter__(self) -> Iterator[int]:
-        for c in self.clients:
-            yield from c.streams
-
-    def values(self) -> Iterator[OutputStream]:
-        for c in self.clients:
-            yield from c.streams.values()
 
 
 class Replicas:
@@ -62,11 +53,6 @@ class Replicas:
     @property
     def prompt_tokens(self) -> int:
         return sum(c.prompt_tokens for c, up in zip(self.clients, self.live) if up)
-
-    @property
-    def stats(self) -> Stats | None:
-        """The only replica's stats (see replica_stats for several)."""
-        return self.clients[0].stats if len(self.clients) == 1 else None
 
     def replica_stats(self) -> list[tuple[int, Stats]]:
         return [(k, c.stats) for k, c in enumerate(self.clients) if self.live[k] and c.stats is not None]

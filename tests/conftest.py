@@ -33,6 +33,8 @@ def tiny_server(tiny_models):
 
 @pytest.fixture(scope="session")
 def default_server(default_model):
-    server = Server("--model", default_model)
+    """toka-launch as the README starts it: no --model, the embedded model under its own name (the
+    fixture `default_model` converts it first)."""
+    server = Server()
     yield server
     server.stop()

@@ -161,3 +161,14 @@ def test_return_tokens_as_token_ids(client, tiny_models):
     assert all(t.startswith("token_id:") for t in lp.tokens) and len(ids) == 6
     assert tokenizer.decode(ids) == resp.choices[0].text
     assert all(f"token_id:{i}" in top for i, top in zip(ids, lp.top_logprobs))
+
+
+def test_the_readme_python_example_runs(default_server):
+    """The README's Python block, as written, against a server of the embedded model."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    [code] = re.findall(r"```python\n(.*?)```", readme, re.S)
+    assert "http://localhost:10210/v1" in code
+    exec(compile(code.replace("http://localhost:10210/v1", default_server.url + "/v1"), "README.md", "exec"), {})

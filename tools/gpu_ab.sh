@@ -2,7 +2,7 @@
 # The same quick workload served by an earlier commit's code (A) and by this tree (B), alternating
 # A B A B on one GPU (ORDER="B A" to start with B), so that the difference can be read against the
 # run-to-run spread. The same client (this tree's tools/bench.py) measures both.
-#   git archive REV toka workers | tar -x -C build/base   (here; carry build/base to the GPU host)
+#   git archive REV toka workers | tar -x -C build/base   (then copy build/base to the GPU host with the tree)
 #   tools/gpu_ab.sh OUT_DIR WORKLOAD "LAUNCH FLAGS" [ROUNDS] [bench flags...]
 set -uo pipefail
 out=${1:?OUT_DIR}; workload=${2:?WORKLOAD}; flags=${3-}; rounds=${4:-2}; shift 4 2>/dev/null || shift $#

@@ -90,8 +90,8 @@ def sample(logits: torch.Tensor, b: SamplingBatch):
     and the num_top best (ids, logprobs) [rows, num_top] of the reported distribution."""
     logits = logits.float()
     raw = logits
-    if b.process is not None:
-        logits = b.process(logits.clone())
+    if b.process is not None:  # edits in place: a copy only where the raw logits are still reported
+        logits = b.process(logits.clone() if b.raw_logprobs else logits)
     greedy = b.temperature <= 0
     temp = torch.where(greedy, torch.ones_like(b.temperature), b.temperature)
     logprobs = torch.log_softmax(logits / temp[:, None], dim=-1)

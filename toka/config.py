@@ -72,6 +72,9 @@ class EngineConfig:
                                "min-p, top-k and top-p)", default="raw")
     api_key: str | None = _flag("key every /v1 route, /tokenize and /detokenize require as "
                                 "'Authorization: Bearer KEY' (default: $TOKA_API_KEY, else none)", default=None)
+    data_dir: str | None = _flag("folder of the Files and Batches store: SQLite and file bodies (default: "
+                                 "$TOKA_CACHE/data, else ~/.cache/toka/data)", default=None)
+    max_file_bytes: int = _flag("largest file POST /v1/files accepts", default=1 << 30)
     seed: int = _flag("seed for random weights and unseeded requests", default=0)
     log_level: str = _flag("logging level", default="INFO", choices=LOG_LEVELS)
 

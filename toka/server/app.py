@@ -1,7 +1,8 @@
 """The OpenAI-compatible HTTP API (aiohttp): /v1/completions, /v1/chat/completions, /v1/models,
-/tokenize, /detokenize, /version, /health and /metrics. Routes validate and tokenize, submit one
-engine sequence per choice, and turn token events into JSON or server-sent events; a client that
-goes away aborts its sequences. The bodies themselves are built in responses.py."""
+/tokenize, /detokenize, /version, /health and /metrics, and the Files and Batches routes of
+toka/batches. Routes validate and tokenize, submit one engine sequence per choice, and turn token
+events into JSON or server-sent events; a client that goes away aborts its sequences. The bodies
+themselves are built in responses.py. Batch lines take the same path through `respond`."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from importlib.metadata import version
 
 from aiohttp import web
 
+from toka.batches.routes import Batches
 from toka.server import api, metrics, tokens
 from toka.server.api import APIError, EngineRequest
 from toka.server.detokenizer import Detokenizer, StopMatcher
@@ -87,6 +89,7 @@ class Server:
         self.draining = False
         self.active = 0  # generation requests in flight (being validated, generated or written)
         self.rng = random.Random(cfg.seed)
+        self.batches = Batches(self)
 
     def _limits(self) -> api.Limits:
         cfg = self.cfg
@@ -98,6 +101,7 @@ class Server:
         self.limits = self._limits()
         self.engine.start()
         self.ready = True
+        self.batches.start()
 
     # ---- app -----------------------------------------------------------------------------------
     def app(self) -> web.Application:
@@ -112,7 +116,9 @@ class Server:
             web.get("/version", self.version),
             web.get("/health", self.health),
             web.get("/metrics", self.prometheus),
+            *self.batches.routes(),
         ])
+        app.on_cleanup.append(self.batches.close)  # after the listener closed: commits what the batches hold
         app.middlewares.extend([self._errors, self._auth])  # _errors outermost: it formats _auth's 401
         return app
 
@@ -135,7 +141,7 @@ class Server:
         except APIError as e:
             error = e
         except web.HTTPRequestEntityTooLarge:  # aiohttp's own 413 has no OpenAI body
-            error = APIError(f"the request body exceeds {self.cfg.max_body_bytes} bytes", None, 413)
+            error = self._too_large()
         except EngineDead as e:
             error = APIError(f"the engine failed: {e}", None, 503, "server_error")
         except web.HTTPException as e:  # aiohttp's own answers (404, 405): in the API's format
@@ -146,9 +152,12 @@ class Server:
             raise
         except Exception as e:  # a bug: answer in the API's format, keep serving
             log.exception("request failed")
-            error = APIError(f"internal error: {type(e).__name__}: {e}", None, 500, "server_error")
+            error = internal_error(e)
         self.metrics.errors[error.status] += 1
         return error_response(error)
+
+    def _too_large(self) -> APIError:
+        return APIError(f"the request body exceeds {self.cfg.max_body_bytes} bytes", None, 413)
 
     # ---- simple routes -------------------------------------------------------------------------
     async def health(self, request):
@@ -203,15 +212,45 @@ class Server:
         arrival = time.monotonic()
         self.active += 1
         try:
-            if chat:
-                req = api.decode_body(await request.read(), api.ChatRequest)
-                self._served(req.model)
-                engine_reqs = [api.chat_request(req, self.tokenizer, self.limits, self._seed(req.seed))]
-            else:
-                req = api.decode_body(await request.read(), api.CompletionRequest)
-                self._served(req.model)
-                engine_reqs = api.completion_requests(req, self.tokenizer, self.limits, self._seed(req.seed))
-            return await self._generate(request, req, engine_reqs, chat, arrival)
+            req, engine_reqs = self.parse(await request.read(), chat)
+            self._admit(engine_reqs)
+            body = await self._generate(req, engine_reqs, chat, arrival, request if req.stream else None)
+            return body if req.stream else web.json_response(body, dumps=dumps)
+        finally:
+            self.active -= 1
+
+    def parse(self, body: bytes, chat: bool) -> tuple[api.ChatRequest | api.CompletionRequest, list[EngineRequest]]:
+        """A generation request's JSON body, validated and tokenized; raises APIError."""
+        if chat:
+            req = api.decode_body(body, api.ChatRequest)
+            self._served(req.model)
+            return req, [api.chat_request(req, self.tokenizer, self.limits, self._seed(req.seed))]
+        req = api.decode_body(body, api.CompletionRequest)
+        self._served(req.model)
+        return req, api.completion_requests(req, self.tokenizer, self.limits, self._seed(req.seed))
+
+    async def respond(self, body: bytes, chat: bool) -> tuple[int, dict]:
+        """A generation request made without HTTP (a batch line): the status and the body the route
+        answers the same body with. The admission bounds do not apply (the caller bounds what it has
+        in flight). EngineDead propagates: the engine failed or shut down, the request did not run.
+        May be called once `start()` ran."""
+        arrival = time.monotonic()
+        self.active += 1
+        try:
+            if len(body) > self.cfg.max_body_bytes:
+                raise self._too_large()
+            req, engine_reqs = self.parse(body, chat)
+            if req.stream:
+                raise APIError("stream is not available in a batch", "stream")
+            return 200, await self._generate(req, engine_reqs, chat, arrival)
+        except APIError as e:
+            return e.status, e.body()
+        except EngineDead:
+            raise
+        except Exception as e:  # a bug: the answer the route gives, and the batch goes on
+            log.exception("request failed")
+            error = internal_error(e)
+            return error.status, error.body()
         finally:
             self.active -= 1
 
@@ -242,22 +281,23 @@ class Server:
         if waiting and queued > cfg.max_waiting_tokens:
             raise APIError("too many prompt tokens are queued; retry later", None, 429, "rate_limit_error")
 
-    async def _generate(self, request, req, engine_reqs: list[EngineRequest], chat: bool, arrival: float):
-        self._admit(engine_reqs)
+    async def _generate(self, req, engine_reqs: list[EngineRequest], chat: bool, arrival: float,
+                        stream_to: web.Request | None = None):
+        """The whole response body, or with `stream_to` the stream written to that request."""
         choices: list[Choice] = []
         try:
             for r in engine_reqs:
                 for stream in self.engine.submit(r.prompt, r.params, r.n, each_token=req.stream or bool(r.stop)):
                     choices.append(Choice(len(choices), stream, r, self.tokenizer))
-            if req.stream:
-                return await self._stream(request, req, choices, chat)
+            if stream_to is not None:
+                return await self._stream(stream_to, req, choices, chat)
             tasks = [asyncio.ensure_future(self._drain(c)) for c in choices]
             try:
                 await asyncio.gather(*tasks)
             finally:  # one choice failing leaves no other waiting forever
                 for t in tasks:
                     t.cancel()
-            return web.json_response(self.responses.full(req, choices, chat), dumps=dumps)
+            return self.responses.full(req, choices, chat)
         finally:  # finished, failed, or cancelled because the client went away
             for c in choices:
                 if not c.stream.done:
@@ -284,7 +324,7 @@ class Server:
                 await queue.put(APIError(f"the engine failed: {e}", None, 503, "server_error"))
             except Exception as e:  # a bug: tell the client rather than end its stream silently
                 log.exception("stream failed")
-                await queue.put(APIError(f"internal error: {type(e).__name__}: {e}", None, 500, "server_error"))
+                await queue.put(internal_error(e))
             finally:
                 await queue.put(None)
 
@@ -309,3 +349,8 @@ class Server:
             for t in tasks:
                 t.cancel()
         return resp
+
+
+def internal_error(e: Exception) -> APIError:
+    """The answer to a request that failed on a bug: in the API's format, and the server keeps serving."""
+    return APIError(f"internal error: {type(e).__name__}: {e}", None, 500, "server_error")

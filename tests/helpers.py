@@ -7,13 +7,16 @@ import socket
 import subprocess
 import sys
 import time
+from collections import deque
 from pathlib import Path
 
 import requests
 import torch
 
 from toka.config import EngineConfig
-from toka.protocol import SeqParams, StepPlan
+from toka.protocol import SeqParams, StepPlan, StepResult
+from workers.layers.parallel import PipelineStage
+from workers.pipeline import Pipe
 
 # the name tiny_server serves its model under: requests must use a served name (or none)
 TINY_NAME = "tiny-llama"
@@ -26,17 +29,62 @@ def free_port() -> int:
 
 
 def local_runner(model: str, dtype: str = "float32", device: str = "cpu", kv_tokens: int = 8192, max_seqs: int = 16,
-                 cuda_graphs: bool = False, max_model_len: int | None = None, decode_attention: str = "cuda-cores"):
+                 cuda_graphs: bool = False, max_model_len: int | None = None, decode_attention: str = "cuda-cores",
+                 stages: int = 1, stage: int = 0, pipe=None):
     """A rank's ModelRunner in this process, for driving step plans directly. `max_model_len` may
-    exceed the model's context window, for rope extrapolation tests that plan longer sequences."""
+    exceed the model's context window, for rope extrapolation tests that plan longer sequences.
+    `stages`, `stage`, `pipe`: one stage of a pipeline (see local_pipeline)."""
     from workers.rank import build
 
     cfg = EngineConfig(model=model, device=device, dtype=dtype, kv_cache_tokens=kv_tokens, max_seqs=max_seqs,
                        cuda_graphs=cuda_graphs, cuda_graph_max_batch=max_seqs,
-                       decode_attention=decode_attention).resolve()
+                       decode_attention=decode_attention, pp=stages).resolve()
     cfg.max_model_len = max_model_len or cfg.max_model_len
-    runner, _ = build(cfg, 0)
+    runner, _ = build(cfg, stage, pipe)
     return runner
+
+
+class LocalPipe(Pipe):
+    """Links between stages in one process: each link a queue of tensors."""
+
+    def _send(self, tensor, link) -> None:
+        link.append(tensor.clone())
+
+    def _recv(self, tensor, link) -> None:
+        tensor.copy_(link.popleft())
+
+
+def local_pipeline(model: str, stages: int, **kw) -> list:
+    """The runners of every stage of a pipeline, in this process (local_runner's arguments)."""
+    from transformers import AutoConfig
+
+    layers = AutoConfig.from_pretrained(model).num_hidden_layers
+    hidden, tokens = [deque() for _ in range(stages - 1)], deque()
+    runners = []
+    for s in range(stages):
+        stage = PipelineStage.of(layers, s, stages)
+        pipe = LocalPipe(stage, next=hidden[s] if not stage.last else None, prev=hidden[s - 1] if s else None,
+                         to_first=tokens if stage.last else None, from_last=tokens if stage.first else None)
+        runners.append(local_runner(model, stages=stages, stage=s, pipe=pipe, **kw))
+    return runners
+
+
+def run_pipelined(runners: list, plans: list[StepPlan]) -> list[StepResult]:
+    """Runs the plans as the stages of a pipeline do: stage s launches step k when stage s - 1 has
+    launched step k + 1, and finishes a step after launching the next, so the first stage runs
+    ahead of the tokens coming back; returns the last stage's results."""
+    pending = [deque() for _ in runners]
+    results = []
+    for tick in range(len(plans) + len(runners) - 1):
+        for s, runner in enumerate(runners):
+            if 0 <= tick - s < len(plans):
+                pending[s].append(runner.launch(plans[tick - s]))
+            while len(pending[s]) > 1 or (pending[s] and tick - s >= len(plans) - 1):
+                if (result := runner.finish(pending[s].popleft())) is not None:
+                    results.append(result)
+    for runner in runners:
+        runner.close()
+    return results
 
 
 def prefill_plan(step: int, prompts: list[list[int]], page_size: int, prompt_logprobs: int = -1,
@@ -164,3 +212,29 @@ def batch_with_pages(runner, q_lens: list[int], kv_lens: list[int], row_pages: l
         runner.page_table[r, : len(pages)] = torch.tensor(pages, dtype=torch.int32)
     batch, _ = runner._attention_batch(list(range(len(q_lens))), q_lens, kv_lens, num_prefill)
     return batch
+
+
+PIPELINE_PROMPTS = [[5, 17, 3, 99, 41, 8, 250, 11, 2, 64], [300, 7, 7, 12, 480, 33]]
+
+
+def interleaved_plans(page_size: int, steps: int, stages: int = 2) -> list[StepPlan]:
+    """Two sequences for run_pipelined: sequence r (slot r, pages from 8r on) prefills at step r, then decodes every second step:
+    each decode row reads the token its previous step sampled, `stages` steps back."""
+    plans = []
+    kv = [len(p) for p in PIPELINE_PROMPTS]
+    for step in range(steps):
+        r = step % 2
+        if step < 2:
+            plan = prefill_plan(step, [PIPELINE_PROMPTS[r]], page_size, logprobs=2)
+            plan.slots, plan.rids = [r], [r]
+            plan.admit = [SeqParams(slot=r, temperature=0.0, logprobs=2)]
+            plan.table_slots = [r] * len(plan.table_slots)
+            plan.table_pages = [8 * r + c for c in plan.table_cols]
+        else:
+            kv[r] += 1
+            col = (kv[r] - 1) // page_size
+            new = (kv[r] - 1) % page_size == 0
+            plan = StepPlan(step, [r], [r], [1], [kv[r]], [True], 0, [], [r] * new, [col] * new,
+                            [8 * r + col] * new, input_step=step - stages)
+        plans.append(plan)
+    return plans

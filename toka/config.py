@@ -35,8 +35,10 @@ class EngineConfig:
     dtype: str | None = _flag("bfloat16, float16 or float32 (default: float32 on cpu; on cuda float16 for "
                               "float16 checkpoints, else bfloat16)", default=None)
     tp: int = _flag("tensor-parallel ranks, one process each", default=1)
-    dp: int = _flag("data-parallel replicas behind one server, each its own scheduler and --tp ranks (replica k "
-                    "on GPUs k * tp .. k * tp + tp - 1)", default=1)
+    pp: int = _flag("pipeline-parallel stages: the layers split into this many contiguous parts, one process per "
+                    "stage and --tp rank", default=1)
+    dp: int = _flag("data-parallel replicas behind one server, each its own scheduler and --pp x --tp ranks "
+                    "(replica k on GPUs k * pp * tp .. (k + 1) * pp * tp - 1)", default=1)
     dp_fail_fast: bool = _flag("any replica dying ends the engine (otherwise the others keep serving)",
                                default=False)
     kv_cache_tokens: int | None = _flag("KV cache size in tokens (default: from free memory)", default=None)
@@ -124,8 +126,19 @@ class EngineConfig:
         return role if self.dp == 1 else f"replica{self.replica}.{role}"
 
     @property
+    def ranks(self) -> int:
+        """Rank processes of one replica: stage s's tensor-parallel rank r is rank s * tp + r."""
+        return self.pp * self.tp
+
+    @property
     def first_gpu(self) -> int:
-        return self.replica * self.tp
+        return self.replica * self.ranks
+
+    @property
+    def steps_in_flight(self) -> int:
+        """Steps the scheduler keeps planned ahead of their results: --steps-ahead, and one more for each
+        pipeline stage after the first, so that every stage has a step to run."""
+        return self.steps_ahead + self.pp - 1
 
     # ---- validation ----------------------------------------------------------------------------
     def resolve(self) -> "EngineConfig":
@@ -156,16 +169,21 @@ class EngineConfig:
             self.dtype = ("float16" if info.checkpoint_dtype == "float16" else "bfloat16") if gpu else "float32"
         if self.dtype not in ("bfloat16", "float16", "float32"):
             raise ConfigError(f"--dtype must be bfloat16, float16 or float32, not {self.dtype!r}")
-        if self.tp < 1 or self.dp < 1:
-            raise ConfigError("--tp and --dp must be at least 1")
-        ranks = self.tp * self.dp
-        layout = f"--tp {self.tp}" if self.dp == 1 else f"--dp {self.dp} x --tp {self.tp}"
-        if gpu and ranks > torch.cuda.device_count():
-            raise ConfigError(f"{layout} needs {ranks} GPUs but {torch.cuda.device_count()} are visible")
+        if self.tp < 1 or self.dp < 1 or self.pp < 1:
+            raise ConfigError("--tp, --pp and --dp must be at least 1")
+        layout = " x ".join(f"--{name} {n}" for name, n in (("dp", self.dp), ("pp", self.pp), ("tp", self.tp))
+                            if n > 1 or name == "tp")
+        if gpu and self.dp * self.ranks > torch.cuda.device_count():
+            raise ConfigError(f"{layout} needs {self.dp * self.ranks} GPUs but {torch.cuda.device_count()} are "
+                              "visible (CUDA_VISIBLE_DEVICES)")
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        if not gpu and ranks > cores:  # a CPU rank needs a core of its own
-            raise ConfigError(f"{layout} on cpu needs {ranks} CPU cores but {cores} are available")
+        # a CPU tensor-parallel rank needs a core of its own (its collectives wait on the others); the
+        # stages of a pipeline take turns on a step, so they may share one
+        if not gpu and self.dp * self.tp > cores:
+            raise ConfigError(f"{layout} on cpu needs {self.dp * self.tp} CPU cores but {cores} are available")
         info.check_tp(self.tp)
+        if self.pp > info.num_layers:
+            raise ConfigError(f"--pp {self.pp} is more stages than the model's {info.num_layers} layers")
         self.max_seqs = self.max_seqs or (2048 if gpu else 64)
         self.max_tokens_per_forward = self.max_tokens_per_forward or (8192 if gpu else 1024)
         if self.hydragen and not self.prefix_caching:

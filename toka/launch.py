@@ -134,7 +134,7 @@ class Launcher:
 
         cfg = self.cfg
         replicas = [cfg.for_replica(k) for k in range(cfg.dp)]
-        names = {rc.replica: [rc.process_name(f"rank{r}") for r in range(cfg.tp)] for rc in replicas}
+        names = {rc.replica: [rc.process_name(f"rank{r}") for r in range(cfg.ranks)] for rc in replicas}
         for rc in replicas:
             for rank, name in enumerate(names[rc.replica]):
                 self.spawn(rc, name, rank_main, rank)
@@ -149,7 +149,7 @@ class Launcher:
         for rc in replicas:
             rc.max_model_len = cfg.max_model_len
             if cfg.dp > 1:
-                gpus = f"GPUs {rc.first_gpu}-{rc.first_gpu + cfg.tp - 1}" if cfg.device == "cuda" else "cpu"
+                gpus = f"GPUs {rc.first_gpu}-{rc.first_gpu + cfg.ranks - 1}" if cfg.device == "cuda" else "cpu"
                 log.info("replica %d: %s, %d KV tokens", rc.replica, gpus, rc.kv_cache_tokens)
             self.spawn(rc, rc.process_name("scheduler"), scheduler_main)
         await self.wait_ready({rc.process_name("scheduler") for rc in replicas})

@@ -56,6 +56,10 @@ class ModelInfo:
     sampling_defaults: dict  # what generation_config.json sets of temperature, top_p, top_k
 
     @property
+    def num_layers(self) -> int:
+        return self.hf_config.num_hidden_layers
+
+    @property
     def checkpoint_dtype(self) -> str | None:
         """The dtype config.json names (`dtype` in transformers 5, `torch_dtype` before)."""
         dtype = getattr(self.hf_config, "dtype", None) or getattr(self.hf_config, "torch_dtype", None)

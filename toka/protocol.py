@@ -130,6 +130,9 @@ class StepPlan(Struct, tag="plan", array_like=True):
     # rank 0 passes them on in its StepResult, for the server's usage
     cached_rids: list[int] = []
     cached_tokens: list[int] = []
+    # under pipeline parallelism: the latest step whose sampled tokens the decode rows read, which the
+    # first stage must have received from the last before it embeds them (-1: none)
+    input_step: int = -1
 
 
 class Stop(Struct, tag="stop", array_like=True):

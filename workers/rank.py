@@ -1,5 +1,6 @@
-"""The process of one tensor-parallel rank: load the model, size the KV cache, then run every step
-plan the scheduler publishes, in step order; rank 0 publishes each step's tokens."""
+"""The process of one rank (a tensor-parallel shard of one pipeline stage): load the stage's part of
+the model, size its KV cache, then run every step plan the scheduler publishes, in step order; the
+last stage's rank 0 publishes each step's tokens."""
 
 from __future__ import annotations
 
@@ -20,43 +21,50 @@ from workers.step_trace import StepTrace
 log = logging.getLogger("toka.rank")
 
 
-def build(cfg: EngineConfig, rank: int):
-    """Model, cache and runner for this rank; returns (runner, kv pages)."""
+def build(cfg: EngineConfig, rank: int, pipe=None):
+    """Model, cache and runner for rank `rank` of the replica (stage rank // tp, tensor-parallel
+    index rank % tp); returns (runner, kv pages). `pipe`: links between stages the caller made
+    (tests run the stages of a pipeline in one process), instead of torch.distributed's."""
     from transformers import AutoConfig
 
     from workers.attention import make_backend
     from workers.kv_cache import KVCache
-    from workers.layers.parallel import TPGroup
+    from workers.layers.parallel import PipelineStage, TPGroup
     from workers.models import model_class
+    from workers.pipeline import Pipe, tp_group
     from workers.runner import ModelRunner
     from workers.weights import init_random, load_checkpoint
 
     device = torch.device(f"cuda:{cfg.first_gpu + rank}" if cfg.device == "cuda" else "cpu")
     if cfg.device == "cuda":
         torch.cuda.set_device(device)
-    tp = TPGroup(rank, cfg.tp)
+    hf = AutoConfig.from_pretrained(cfg.model)
+    stage = PipelineStage.of(hf.num_hidden_layers, rank // cfg.tp, cfg.pp)
     if cfg.device == "cpu":  # ranks share the cores
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // (cfg.tp * cfg.dp)))
-    if cfg.tp > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // (cfg.tp * cfg.pp * cfg.dp)))
+    group = None
+    if cfg.tp * cfg.pp > 1 and pipe is None:
         import torch.distributed as dist
 
         dist.init_process_group(
             "nccl" if cfg.device == "cuda" else "gloo",
             init_method=f"file://{cfg.run_path('dist-init')}",
-            rank=rank, world_size=cfg.tp, device_id=device if cfg.device == "cuda" else None,
+            rank=rank, world_size=cfg.tp * cfg.pp, device_id=device if cfg.device == "cuda" else None,
         )
-    hf = AutoConfig.from_pretrained(cfg.model)
+        group = tp_group(stage, cfg.tp)  # every rank makes the groups in one order: these first
+        pipe = Pipe.connect(stage, rank % cfg.tp, cfg.tp) if cfg.pp > 1 else None
+    tp = TPGroup(rank % cfg.tp, cfg.tp, group)
     dtype = getattr(torch, cfg.dtype)
     torch.set_default_dtype(dtype)
     with torch.device(device):
-        model = model_class(hf.model_type)(hf, tp)
+        model = model_class(hf.model_type)(hf, tp, stage)
     torch.set_default_dtype(torch.float32)
     if cfg.load_format == "random":
         init_random(model, cfg.seed)
     else:
         load_checkpoint(model, cfg.model)
-    attn0 = model.model.layers[0].self_attn
-    shape = (hf.num_hidden_layers, attn0.num_kv_heads, attn0.head_dim)
+    attn0 = next(iter(model.model.layers.values())).self_attn
+    shape = (len(stage.layers), attn0.num_kv_heads, attn0.head_dim)
     backend_name = "flashinfer" if cfg.device == "cuda" else "torch"
 
     def make_runner(num_pages: int) -> ModelRunner:
@@ -66,7 +74,7 @@ def build(cfg: EngineConfig, rank: int):
                                tensor_core_decode=cfg.decode_attention == "tensor-cores")
         max_pages_per_seq = min(-(-cfg.max_model_len // cfg.page_size), num_pages)
         return ModelRunner(model, backend, cfg.max_seqs, cfg.page_size, device, scratch_page=num_pages,
-                           max_pages_per_seq=max_pages_per_seq, raw_logprobs=cfg.logprobs_mode == "raw")
+                           max_pages_per_seq=max_pages_per_seq, raw_logprobs=cfg.logprobs_mode == "raw", pipe=pipe)
 
     if cfg.kv_cache_tokens:
         num_pages = cfg.kv_cache_tokens // cfg.page_size
@@ -85,7 +93,10 @@ def build(cfg: EngineConfig, rank: int):
         sizes = graph_sizes(min(cfg.cuda_graph_max_batch, cfg.max_seqs))
         runner.capture_graphs(sizes)
         log.info("captured CUDA graphs for decode batches %s", sizes)
-    log.info("rank %d: %s on %s, %s, %d KV pages of %d tokens", rank, hf.model_type, device, cfg.dtype, num_pages, cfg.page_size)
+    layers = f", stage {stage.index} of {stage.count}: layers {stage.layers.start}-{stage.layers.stop - 1}" \
+        if stage.count > 1 else ""
+    log.info("rank %d: %s on %s, %s, %d KV pages of %d tokens%s", rank, hf.model_type, device, cfg.dtype, num_pages,
+             cfg.page_size, layers)
     return runner, num_pages
 
 
@@ -157,7 +168,8 @@ def rank_main(cfg: EngineConfig, rank: int) -> None:
     try:
         runner, num_pages = build(cfg, rank)
         plans = Channel(ctx, zmq.SUB, cfg.endpoint("plans"), protocol.PlanMsg, bind=False)
-        events = Channel(ctx, zmq.XPUB, cfg.endpoint("events"), None, bind=True) if rank == 0 else None
+        reports = rank == (cfg.pp - 1) * cfg.tp  # the last stage's first rank
+        events = Channel(ctx, zmq.XPUB, cfg.endpoint("events"), None, bind=True) if reports else None
         control.send(protocol.Ready(name, {"kv_pages": num_pages}))
         with profiled(name):
             serve(runner, plans, events, StepTrace(name))
@@ -191,6 +203,7 @@ def serve(runner, plans: Channel, events: Channel | None, trace: StepTrace | Non
             raise RuntimeError(f"step plans out of order: expected {expected}, got {msg.step_id}")
         if isinstance(msg, protocol.Stop):
             _publish(runner, pending, events)
+            runner.close()
             if trace is not None:
                 trace.close()
             if expected:

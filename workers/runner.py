@@ -5,6 +5,11 @@ there, so the scheduler never needs to know it before planning the next step) an
 settings sent once when a sequence takes its slot. `launch()` only enqueues device work and one
 device-to-host copy; `finish()` waits for that copy, so the rank can launch step N+1 before it
 finishes step N.
+
+Under pipeline parallelism (a `Pipe`) a rank runs its stage's layers: the first stage embeds and
+keeps the last tokens (the last stage sends them back), the others take the previous stage's
+output, and only the last samples and reports. A plan with a negative step id is a warm-up: each
+stage runs it alone, on zeros where another stage's output would be.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from toka.protocol import PromptLogprobs, StepPlan, StepResult, TopLogprobs
 from workers.attention import AttentionBackend, AttentionBatch, PrefixGroups, cumsum0
 from workers.layers.attention import ForwardContext
 from workers.logits_processor import LogitsProcessor
+from workers.pipeline import Pipe
 from workers.sampling import MIN_LOGPROB, SamplingBatch, fold_seed, sample_hidden
 
 # Rows of logits materialized at once: bounds the float32 [rows, vocab] buffers of large batches.
@@ -33,15 +39,16 @@ class Launched:
     rows: np.ndarray  # the plan's emitting rows
     slots: np.ndarray  # their slots
     num_top: int
-    packed: torch.Tensor
+    packed: torch.Tensor | None  # None on a stage before the last: it reports nothing
     done: torch.cuda.Event | None
     prompt: list[PromptLogprobs]
 
 
 class ModelRunner:
     def __init__(self, model, attn: AttentionBackend, max_seqs: int, page_size: int, device: torch.device,
-                 scratch_page: int, max_pages_per_seq: int, raw_logprobs: bool = True):
+                 scratch_page: int, max_pages_per_seq: int, raw_logprobs: bool = True, pipe: Pipe | None = None):
         self.model = model
+        self.pipe = pipe
         self.attn = attn
         self.page_size = page_size
         self.device = device
@@ -57,7 +64,8 @@ class ModelRunner:
         self.seed = torch.zeros(n, **i64)
         self.min_p = torch.zeros(n, **f32)
         self.raw_logprobs = raw_logprobs
-        vocab = model.lm_head.vocab_size if model is not None else 0  # a runner without a model only plans steps
+        # a runner without a model only plans steps; one without the LM head (an earlier stage) never samples
+        vocab = model.lm_head.vocab_size if model is not None and model.lm_head is not None else 0
         self.processor = LogitsProcessor(n, vocab, device)
         # slot -> its sequence's pages in order, filled by the plans' table writes (int32: FlashInfer's)
         self.page_table = torch.zeros(n, max_pages_per_seq, dtype=torch.int32, device=device)
@@ -182,18 +190,35 @@ class ModelRunner:
         batch, slots = self._attention_batch(plan.slots, plan.q_lens, plan.kv_lens, plan.num_prefill,
                                              plan.group_rows, plan.group_pages)
         self.attn.plan(batch)
-        ids = self.last_token[slots[plan.num_prefill :]]
-        if plan.num_prefill:
-            ids = torch.cat([self.to_device(plan.prefill_tokens), ids])
-        hidden = self.model(ids, ForwardContext(self.attn, batch.positions, batch.seq_lens))
+        hidden = self.model(self._inputs(plan, slots), ForwardContext(self.attn, batch.positions, batch.seq_lens))
         return hidden, batch.qo_indptr_host
+
+    def _inputs(self, plan: StepPlan, slots: torch.Tensor) -> torch.Tensor:
+        """The first stage's token ids (the prefill tokens, then each decode row's last token), or
+        the previous stage's output of this step."""
+        if self.model.stage.first:
+            ids = self.last_token[slots[plan.num_prefill :]]
+            if plan.num_prefill:
+                ids = torch.cat([self.to_device(plan.prefill_tokens), ids])
+            return ids
+        hidden = torch.zeros(sum(plan.q_lens), self.model.config.hidden_size, dtype=self.dtype, device=self.device)
+        if plan.step_id >= 0:
+            self.pipe.recv_hidden(hidden)
+        return hidden
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.attn.cache.data.dtype
 
     # ---- CUDA graphs ---------------------------------------------------------------------------
     def capture_graphs(self, sizes: list[int]) -> None:
         """Captures the forward of decode-only steps of each batch size (padding rows use the
         scratch slot and page). Call once, after the KV cache exists and before serving."""
         max_bs = max(sizes)
-        self.g_ids = torch.zeros(max_bs, dtype=torch.int64, device=self.device)
+        if self.model.stage.first:
+            self.g_ids = torch.zeros(max_bs, dtype=torch.int64, device=self.device)
+        else:  # the previous stage's output, received into it before each replay
+            self.g_ids = torch.zeros(max_bs, self.model.config.hidden_size, dtype=self.dtype, device=self.device)
         self.g_pos = torch.zeros(max_bs, dtype=torch.int64, device=self.device)
         self.g_seq = torch.ones(max_bs, dtype=torch.int64, device=self.device)
         pool = torch.cuda.graph_pool_handle()
@@ -220,41 +245,65 @@ class ModelRunner:
         bs = min(s for s in self.graphs if s >= n)
         pad = bs - n
         slots = self._plan_graph(bs, plan.slots + [self.scratch_slot] * pad, plan.kv_lens + [1] * pad)
-        torch.index_select(self.last_token, 0, slots, out=self.g_ids[:bs])
+        if self.model.stage.first:
+            torch.index_select(self.last_token, 0, slots, out=self.g_ids[:bs])
+        else:  # padding rows keep earlier (finite) values
+            self.pipe.recv_hidden(self.g_ids[:n])
         graph, out = self.graphs[bs]
         graph.replay()
-        return out[:n], np.arange(n + 1)  # qo_indptr: one token a row
+        # a copy: the next replay overwrites the graph's output while a send may still read it
+        return (out[:n] if self.model.stage.last else out[:n].clone()), np.arange(n + 1)  # qo_indptr: a token a row
 
     # ---- step ----------------------------------------------------------------------------------
     @torch.inference_mode()
     def launch(self, plan: StepPlan) -> Launched:
-        self._admit(plan)
-        hidden, qo_indptr = self.forward(plan)
+        stage, pipe = self.model.stage, self.pipe if plan.step_id >= 0 else None
         rows = np.flatnonzero(plan.emit)
         slots = np.asarray(plan.slots, dtype=np.int64)[rows]
+        if pipe is not None and stage.first:
+            pipe.take_tokens(plan.input_step, self.last_token)
+        if not stage.last:
+            hidden, _ = self.forward(plan)
+            if pipe is not None:
+                pipe.send_hidden(hidden)
+                if stage.first and len(rows):
+                    pipe.expect_tokens(plan.step_id, self.to_device(slots))
+            return Launched(plan, rows, slots, 0, None, self._record(), [])
+        self._admit(plan)
+        hidden, qo_indptr = self.forward(plan)
         num_top = int(self.logprobs[slots].max(initial=0))
         last = qo_indptr[rows + 1] - 1  # each emitting row's last token
         positions = np.asarray(plan.kv_lens, dtype=np.int64)[rows]  # where its sampled token goes
         packed = torch.empty(len(rows), 2 + 2 * num_top, dtype=torch.float32, device=self.device)
+        tokens = torch.empty(len(rows), dtype=torch.int64, device=self.device)
         for lo in range(0, len(rows), LOGIT_CHUNK):
             part = slice(lo, lo + LOGIT_CHUNK)
-            packed[part] = self._sample(slots[part], last[part], positions[part], hidden, num_top)
+            packed[part], tokens[part] = self._sample(slots[part], last[part], positions[part], hidden, num_top)
+        if pipe is not None and len(rows):
+            pipe.send_tokens(tokens)
         host = torch.empty(packed.shape, dtype=torch.float32, pin_memory=self.cuda)
         host.copy_(packed, non_blocking=True)
-        done = None
-        if self.cuda:
-            done = torch.cuda.Event()
-            done.record()
+        done = self._record()
         prompt = self._prompt_logprobs(plan, hidden, qo_indptr)
         return Launched(plan, rows, slots, num_top, host, done, prompt)
+
+    def _record(self) -> torch.cuda.Event | None:
+        if not self.cuda:
+            return None
+        done = torch.cuda.Event()
+        done.record()
+        return done
 
     def done(self, launched: Launched) -> bool:
         """Whether the device has finished the step (finish() would not wait)."""
         return launched.done is None or launched.done.query()
 
-    def finish(self, launched: Launched) -> StepResult:
+    def finish(self, launched: Launched) -> StepResult | None:
+        """The step's result; None on a stage before the last."""
         if launched.done is not None:
             launched.done.synchronize()
+        if launched.packed is None:
+            return None
         plan, k = launched.plan, launched.num_top
         values = launched.packed.numpy()
         result = StepResult(plan.step_id, np.asarray(plan.rids, dtype=np.int64)[launched.rows].tolist(),
@@ -268,8 +317,13 @@ class ModelRunner:
                                           values[i, 2 + k : 2 + k + want].tolist()))
         return result
 
-    def step(self, plan: StepPlan) -> StepResult:
+    def step(self, plan: StepPlan) -> StepResult | None:
         return self.finish(self.launch(plan))
+
+    def close(self) -> None:
+        """After the last step: no message between stages is left unmatched."""
+        if self.pipe is not None:
+            self.pipe.close(self.last_token)
 
     def _sample(self, slots: np.ndarray, last: np.ndarray, positions: np.ndarray, hidden, num_top: int):
         slot_t, last_t, positions_t = self.to_device(np.stack([slots, last, positions]))
@@ -294,7 +348,7 @@ class ModelRunner:
         parts = [tokens.float()[:, None], chosen[:, None]]
         if num_top:
             parts += [top_ids.float(), top_lp]
-        return torch.cat(parts, dim=1)
+        return torch.cat(parts, dim=1), tokens
 
     def _prompt_logprobs(self, plan, hidden, qo_indptr) -> list[PromptLogprobs]:
         """For prefill rows that asked: the logprob of each prompt token given the ones before it.

@@ -3,8 +3,9 @@
 Checkpoint names map to our modules declaratively: a name is our module path, except that the
 model's `packed` table sends e.g. `q_proj` to the `q` part of `qkv_proj`. Every module that holds
 weights has `load(tensor, shard, is_bias)` and indexes out its own tensor-parallel part; `tensor`
-is a lazy safetensors slice, so a rank reads only the bytes it keeps. Loading is
-strict: an unexpected tensor or one never loaded is an error that names it.
+is a lazy safetensors slice, so a rank reads only the bytes it keeps. Under pipeline parallelism a
+stage skips the tensors of the others' layers. Loading is strict: an unexpected tensor or one never
+loaded is an error that names it.
 """
 
 from __future__ import annotations
@@ -50,8 +51,8 @@ def expected_targets(model: nn.Module) -> set[tuple[str, str, bool]]:
 
 
 def _tied_to_other(model: nn.Module, path: str, module: nn.Module) -> bool:
-    tied = getattr(model, "lm_head", None)
-    return path == "lm_head" and model.config.tie_word_embeddings and tied is module
+    embed = getattr(model.model, "embed_tokens", None)
+    return path == "lm_head" and embed is not None and module.weight is embed.weight
 
 
 def resolve(model: nn.Module, name: str) -> tuple[str, str, bool]:
@@ -71,10 +72,19 @@ def load_checkpoint(model: nn.Module, folder: str) -> None:
     expected = expected_targets(model)
     loaded: set[tuple[str, str, bool]] = set()
     tied = model.config.tie_word_embeddings
+    stage = model.stage
+    # a last stage without the embedding reads a tied LM head from the embedding's tensor
+    head_from_embed = tied and stage.last and not stage.first
     for path in checkpoint_files(folder):
         with safe_open(path, framework="pt") as f:
             for name in f.keys():
                 if name.endswith(IGNORED_SUFFIXES) or (tied and name == "lm_head.weight"):
+                    continue
+                if head_from_embed and name == "model.embed_tokens.weight":
+                    model.lm_head.load(f.get_slice(name), "", False)
+                    loaded.add(("lm_head", "", False))
+                    continue
+                if stage.elsewhere(name):
                     continue
                 try:
                     target = resolve(model, name)

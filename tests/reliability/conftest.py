@@ -6,10 +6,12 @@ warm-up is cheap."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
@@ -136,3 +138,39 @@ def wait_gone(pids, timeout: float = 10) -> list[int]:
     while any(alive(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.05)
     return [p for p in pids if alive(p)]
+
+
+def mixed(i: int) -> dict:
+    """Request i of a mix: greedy or seeded sampling, n 1 or 3, streamed or not, with logprobs."""
+    body = {"prompt": f"mixed request {i}: " + "words " * (i % 7), "max_tokens": 8 + i % 9, "logprobs": 2,
+            "return_tokens_as_token_ids": True, "temperature": 0.0 if i % 2 else 0.9, "seed": i,
+            "n": 3 if i % 4 == 0 else 1, "stream": i % 3 == 0}
+    return body
+
+
+def outcome(url: str, body: dict) -> list[tuple[list[str], list[float]]]:
+    """(tokens, logprobs) of each choice, streamed or not."""
+    resp = requests.post(url + "/v1/completions", json=body, stream=body["stream"], timeout=120)
+    assert resp.status_code == 200, resp.text
+    choices: dict[int, tuple[list[str], list[float]]] = {}
+    if body["stream"]:
+        lines = [ln[6:] for ln in resp.iter_lines() if ln.startswith(b"data: ") and ln != b"data: [DONE]"]
+        parts = [c for ln in lines for c in json.loads(ln)["choices"]]
+    else:
+        parts = resp.json()["choices"]
+    for c in parts:
+        tokens, lps = choices.setdefault(c["index"], ([], []))
+        tokens += c["logprobs"]["tokens"]
+        lps += c["logprobs"]["token_logprobs"]
+    return [choices[k] for k in sorted(choices)]
+
+
+def assert_same_outcomes(url: str, reference: str, bodies: list[dict], tolerance: float = 1e-4) -> None:
+    """Every body sent to both servers at once gives the same tokens and logprobs within `tolerance`."""
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        ours = list(pool.map(lambda b: outcome(url, b), bodies))
+        theirs = list(pool.map(lambda b: outcome(reference, b), bodies))
+    for body, a, b in zip(bodies, ours, theirs):
+        assert [t for t, _ in a] == [t for t, _ in b], body
+        for (_, la), (_, lb) in zip(a, b):
+            assert max(abs(x - y) for x, y in zip(la, lb)) <= tolerance, body

@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from tests.reliability.conftest import child_pids, metrics, settled, start, wait_gone
+from tests.reliability.conftest import assert_same_outcomes, child_pids, metrics, mixed, settled, start, wait_gone
 
 PROMPTS = [f"replica test prompt number {i}: " + "tell me a story " * 3 for i in range(6)]
 
@@ -46,40 +46,8 @@ def test_two_replicas_answer_as_one(dp2, shared):
     assert "replica 0: cpu" in out and "replica 1: cpu" in out
 
 
-def mixed(i: int) -> dict:
-    """Request i of a mix: greedy or seeded sampling, n 1 or 3, streamed or not, with logprobs."""
-    body = {"prompt": f"mixed request {i}: " + "words " * (i % 7), "max_tokens": 8 + i % 9, "logprobs": 2,
-            "return_tokens_as_token_ids": True, "temperature": 0.0 if i % 2 else 0.9, "seed": i,
-            "n": 3 if i % 4 == 0 else 1, "stream": i % 3 == 0}
-    return body
-
-
-def outcome(url: str, body: dict) -> list[tuple[list[str], list[float]]]:
-    """(tokens, logprobs) of each choice, streamed or not."""
-    resp = requests.post(url + "/v1/completions", json=body, stream=body["stream"], timeout=120)
-    assert resp.status_code == 200, resp.text
-    choices: dict[int, tuple[list[str], list[float]]] = {}
-    if body["stream"]:
-        lines = [ln[6:] for ln in resp.iter_lines() if ln.startswith(b"data: ") and ln != b"data: [DONE]"]
-        parts = [c for ln in lines for c in json.loads(ln)["choices"]]
-    else:
-        parts = resp.json()["choices"]
-    for c in parts:
-        tokens, lps = choices.setdefault(c["index"], ([], []))
-        tokens += c["logprobs"]["tokens"]
-        lps += c["logprobs"]["token_logprobs"]
-    return [choices[k] for k in sorted(choices)]
-
-
 def test_32_concurrent_mixed_requests_equal_one_replica(dp2, shared):
-    bodies = [mixed(i) for i in range(32)]
-    with ThreadPoolExecutor(32) as pool:
-        ours = list(pool.map(lambda b: outcome(dp2.url, b), bodies))
-        theirs = list(pool.map(lambda b: outcome(shared.url, b), bodies))
-    for body, a, b in zip(bodies, ours, theirs):
-        assert [t for t, _ in a] == [t for t, _ in b], body
-        for (_, la), (_, lb) in zip(a, b):
-            assert max(abs(x - y) for x, y in zip(la, lb)) <= 1e-4, body
+    assert_same_outcomes(dp2.url, shared.url, [mixed(i) for i in range(32)])
 
 
 def test_a_shared_prefix_returns_to_its_replica(dp2):

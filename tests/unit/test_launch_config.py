@@ -3,6 +3,8 @@ usage errors, the help text, the listen address and the open-files warning. No s
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import socket
 
@@ -79,9 +81,18 @@ def test_replicas_need_their_ranks_devices(tiny_models, monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
     with pytest.raises(ConfigError, match=r"--dp 3 x --tp 1 on cpu needs 3 CPU cores but 2 are available"):
         EngineConfig(model=tiny_models["tiny-llama"], device="cpu", dp=3).resolve()
-    with pytest.raises(ConfigError, match="--tp and --dp must be at least 1"):
+    with pytest.raises(ConfigError, match="--tp, --pp and --dp must be at least 1"):
         EngineConfig(model=tiny_models["tiny-llama"], device="cpu", dp=0).resolve()
     cfg = EngineConfig(model=tiny_models["tiny-llama"], device="cpu", dp=2, tp=1).resolve()
     second = cfg.for_replica(1)
     assert second.first_gpu == 1 and second.process_name("rank0") == "replica1.rank0"
+    # pipeline stages take turns on a step: --pp 2 --dp 2 runs on two cores (four rank processes)
+    cfg = EngineConfig(model=tiny_models["tiny-llama"], device="cpu", dp=2, pp=2).resolve()
+    assert cfg.ranks == 2 and cfg.for_replica(1).first_gpu == 2 and cfg.steps_in_flight == cfg.steps_ahead + 1
     assert second.endpoint("plans") != cfg.endpoint("plans") and second.endpoint("control") == cfg.endpoint("control")
+
+
+def test_pipeline_stages_need_layers(tiny_models):
+    layers = json.load(open(os.path.join(tiny_models["tiny-llama"], "config.json")))["num_hidden_layers"]
+    with pytest.raises(ConfigError, match=f"--pp {layers + 1} is more stages than the model's {layers} layers"):
+        EngineConfig(model=tiny_models["tiny-llama"], device="cpu", pp=layers + 1).resolve()

@@ -50,6 +50,9 @@ class FakeDevice:
         self.clock = max(self.clock, launched[1])
         return launched[0]
 
+    def close(self) -> None:
+        self.log.append("close")
+
     # the events socket
     def send(self, result) -> None:
         self.sent.append(result)
@@ -61,12 +64,13 @@ class FakeDevice:
 def test_next_step_is_launched_before_the_running_one_finishes_when_its_plan_comes_first():
     dev = FakeDevice(plan_delays=[1, 3, 3, 3], device_polls=10)  # plans come faster than the device
     serve(dev, dev, dev)
-    assert dev.log == ["launch 0", "launch 1", "finish 0", "launch 2", "finish 1", "launch 3", "finish 2", "finish 3"]
+    assert dev.log == ["launch 0", "launch 1", "finish 0", "launch 2", "finish 1", "launch 3", "finish 2", "finish 3",
+                       "close"]
     assert dev.sent == [0, 1, 2, 3]
 
 
 def test_a_finished_step_is_published_without_waiting_for_the_next_plan():
     dev = FakeDevice(plan_delays=[1, 50, 50], device_polls=5)  # the scheduler needs each result first
     serve(dev, dev, dev)
-    assert dev.log == ["launch 0", "finish 0", "launch 1", "finish 1", "launch 2", "finish 2"]
+    assert dev.log == ["launch 0", "finish 0", "launch 1", "finish 1", "launch 2", "finish 2", "close"]
     assert dev.sent == [0, 1, 2]

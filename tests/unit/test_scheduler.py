@@ -1,7 +1,9 @@
 """Scheduler driven by simulated ranks: plans run in order, up to K in flight, each answered with the
 token a deterministic fake model gives. The fake ranks keep a paged token cache and a slot -> last
 token table like the real ones, and check on every step that each row's whole context read back
-through its page table is exactly the request's prompt followed by the model's tokens."""
+through its page table is exactly the request's prompt followed by the model's tokens. With pipeline
+stages the fake first stage sees a step's tokens only once a plan's `input_step` asks for them, as
+the real one receives them from the last stage."""
 
 from __future__ import annotations
 
@@ -48,6 +50,7 @@ class FakeRanks:
         self.slot_rid: dict[int, int] = {}  # slot -> the rid its settings were admitted for
         self.table: dict[int, list[int]] = {}  # slot -> pages, as the plans' writes left it
         self.next_step = 0
+        self.on_the_way: deque[tuple[int, int, int]] = deque()  # pipeline: (step, slot, token) not yet taken
 
     def execute(self, plan: StepPlan) -> StepResult:
         h, ps = self.h, self.h.page_size
@@ -64,6 +67,9 @@ class FakeRanks:
                 assert a.history == h.true_sequence(rid, len(a.history)) and len(a.history) >= a.prompt_len
             else:
                 assert a.history == []
+        while self.on_the_way and self.on_the_way[0][0] <= plan.input_step:
+            _, slot, tok = self.on_the_way.popleft()
+            self.last_token[slot] = tok
         tokens_in = list(plan.prefill_tokens)
         self.rows_pages = apply_table_writes(self.table, plan, ps)
         result = StepResult(plan.step_id, [], [], [])
@@ -84,7 +90,10 @@ class FakeRanks:
             assert context == h.true_sequence(rid, kv), f"step {plan.step_id} rid {rid}: wrong KV context"
             if plan.emit[r]:
                 tok = model_token(rid, kv)
-                self.last_token[slot] = tok
+                if h.stages > 1:
+                    self.on_the_way.append((plan.step_id, slot, tok))
+                else:
+                    self.last_token[slot] = tok
                 result.rids.append(rid)
                 result.tokens.append(tok)
                 result.logprobs.append(-0.5)
@@ -106,8 +115,10 @@ def apply_table_writes(table: dict[int, list[int]], plan: StepPlan, page_size: i
 
 
 class Harness:
-    def __init__(self, num_pages=64, page_size=4, max_seqs=8, max_tokens_per_forward=32, steps_ahead=2, seed=0):
-        self.sched = Scheduler(num_pages, page_size, max_seqs, max_tokens_per_forward)
+    def __init__(self, num_pages=64, page_size=4, max_seqs=8, max_tokens_per_forward=32, steps_ahead=2, seed=0,
+                 stages=1):
+        self.sched = Scheduler(num_pages, page_size, max_seqs, max_tokens_per_forward, stages=stages)
+        self.stages = stages
         self.num_pages, self.page_size = num_pages, page_size
         self.max_seqs, self.budget, self.K = max_seqs, max_tokens_per_forward, steps_ahead
         self.rng = random.Random(seed)
@@ -144,10 +155,12 @@ class Harness:
             self.ended[rid] = ("abort", self.live.pop(rid))
 
     def schedule(self) -> StepPlan | None:
+        done = self.sched.done_step
         plan = self.sched.schedule()
         self.sched.check()
         if plan is not None:
             self.check_plan(plan)
+            self.check_micro_batches(plan, done)
             self.inflight.append(plan)
             self.plans.append(plan)
             self.max_inflight_seen = max(self.max_inflight_seen, len(self.inflight))
@@ -226,6 +239,18 @@ class Harness:
         for r in range(plan.num_prefill):
             if plan.kv_lens[r] == plan.q_lens[r]:
                 assert plan.slots[r] in admitted_slots, "a (re)admitted sequence without its settings"
+
+    def check_micro_batches(self, plan: StepPlan, done: int) -> None:
+        """With pipeline stages: a decode row's previous step is `stages` steps back, or its result was
+        in when the plan was made, so the first stage never waits on a step still in the pipeline."""
+        if self.stages == 1:
+            assert plan.input_step == -1
+            return
+        previous = [max(st for st, p in enumerate(self.plans) if rid in p.rids)
+                    for rid in plan.rids[plan.num_prefill :]]
+        for step in previous:
+            assert step <= plan.step_id - self.stages or step <= done, f"step {plan.step_id} decodes after {step}"
+        assert plan.input_step == max(previous, default=-1)
 
     def check_result(self, result: StepResult, ended: list[tuple[int, str]]) -> None:
         mine = []
@@ -710,3 +735,19 @@ def test_a_prompts_page_keys_are_hashed_once_for_its_choices(monkeypatch):
     plan = s.schedule()
     assert len(plan.rids) == 64 and calls == [40, 40]
     assert s.seqs[0].keys == real([5] * 40, 4) and s.seqs[40].keys == real([6] * 40, 4)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_stress_pipeline_stages(seed):
+    """Sequences decode in interleaved micro-batches, each reading only tokens its plan's input_step
+    brought to the first stage, through preemptions, aborts and cached prefixes."""
+    rng = random.Random(300 + seed)
+    stages = rng.choice([2, 3, 4])
+    page_size = rng.choice([1, 2, 4])
+    num_pages = rng.randint(6, 14)
+    h = Harness(num_pages=num_pages, page_size=page_size, max_seqs=rng.randint(2, 8),
+                max_tokens_per_forward=rng.randint(4, 16), steps_ahead=stages + rng.randint(0, 2), seed=seed,
+                stages=stages)
+    h.run(_shared_prefix_requests(rng, 40, num_pages * page_size, page_size), abort_prob=0.01)
+    assert len(h.ended) == 40
+    assert any(p.input_step >= 0 for p in h.plans)

@@ -1,4 +1,5 @@
-"""Checkpoint loading: declarative name mapping, strictness, sharded files, tied embeddings."""
+"""Checkpoint loading: declarative name mapping, strictness, sharded files, tied embeddings, the
+parts of pipeline stages."""
 
 from __future__ import annotations
 
@@ -10,14 +11,14 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig
 
 from tools.make_model import make_model
-from workers.layers.parallel import TPGroup
+from workers.layers.parallel import PipelineStage, TPGroup
 from workers.models import model_class
 from workers.weights import load_checkpoint
 
 
-def build(path):
+def build(path, stage: int = 0, stages: int = 1):
     cfg = AutoConfig.from_pretrained(path)
-    return model_class(cfg.model_type)(cfg, TPGroup())
+    return model_class(cfg.model_type)(cfg, TPGroup(), PipelineStage.of(cfg.num_hidden_layers, stage, stages))
 
 
 def test_sharded_checkpoint_loads_the_same_weights(tmp_path):
@@ -36,7 +37,7 @@ def test_fused_parameters_hold_the_checkpoint_tensors(tmp_path):
     model = build(path)
     load_checkpoint(model, str(path))
     sd = load_file(str(path / "model.safetensors"))
-    attn = model.model.layers[1].self_attn
+    attn = model.model.layers["1"].self_attn
     q, k, v = (sd[f"model.layers.1.self_attn.{n}_proj.{w}"] for n in "qkv" for w in ["weight"])
     assert torch.equal(attn.qkv_proj.weight, torch.cat([q, k, v]))
     assert torch.equal(attn.q_norm.weight, sd["model.layers.1.self_attn.q_norm.weight"])
@@ -92,3 +93,32 @@ def test_mistral_sliding_window_is_refused_unless_the_context_fits(tmp_path):
     with pytest.raises(ConfigError, match="--max-model-len 64"):
         EngineConfig(model=str(path), device="cpu").resolve()
     assert EngineConfig(model=str(path), device="cpu", max_model_len=64).resolve().max_model_len == 64
+
+
+def test_pipeline_stages_split_the_layers_evenly():
+    assert [PipelineStage.of(10, i, 4).layers for i in range(4)] == [range(0, 3), range(3, 6), range(6, 8), range(8, 10)]
+    assert [PipelineStage.of(2, i, 2).layers for i in range(2)] == [range(0, 1), range(1, 2)]
+    with pytest.raises(ValueError, match="--pp 3 needs at least as many layers, but the model has 2"):
+        PipelineStage.of(2, 0, 3)
+
+
+@pytest.mark.parametrize("shape", ["tiny-llama", "tiny-qwen3"])  # untied and tied embeddings
+def test_pipeline_stages_load_their_own_tensors(tmp_path, shape):
+    """Each stage loads exactly its layers (strictly: nothing missing), the first the embedding, the
+    last the norm and the LM head; a tied head on a last stage without the embedding is its copy."""
+    path = make_model(shape, tmp_path / "m")
+    whole = build(path)
+    load_checkpoint(whole, str(path))
+    parts = [build(path, s, 2) for s in range(2)]
+    for part in parts:
+        load_checkpoint(part, str(path))
+    first, last = parts
+    assert first.lm_head is None and first.model.norm is None and list(first.model.layers) == ["0"]
+    assert last.model.embed_tokens is None and list(last.model.layers) == ["1"]
+    assert last.model.layers["1"].self_attn.layer_id == 0  # the stage's KV cache holds its layers only
+    expected = whole.state_dict()
+    for part in parts:
+        for name, tensor in part.state_dict().items():
+            assert torch.equal(tensor, expected[name]), name
+    assert torch.equal(last.lm_head.weight, whole.model.embed_tokens.weight if whole.config.tie_word_embeddings
+                       else whole.lm_head.weight)

@@ -6,6 +6,11 @@ their KV in the cache (or will, once the steps in flight run). Steps run ahead o
 decode rows read their input token on the rank, so a sequence keeps decoding while its previous
 tokens are still in flight (`inflight` counts them). A preempted sequence gives back its pages and
 slot and is recomputed from its known tokens once its in-flight results are back.
+
+Under pipeline parallelism with P stages a decode row reads a token that the last stage sends back
+to the first: a sequence decodes in a step only if its previous step is at least P steps back (or
+its result is in), so the running sequences fall into P interleaved micro-batches and the first
+stage does not wait for a token while the others still run the steps before.
 """
 
 from __future__ import annotations
@@ -64,8 +69,9 @@ class Sequence:
 
 class Scheduler:
     def __init__(self, num_pages: int, page_size: int, max_seqs: int, max_tokens_per_forward: int,
-                 prefix_caching: bool = True, hydragen: tuple[int, int] | None = None):
+                 prefix_caching: bool = True, hydragen: tuple[int, int] | None = None, stages: int = 1):
         self.pages = PageAllocator(num_pages)
+        self.stages = stages  # pipeline stages: the fewest steps between two of a sequence's decode rows
         self.prefix_caching = prefix_caching
         self.hydragen = hydragen  # (min rows per group, min shared prefix in pages), or off
         self.page_size = page_size
@@ -119,11 +125,13 @@ class Scheduler:
         admit: list[Sequence] = []
 
         ps = self.page_size
+        # a sequence in a later step decodes in a later one (always true without pipeline stages)
+        recent = max(self.next_step - self.stages, self.done_step)
         for seq in list(self.running):  # every running sequence, every step: kept to plain field reads
             if budget == 0:
                 break
-            if seq.slot < 0 or seq.computed < seq.target or not seq.wants_more:  # not decoding
-                continue
+            if seq.slot < 0 or seq.computed < seq.target or not seq.wants_more or seq.last_step > recent:
+                continue  # not decoding (or, with pipeline stages, its last token is not back yet)
             # room in its last page (15 steps in 16) needs no allocation
             if seq.computed < len(seq.pages) * ps or self._grow(seq, seq.computed + 1):
                 decode.append(seq)
@@ -242,6 +250,7 @@ class Scheduler:
                     first.append(seq)
         step = self.next_step
         self.next_step += 1
+        input_step = max(s.last_step for s in decode) if decode and self.stages > 1 else -1
         rows = [s for s, _ in prefill] + decode
         q_lens = [n for _, n in prefill] + [1] * len(decode)
         tokens: list[int] = []
@@ -285,6 +294,7 @@ class Scheduler:
             cached_rids=[s.rid for s in first],
             cached_tokens=[s.cached for s in first],
             prefill_next=prefill_next,
+            input_step=input_step,
         )
 
     @staticmethod

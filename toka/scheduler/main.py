@@ -31,10 +31,10 @@ def scheduler_main(cfg: EngineConfig) -> None:
         plans = Channel(ctx, zmq.XPUB, cfg.endpoint("plans"), None, bind=True)
         events = Channel(ctx, zmq.SUB, cfg.endpoint("events"), protocol.EventMsg, bind=False)
         status = Channel(ctx, zmq.PUSH, cfg.endpoint("status"), None, bind=False)
-        plans.wait_subscribers(cfg.tp, timeout=60, name="plans")
+        plans.wait_subscribers(cfg.ranks, timeout=60, name="plans")
         control.send(protocol.Ready(name))
         sched = Scheduler(cfg.num_pages, cfg.page_size, cfg.max_seqs, cfg.max_tokens_per_forward,
-                          prefix_caching=cfg.prefix_caching, hydragen=cfg.hydragen_groups)
+                          prefix_caching=cfg.prefix_caching, hydragen=cfg.hydragen_groups, stages=cfg.pp)
         with profiled(name):
             Loop(cfg, sched, requests, plans, events, status).run()
     except Exception as e:
@@ -73,7 +73,7 @@ class Loop:
                     log.info("%d steps: planning %.2f ms a step, taking results %.2f ms a step", steps,
                              self.planning / steps * 1e3, self.updating / steps * 1e3)
                 return
-            while self.sched.inflight_steps < self.cfg.steps_ahead:
+            while self.sched.inflight_steps < self.cfg.steps_in_flight:
                 plan = self.sched.schedule()
                 if plan is None:
                     break

@@ -9,7 +9,7 @@ from workers.layers.attention import ForwardContext, SelfAttention
 from workers.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from workers.layers.mlp import GatedMLP
 from workers.layers.norm import RMSNorm
-from workers.layers.parallel import TPGroup
+from workers.layers.parallel import PipelineStage, TPGroup
 from workers.layers.rotary import RotaryEmbedding, rope_parameters
 
 
@@ -39,20 +39,25 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, cfg, tp: TPGroup, qkv_bias: bool, qk_norm: bool):
+    def __init__(self, cfg, tp: TPGroup, stage: PipelineStage, qkv_bias: bool, qk_norm: bool):
         super().__init__()
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         rope = RotaryEmbedding(head_dim, cfg.max_position_embeddings, rope_parameters(cfg))
-        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp)
-        self.layers = nn.ModuleList(
-            DecoderLayer(cfg, i, rope, tp, qkv_bias, qk_norm) for i in range(cfg.num_hidden_layers)
-        )
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp) if stage.first else None
+        # keyed by the global layer index, as checkpoints name them; the KV cache holds this stage's only
+        self.layers = nn.ModuleDict({
+            str(i): DecoderLayer(cfg, local, rope, tp, qkv_bias, qk_norm) for local, i in enumerate(stage.layers)
+        })
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps) if stage.last else None
 
-    def forward(self, input_ids: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        x, residual = self.embed_tokens(input_ids), None
-        for layer in self.layers:
+    def forward(self, inputs: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """inputs: token ids on the first stage, else the previous stage's output. Returns the final
+        norm's output on the last stage, else the residual stream (x + residual) for the next."""
+        x, residual = (self.embed_tokens(inputs) if self.embed_tokens is not None else inputs), None
+        for layer in self.layers.values():
             x, residual = layer(x, residual, ctx)
+        if self.norm is None:
+            return x + residual
         x, _ = self.norm(x, residual)
         return x
 
@@ -66,13 +71,15 @@ class LlamaForCausalLM(nn.Module):
         "gate_proj": ("gate_up_proj", "gate"), "up_proj": ("gate_up_proj", "up"),
     }
 
-    def __init__(self, cfg, tp: TPGroup):
+    def __init__(self, cfg, tp: TPGroup, stage: PipelineStage | None = None):
         super().__init__()
         self.config = cfg
+        self.stage = stage = stage or PipelineStage.of(cfg.num_hidden_layers)
         qkv_bias = getattr(cfg, "attention_bias", False) or self.qkv_bias
-        self.model = LlamaModel(cfg, tp, qkv_bias, self.qk_norm)
+        self.model = LlamaModel(cfg, tp, stage, qkv_bias, self.qk_norm)
+        # a last stage without the embedding loads its own copy of a tied one (weights.py)
         tied = self.model.embed_tokens if cfg.tie_word_embeddings else None
-        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, tp, tied=tied)
+        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, tp, tied=tied) if stage.last else None
 
     @classmethod
     def check_config(cls, cfg, max_model_len: int) -> None:
@@ -82,7 +89,7 @@ class LlamaForCausalLM(nn.Module):
         if getattr(cfg, "hidden_act", "silu") != "silu":
             raise ValueError(f"hidden_act {cfg.hidden_act!r} is not supported (silu only)")
 
-    def forward(self, input_ids: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        """Final-norm hidden states [tokens, hidden]; the runner maps the rows it samples through
-        `lm_head`."""
-        return self.model(input_ids, ctx)
+    def forward(self, inputs: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """Final-norm hidden states [tokens, hidden] (the stage's output under pipeline parallelism);
+        the runner maps the rows it samples through `lm_head`."""
+        return self.model(inputs, ctx)

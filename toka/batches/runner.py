@@ -232,11 +232,11 @@ class BatchRunner:
             await self.write(self.store.record, taken)
         except Exception as e:  # disk full, folder gone: the batches concerned cannot go on
             log.exception("recording batch results failed")
-            for job in self.jobs.values():
+            for job in list(self.jobs.values()):
                 if any(r.batch == job.seq for r in taken):
                     self._end(job, "failed", [{"code": "output_unwritable", "message": f"results cannot be "
                                                f"written: {type(e).__name__}: {e}", "param": None, "line": None}])
-        for job in self.jobs.values():
+        for job in list(self.jobs.values()):  # _check removes the jobs that end
             job.unrecorded -= sum(r.batch == job.seq for r in taken)
             self._check(job)
 

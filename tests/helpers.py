@@ -38,8 +38,9 @@ def local_runner(model: str, dtype: str = "float32", device: str = "cpu", kv_tok
 
     cfg = EngineConfig(model=model, device=device, dtype=dtype, kv_cache_tokens=kv_tokens, max_seqs=max_seqs,
                        cuda_graphs=cuda_graphs, cuda_graph_max_batch=max_seqs,
-                       decode_attention=decode_attention, pp=stages).resolve()
+                       decode_attention=decode_attention).resolve()
     cfg.max_model_len = max_model_len or cfg.max_model_len
+    cfg.pp = stages  # after resolve(): the stages share this process and its device
     runner, _ = build(cfg, stage, pipe)
     return runner
 

@@ -23,8 +23,8 @@ log = logging.getLogger("toka.rank")
 
 def build(cfg: EngineConfig, rank: int, pipe=None):
     """Model, cache and runner for rank `rank` of the replica (stage rank // tp, tensor-parallel
-    index rank % tp); returns (runner, kv pages). `pipe`: links between stages the caller made
-    (tests run the stages of a pipeline in one process), instead of torch.distributed's."""
+    index rank % tp); returns (runner, kv pages). `pipe`: links the caller made between stages that
+    share this process and its first device (tests), instead of torch.distributed's."""
     from transformers import AutoConfig
 
     from workers.attention import make_backend
@@ -35,7 +35,8 @@ def build(cfg: EngineConfig, rank: int, pipe=None):
     from workers.runner import ModelRunner
     from workers.weights import init_random, load_checkpoint
 
-    device = torch.device(f"cuda:{cfg.first_gpu + rank}" if cfg.device == "cuda" else "cpu")
+    gpu = cfg.first_gpu + (rank if pipe is None else 0)
+    device = torch.device(f"cuda:{gpu}" if cfg.device == "cuda" else "cpu")
     if cfg.device == "cuda":
         torch.cuda.set_device(device)
     hf = AutoConfig.from_pretrained(cfg.model)

@@ -50,3 +50,13 @@ def test_pipeline_stages_in_each_replica(tiny_models, shared):
         assert m['steps_total{replica="0"}'] > 0 and m['steps_total{replica="1"}'] > 0, m
     finally:
         assert server.stop() == 0, server.output()
+
+
+def test_tensor_parallel_ranks_in_each_stage(tiny_models, shared):
+    """--pp 2 x --tp 2: each stage's two ranks all-reduce in their own group."""
+    server = start(tiny_models["tiny-llama"], "--pp", "2", "--tp", "2")
+    try:
+        assert set(child_pids(server)) == {"rank0", "rank1", "rank2", "rank3", "scheduler"}
+        assert_same_outcomes(server.url, shared.url, [mixed(i) for i in range(8)])
+    finally:
+        assert server.stop() == 0, server.output()

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tests.helpers import batch_with_pages
-from workers.attention import AttentionBatch, make_backend
+from workers.attention import AttentionBackend, AttentionBatch, make_backend
 from workers.attention.torch_ref import TorchAttention
 from workers.kv_cache import KVCache
 from workers.runner import ModelRunner
@@ -178,3 +178,11 @@ def test_bfloat16_cache_attention_computed_in_float32():
         torch.testing.assert_close(out[start : start + ql].double(), reference(seqs, 0, s, ql, kv, heads, kv_heads),
                                    atol=1e-4, rtol=1e-4)
         start += ql
+
+
+def test_the_torch_backend_refuses_cuda_graphs_clearly():
+    backend = TorchAttention(KVCache(1, 4, 16, 2, 16, torch.float32, torch.device("cpu")), 4, 16)
+    with pytest.raises(RuntimeError, match="does not run CUDA graphs: launch with --no-cuda-graphs"):
+        backend.add_graph_size(8, 64)
+    with pytest.raises(TypeError, match="abstract"):
+        type("Partial", (AttentionBackend,), {"plan": lambda self, batch, graph_size=None: None})()

@@ -10,6 +10,7 @@ layout, then every layer calls `forward()` with its projected q, k, v.
 
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass
 
 import numpy as np
@@ -57,18 +58,29 @@ class AttentionBatch:
     groups: PrefixGroups | None = None
 
 
-class AttentionBackend:
-    """plan() may be called once per step before the forward; forward() once per layer after it."""
+class AttentionBackend(abc.ABC):
+    """What the runner and the layers call, in this order each step: `plan()` once (for a CUDA-graph
+    replay, with the graph's size), then `forward()` once per layer. `add_graph_size()` is called
+    before serving, once per captured size. `cache` is the paged KV cache the backend reads and
+    writes (the runner sizes its probes by it)."""
 
-    def plan(self, batch: AttentionBatch) -> None:
-        raise NotImplementedError
+    cache: object  # workers.kv_cache.KVCache
 
+    @abc.abstractmethod
+    def add_graph_size(self, bs: int, max_pages: int) -> None:
+        """Fixed buffers for replaying decode steps of `bs` rows reading up to `max_pages` pages."""
+
+    @abc.abstractmethod
+    def plan(self, batch: AttentionBatch, graph_size: int | None = None) -> None:
+        """Plans the step. With `graph_size` (a size add_graph_size() made), the batch is decode-only,
+        padded to that size, and its metadata goes into that size's buffers for a graph replay."""
+
+    @abc.abstractmethod
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q: [tokens, heads, head_dim]; k, v: [tokens, kv_heads, head_dim]. Appends all of k, v to
         the cache at the batch's positions, then returns causal attention output [tokens, heads,
         head_dim]; so a row may read pages another row of the same step writes (n > 1 sequences
         admitted together share the pages the first of them computes)."""
-        raise NotImplementedError
 
 
 def make_backend(name: str, cache, num_heads: int, head_dim: int, tensor_core_decode: bool = False) -> AttentionBackend:

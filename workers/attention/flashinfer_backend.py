@@ -63,17 +63,18 @@ class FlashInferAttention(AttentionBackend):
         self.prefix = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.prefill_ws, "NHD")
         self.grouped = 0  # decode rows in Hydragen groups this step
         self.graph_slots: dict[int, _GraphSlot] = {}
-        self.graph: _GraphSlot | None = None
+        self.graph: _GraphSlot | None = None  # the planned step's graph buffers, or None when eager
+        # the planned step's append_paged_kv_cache arguments (rows, positions, page indices, indptr,
+        # last page lengths) and how many of its tokens are prefill tokens (plan() sets them)
+        self.append_args: tuple = ()
+        self.num_prefill_tokens = 0
         self._planned: dict[int, torch.cuda.Event] = {}  # id(wrapper) -> recorded after its last plan
 
     def add_graph_size(self, bs: int, max_pages: int) -> None:
-        """Buffers for replaying decode steps of `bs` rows with up to `max_pages` pages in all."""
         self.graph_slots[bs] = _GraphSlot(bs, max_pages, self.cache.data.device, self.decode_ws,
                                           self.tensor_core_decode)
 
     def plan(self, batch: AttentionBatch, graph_size: int | None = None) -> None:
-        """Plans the step. With `graph_size`, the batch is decode-only and padded to that size, and
-        the metadata goes into that size's fixed buffers for a graph replay."""
         n_pre = batch.num_prefill
         common = dict(q_data_type=self.dtype, kv_data_type=self.dtype)
         heads = (self.num_heads, self.num_kv_heads, self.head_dim, self.cache.page_size)

@@ -13,17 +13,25 @@ class TorchAttention(AttentionBackend):
         self.cache = cache
         self.num_heads = num_heads
         self.scale = head_dim**-0.5
+        # the planned step (plan() sets them): the batch, where each new token's k/v goes, and the
+        # decode rows' context (page, offset, valid) padded to the longest
+        self.batch: AttentionBatch | None = None
+        self.write_page = self.write_off = None
+        self.dec_valid = self.dec_page = self.dec_off = None
 
-    def plan(self, batch: AttentionBatch) -> None:
+    def add_graph_size(self, bs: int, max_pages: int) -> None:
+        raise RuntimeError("the torch attention backend does not run CUDA graphs: launch with --no-cuda-graphs")
+
+    def plan(self, batch: AttentionBatch, graph_size: int | None = None) -> None:
+        if graph_size is not None:
+            raise RuntimeError("the torch attention backend does not run CUDA graphs")
         ps = self.cache.page_size
         self.batch = batch
         rows = torch.arange(len(batch.q_lens_host), device=batch.positions.device)
         row_of_token = batch.token_rows.long()
         pos = batch.positions.long()
-        # where each new token's k/v goes: (page, offset in page)
         self.write_page = batch.page_indices[batch.page_indptr[row_of_token].long() + pos // ps].long()
         self.write_off = pos % ps
-        # decode rows read their whole context at once, padded to the longest
         dec = range(batch.num_prefill, len(batch.q_lens_host))
         if len(dec):
             max_len = int(batch.kv_lens_host[batch.num_prefill :].max())

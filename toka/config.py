@@ -59,7 +59,10 @@ class EngineConfig:
     step_timeout: float = _flag("seconds a step may take before the engine counts as hung", default=600.0)
     cuda_graphs: bool = _flag("capture decode steps in CUDA graphs", default=True)
     prefix_caching: bool = _flag("reuse the KV cache pages of prompt prefixes computed before", default=True)
-    hydragen: bool = _flag("attend to a prefix shared by many decoding sequences once for all of them", default=False)
+    hydragen: bool | None = _flag(
+        "attend to a prefix shared by many decoding sequences once for all of them (default: on with "
+        "--prefix-caching; groups form only where --hydragen-min-group decoding sequences share "
+        "--hydragen-min-prefix cached tokens, so other steps run as without it)", default=None)
     hydragen_min_group: int = _flag("fewest sequences that share a prefix to form a Hydragen group", default=16)
     hydragen_min_prefix: int = _flag("shortest shared prefix, in tokens, for a Hydragen group", default=256)
     # measured (docs/performance.md): tensor cores +6 % on shared-prefix (contexts 800-1,056 tokens),
@@ -188,6 +191,8 @@ class EngineConfig:
         self.max_tokens_per_forward = self.max_tokens_per_forward or (8192 if gpu else 1024)
         if self.hydragen and not self.prefix_caching:
             raise ConfigError("--hydragen groups sequences by their cached prefix pages: it needs --prefix-caching")
+        if self.hydragen is None:
+            self.hydragen = self.prefix_caching
         for name in ("page_size", "max_seqs", "max_tokens_per_forward", "steps_ahead", "port", "hydragen_min_group"):
             if getattr(self, name) < (0 if name == "port" else 1):
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive")
@@ -240,7 +245,7 @@ def make_parser() -> argparse.ArgumentParser:
         if f.metadata.get("cli") is False:
             continue
         flag = "--" + f.name.replace("_", "-")
-        if f.type in ("bool", bool):
+        if f.type in ("bool", bool, "bool | None"):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
             continue
         kind = str(f.type).replace(" | None", "")

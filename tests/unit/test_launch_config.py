@@ -96,3 +96,12 @@ def test_pipeline_stages_need_layers(tiny_models):
     layers = json.load(open(os.path.join(tiny_models["tiny-llama"], "config.json")))["num_hidden_layers"]
     with pytest.raises(ConfigError, match=f"--pp {layers + 1} is more stages than the model's {layers} layers"):
         EngineConfig(model=tiny_models["tiny-llama"], device="cpu", pp=layers + 1).resolve()
+
+
+def test_hydragen_is_on_where_the_prefix_cache_is_unless_forced(tiny_models):
+    model = tiny_models["tiny-llama"]
+    assert parse_args(["--model", model, "--device", "cpu"]).resolve().hydragen_groups == (16, 16)
+    assert parse_args(["--model", model, "--device", "cpu", "--no-prefix-caching"]).resolve().hydragen is False
+    assert parse_args(["--model", model, "--device", "cpu", "--no-hydragen"]).resolve().hydragen_groups is None
+    with pytest.raises(ConfigError, match="it needs --prefix-caching"):
+        parse_args(["--model", model, "--device", "cpu", "--hydragen", "--no-prefix-caching"]).resolve()

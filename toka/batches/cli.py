@@ -54,8 +54,9 @@ def main(argv: list[str] | None = None) -> None:
     cfg = make_parser().parse_args(launch_flags)  # a bad flag stops here, before any work
     try:
         todo, total = plan(args.input, args.output)
-    except (OSError, lines.LineError) as e:
-        sys.exit(f"toka-batch: error: {args.input}: {e}" if isinstance(e, lines.LineError) else f"toka-batch: {e}")
+    except (OSError, lines.LineError) as e:  # exit 2, as toka-launch for a bad flag
+        say(f"error: {args.input}: {e}" if isinstance(e, lines.LineError) else f"error: {e}")
+        sys.exit(2)
     done = total - len(todo)
     if done:
         say(f"{done} of {total} lines are in {args.output} already; running the other {len(todo)}")
@@ -108,8 +109,8 @@ class Run:
             loop.add_signal_handler(sig, lambda sig=sig: (signals.setdefault("sig", sig), task.cancel()))
         port = free_port()
         log = tempfile.NamedTemporaryFile("w+b", prefix="toka-batch-", suffix=".log", delete=False)
-        say(f"starting toka-launch {' '.join(self.launch_flags)} on port {port} (its log: {log.name})")
         proc = launch(self.launch_flags, port, log)
+        say(f"started toka-launch {' '.join(self.launch_flags)} on port {port}, pid {proc.pid} (its log: {log.name})")
         code = 0
         try:
             base = f"http://127.0.0.1:{port}"

@@ -1,17 +1,19 @@
 """The durable store (toka/batches/store.py): a batch is created with all its lines or not at all,
 results commit with the files' lengths, bytes a crash left past a committed length never show and
-are cut off by the next append, pages of files and batches, the files an unfinished batch uses."""
+are cut off by the next append, pages of files and batches, the files an unfinished batch uses, one
+process at a time."""
 
 from __future__ import annotations
 
 import io
 import json
+import os
 import sqlite3
 
 import pytest
 
 from toka.batches import lines
-from toka.batches.store import COMPLETED, DB_NAME, FAILED, PENDING, Result, Store
+from toka.batches.store import COMPLETED, DB_NAME, FAILED, PENDING, Result, Store, StoreBusy
 
 
 def upload(store: Store, data: bytes, purpose: str = "batch") -> dict:
@@ -38,6 +40,9 @@ def states(store: Store, batch: dict) -> list[int]:
 def test_files_are_kept_listed_in_pages_and_deleted(tmp_path):
     store = Store(tmp_path)
     (store.files_dir / ".upload-left-by-a-crash").write_bytes(b"x")
+    with pytest.raises(StoreBusy, match=f"pid {os.getpid()}"):  # one process at a time runs a folder's batches
+        Store(tmp_path)
+    store.close()
     store = Store(tmp_path)  # opening again removes what an interrupted upload left
     assert list(store.files_dir.iterdir()) == []
     made = [upload(store, f"file {i}".encode()) for i in range(5)]

@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import ctypes
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -109,7 +110,9 @@ class Run:
             loop.add_signal_handler(sig, lambda sig=sig: (signals.setdefault("sig", sig), task.cancel()))
         port = free_port()
         log = tempfile.NamedTemporaryFile("w+b", prefix="toka-batch-", suffix=".log", delete=False)
-        proc = launch(self.launch_flags, port, log)
+        # a data folder of its own: the server's batches elsewhere are not this run's to resume
+        data = tempfile.mkdtemp(prefix="toka-batch-data-")
+        proc = launch([*self.launch_flags, "--data-dir", data], port, log)
         say(f"started toka-launch {' '.join(self.launch_flags)} on port {port}, pid {proc.pid} (its log: {log.name})")
         code = 0
         try:
@@ -134,6 +137,7 @@ class Run:
                 log.seek(0)
                 sys.stderr.write(log.read()[-4000:].decode(errors="replace"))
             log.close()
+            shutil.rmtree(data, ignore_errors=True)
             if code == 0:
                 os.unlink(log.name)
         return code
@@ -263,7 +267,7 @@ def free_port() -> int:
 
 
 def launch(flags: list[str], port: int, log) -> subprocess.Popen:
-    """toka-launch with `flags` on 127.0.0.1:port (the last --host and --port win), leading a process
+    """toka-launch with `flags` on 127.0.0.1:port (the last --host, --port, --data-dir win), leading a process
     group of its own, so that stop() reaches it and its ranks and a Ctrl-C reaches only toka-batch."""
     parent = os.getpid()
 

@@ -152,10 +152,10 @@ class Batches:
         return web.json_response(page([file_object(r) for r in rows], more))
 
     async def get_file(self, request):
-        return web.json_response(file_object(self._file(request)))
+        return web.json_response(file_object(self._named(request, "file")))
 
     async def content(self, request):
-        row = self._file(request)
+        row = self._named(request, "file")
         resp = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
         resp.content_length = remaining = row["bytes"]  # the committed lines; a growing output may hold more
         await resp.prepare(request)
@@ -170,7 +170,7 @@ class Batches:
         return resp
 
     async def delete_file(self, request):
-        row = self._file(request)
+        row = self._named(request, "file")
         if users := self.store.users(row["id"]):
             b = users[0]
             raise APIError(f"the file belongs to the batch {b['id']}, which is {b['status']}: cancel it or let it "
@@ -178,11 +178,12 @@ class Batches:
         await self.runner.write(self.store.delete_file, row["id"])
         return web.json_response({"id": row["id"], "object": "file", "deleted": True})
 
-    def _file(self, request) -> dict:
-        file_id = request.match_info["id"]
-        row = self.store.file(file_id)
+    def _named(self, request, kind: str) -> dict:
+        """The file or the batch the path names; 404 when there is none."""
+        name = request.match_info["id"]
+        row = self.store.file(name) if kind == "file" else self.store.batch(name)
         if row is None:
-            raise not_found("file", file_id, "file_id")
+            raise not_found(kind, name, f"{kind}_id")
         return row
 
     # ---- batches -------------------------------------------------------------------------------
@@ -225,21 +226,14 @@ class Batches:
         return web.json_response(page([self.batch_object(r) for r in rows], more))
 
     async def get_batch(self, request):
-        return web.json_response(self.batch_object(self._batch(request)))
+        return web.json_response(self.batch_object(self._named(request, "batch")))
 
     async def cancel(self, request):
-        row = self._batch(request)
+        row = self._named(request, "batch")
         if row["status"] not in CANCELLABLE:
             raise APIError(f"the batch {row['id']} is {row['status']}: only a batch validating or in progress can be "
                            "cancelled", "batch_id", 409)
         return web.json_response(self.batch_object(await self.runner.cancel(row["id"])))
-
-    def _batch(self, request) -> dict:
-        batch_id = request.match_info["id"]
-        row = self.store.batch(batch_id)
-        if row is None:
-            raise not_found("batch", batch_id, "batch_id")
-        return row
 
     def _cursor(self, query, lookup) -> str | None:
         after = query.get("after")

@@ -2,6 +2,7 @@
 of every line, and the files' bodies beside it.
 
     DATA/toka.sqlite3            files, batches, lines
+    DATA/lock                    flock of the process using the folder (its pid inside)
     DATA/files/<file id>         a file's body: uploads, and the batches' output and error files
     DATA/files/.upload-<hex>     an upload being received (left over by a crash: removed on opening)
 
@@ -17,6 +18,7 @@ own, the routes read from the event loop's.
 
 from __future__ import annotations
 
+import fcntl
 import itertools
 import json
 import os
@@ -30,6 +32,7 @@ from pathlib import Path
 from toka.batches.lines import new_id
 
 DB_NAME = "toka.sqlite3"
+LOCK_NAME = "lock"  # held by the one process whose runner may run the folder's batches
 UPLOAD_PREFIX = ".upload-"
 CHUNK_LINES = 10_000  # lines inserted per statement while a batch is created
 
@@ -90,11 +93,27 @@ class Result:
     output_tokens: int = 0
 
 
+class StoreBusy(Exception):
+    """Another process has the folder: two runners would run the same lines."""
+
+
 class Store:
     def __init__(self, root: Path):
         self.root = Path(root)
         self.files_dir = self.root / "files"
         self.files_dir.mkdir(parents=True, exist_ok=True)
+        # the kernel drops the lock with its process, however it ends: a killed server leaves none
+        self._lock_file = open(self.root / LOCK_NAME, "a+")
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock_file.seek(0)
+            holder = self._lock_file.read().strip() or "unknown"
+            self._lock_file.close()
+            raise StoreBusy(f"another process (pid {holder}) uses it") from None
+        self._lock_file.truncate(0)
+        self._lock_file.write(str(os.getpid()))
+        self._lock_file.flush()
         self._local = threading.local()
         self._connections: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
@@ -123,6 +142,7 @@ class Store:
                 conn.close()
             self._connections.clear()
         self._local = threading.local()
+        self._lock_file.close()
 
     # ---- files ---------------------------------------------------------------------------------
     def path(self, file_id: str) -> Path:

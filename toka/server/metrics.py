@@ -99,6 +99,11 @@ def render(server: Server) -> str:
            "choices)", [("", m.prompt_tokens)])
     metric("generation_tokens_total", "counter", "output tokens the requests served received",
            [("", m.generation_tokens)])
+    runner = server.batches.runner
+    metric("batches_running", "gauge", "batches whose lines the server is running",
+           [("", len(runner.jobs) if runner else 0)])
+    metric("batch_lines_in_flight", "gauge", "batch lines in the engine (their sequences count in http_streams)",
+           [("", runner.lines_in_flight if runner else 0)])
     histogram("time_to_first_token_seconds", "from a request's arrival to each choice's first token", m.ttft)
     histogram("inter_token_latency_seconds", "between a choice's consecutive tokens (each choice's gaps "
               "counted at their mean)", m.itl)

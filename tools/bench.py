@@ -1,6 +1,6 @@
 """Throughput benchmark through the HTTP API.
 
-    python tools/bench.py --launch "--model DIR --load-format random" --workload random \
+    python -m tools.bench --launch "--model DIR --load-format random" --workload random \
         --requests 1024 --input-len 256 --output-len 256 --out result.json
 
 Workloads (all with ignore_eos and fixed seeds, submitted at once):
@@ -9,11 +9,20 @@ Workloads (all with ignore_eos and fixed seeds, submitted at once):
                  [1, 512], n=1, temperature 0
   shared-prefix  N prompts (default 128; --quick 32) of 800 tokens, n=1024, 256 outputs, temperature 0.6
 Reports output and total tokens/s, the mean running batch (sampled from /metrics), the KV size and
-the percentage of the speed of light: the time the workload needs at least on the card,
-2 x matmul params FLOPs per token (prompt and output) at --flops, plus the KV cache bytes each
-decode step reads (its whole context, once per sequence: no prefix sharing) at --bandwidth; for
-n > 1 also the floor when a request's sequences read their shared prompt once per step. The
-default rates are an H100's, measured by tools/bench_step.py.
+the percentage of the speed of light: the time the workload needs at least on the card
+(tools/floor.py's floor_seconds), 2 x matmul params FLOPs per token (prompt and output) at the
+matmul rate, plus the KV cache bytes each decode step reads (its whole context, once per sequence:
+no prefix sharing) at the copy bandwidth (bytes read + written per second); for n > 1 also the floor
+when a request's sequences read their shared prompt once per step. The floor of a launch on several
+GPUs (--tp x --pp x --dp) splits the work evenly among them.
+
+--server-code DIR serves with another version's engine (an earlier commit's toka/ and workers/)
+while this client measures it: an A/B of two versions with one client (tools/gpu.py ab).
+
+The rates are the card's own: --flops and --bandwidth when given, else measured before the server
+starts (tools/floor.py in a subprocess, on the first GPU this process sees: the server's first).
+The result's "rates" says which were given and which measured. Without CUDA and without both flags
+the share is left out and "speed_of_light" says why.
 """
 
 from __future__ import annotations
@@ -32,6 +41,7 @@ import time
 import aiohttp
 
 from toka.launch import raise_open_files_limit
+from tools.floor import Rates, card_rates, floor_seconds
 
 
 def workload(args) -> list[dict]:
@@ -67,7 +77,7 @@ def model_costs(model_dir: str) -> tuple[float, float]:
     return params, c.num_hidden_layers * 2 * kv_heads * hd * 2
 
 
-def speed_of_light_seconds(reqs: list[dict], params: float, kv_bytes: float, flops: float, bandwidth: float,
+def speed_of_light_seconds(reqs: list[dict], params: float, kv_bytes: float, rates: Rates,
                            shared: bool = False) -> float:
     """shared: the n sequences of a request read their common prompt once per step between them
     (as Hydragen does), not once each."""
@@ -76,7 +86,35 @@ def speed_of_light_seconds(reqs: list[dict], params: float, kv_bytes: float, flo
         p, o, n = len(r["prompt"]), r["max_tokens"], r.get("n", 1)
         tokens += p + n * o
         kv_reads += (1 if shared else n) * o * p + n * o * (o - 1) // 2  # decode step i reads p + i tokens
-    return 2 * params * tokens / flops + kv_reads * kv_bytes / bandwidth
+    return floor_seconds(tokens, params, kv_reads * kv_bytes, rates)
+
+
+def flag(flags: list[str], name: str, default: str | None = None) -> str | None:
+    """The value of launch flag `name` (`--tp 2` or `--tp=2`; the last one counts, as argparse takes it)."""
+    value = default
+    for i, f in enumerate(flags):
+        if f == name and i + 1 < len(flags):
+            value = flags[i + 1]
+        elif f.startswith(name + "="):
+            value = f.split("=", 1)[1]
+    return value
+
+
+def launch_gpus(flags: list[str]) -> int:
+    """GPUs a launch with these flags runs on: tp x pp x dp."""
+    return int(flag(flags, "--tp", "1")) * int(flag(flags, "--pp", "1")) * int(flag(flags, "--dp", "1"))
+
+
+def speed_of_light(reqs: list[dict], model: str, rates: Rates, gpus: int, seconds: float) -> dict:
+    """The result's floor fields for a run of `seconds` on `gpus` cards of `rates` each."""
+    params, kv_bytes = model_costs(model)
+    total = Rates(rates.flops * gpus, rates.bandwidth * gpus, rates.flops_from, rates.bandwidth_from)
+    floor = speed_of_light_seconds(reqs, params, kv_bytes, total)
+    out = dict(speed_of_light_s=floor, pct_of_speed_of_light=100 * floor / seconds)
+    if any(r.get("n", 1) > 1 for r in reqs):
+        floor = speed_of_light_seconds(reqs, params, kv_bytes, total, shared=True)
+        out.update(speed_of_light_shared_s=floor, pct_of_speed_of_light_shared=100 * floor / seconds)
+    return out
 
 
 async def scrape(session, url: str) -> dict[str, float]:
@@ -135,11 +173,22 @@ async def run(url: str, reqs: list[dict]) -> dict:
     }
 
 
-def launch(flags: str) -> tuple[subprocess.Popen, str]:
+def launch(flags: str, code: str | None = None) -> tuple[subprocess.Popen, str]:
+    """toka-launch with `flags` on a free port, once healthy. `code`: a folder holding another
+    version's toka/ and workers/ for the server to run (this process's client code stays); the
+    server starts in it, since `python -m` puts its working folder before PYTHONPATH."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "toka.launch", "--port", str(port), *shlex.split(flags)])
+    env = None
+    if code is not None:
+        code = os.path.abspath(code)
+        if not os.path.isdir(os.path.join(code, "toka")):
+            sys.exit(f"--server-code {code} holds no toka/: git archive REV toka workers | tar -x -C {code}")
+        path = [code, *filter(None, [os.environ.get("PYTHONPATH")])]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}  # for any process that starts elsewhere
+    proc = subprocess.Popen([sys.executable, "-m", "toka.launch", "--port", str(port), *shlex.split(flags)],
+                            cwd=code, env=env)
     url = f"http://127.0.0.1:{port}"
     import urllib.request
 
@@ -157,6 +206,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--url", default="http://127.0.0.1:10210")
     p.add_argument("--launch", help="start toka-launch with these flags instead of using --url")
+    p.add_argument("--server-code", help="with --launch: the server runs the toka/ and workers/ in this folder "
+                   "(e.g. an earlier commit's: git archive REV toka workers | tar -x -C DIR); paths in --launch "
+                   "absolute")
     p.add_argument("--workload", default="random", choices=["random", "sharegpt-like", "shared-prefix"])
     p.add_argument("--requests", type=int, default=0)
     p.add_argument("--input-len", type=int, default=256)
@@ -165,8 +217,9 @@ def main() -> None:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model", help="model folder for the speed of light (default: --model in --launch)")
-    p.add_argument("--flops", type=float, default=785e12, help="bf16 matmul FLOP/s of the card")
-    p.add_argument("--bandwidth", type=float, default=2.96e12, help="memory bytes/s of the card")
+    p.add_argument("--flops", type=float, help="bf16 matmul FLOP/s of one card (default: measured)")
+    p.add_argument("--bandwidth", type=float,
+                   help="device copy bytes/s of one card, read + written (default: measured)")
     p.add_argument("--extra", type=json.loads, default={},
                    help='JSON merged into every request body, e.g. \'{"repetition_penalty": 1.1}\'')
     p.add_argument("--out")
@@ -174,24 +227,30 @@ def main() -> None:
     proc = None
     url = args.url
     flags = shlex.split(args.launch or "")
-    model = args.model or (flags[flags.index("--model") + 1] if "--model" in flags else None)
+    model = args.model or flag(flags, "--model")
+    rates, why_no_floor = None, "no --model to cost the workload with"
+    if model:
+        try:  # before the launch: the probe's memory is freed before the server sizes its KV cache
+            rates = card_rates(args.flops, args.bandwidth)
+        except RuntimeError as e:
+            why_no_floor = str(e)
+            print(f"bench: {e}; the speed of light is left out", file=sys.stderr)
     reqs = workload(args)
     if args.launch:
-        proc, url = launch(args.launch)
+        proc, url = launch(args.launch, args.server_code)
     try:
         result = asyncio.run(run(url, reqs))
     finally:
         if proc is not None:
             proc.terminate()
             proc.wait(60)
-    result.update(workload=args.workload, quick=args.quick, launch=args.launch)
-    if model:
-        costs = (*model_costs(model), args.flops, args.bandwidth)
-        floor = speed_of_light_seconds(reqs, *costs)
-        result.update(speed_of_light_s=floor, pct_of_speed_of_light=100 * floor / result["seconds"])
-        if any(r.get("n", 1) > 1 for r in reqs):
-            floor = speed_of_light_seconds(reqs, *costs, shared=True)
-            result.update(speed_of_light_shared_s=floor, pct_of_speed_of_light_shared=100 * floor / result["seconds"])
+    gpus = launch_gpus(flags)
+    result.update(workload=args.workload, quick=args.quick, launch=args.launch, server_code=args.server_code, gpus=gpus,
+                  rates=rates.as_json() if rates else None)
+    if rates:
+        result.update(speed_of_light(reqs, model, rates, gpus, result["seconds"]))
+    else:
+        result.update(speed_of_light=why_no_floor)
     print(json.dumps(result, indent=2))
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

@@ -1,14 +1,15 @@
 """Decode step time against its floor, one process per GPU (`--tp N`: N ranks, as the engine runs them).
 
-    python tools/bench_step.py MODEL_DIR --batches 1,64,256,1024 --context 512 [--tp 2]
-    python tools/bench_step.py MODEL_DIR --batches 2048 --prefill-tokens 2048 --profile   # mixed steps
+    python -m tools.bench_step MODEL_DIR --batches 1,64,256,1024 --context 512 [--tp 2]
+    python -m tools.bench_step MODEL_DIR --batches 2048 --prefill-tokens 2048 --profile   # mixed steps
 
 For each batch size: the median time of a decode step alone (every row one token at `--context`
 cached tokens, CUDA graphs where captured), the host time to build and launch it, the time per step
 when steps overlap as on the rank (the next launched before the last finished; tok/s and % of floor
-use it), and the floor: 2 x params x batch FLOPs at the measured matmul rate plus the weight and
-KV bytes read at the measured copy bandwidth (per GPU: each rank's shard), plus, with --tp, the
-measured time of the step's all-reduces alone (2 a layer of [batch, hidden] activations).
+use it), and the floor (tools/floor.py's floor_seconds): 2 x params x batch FLOPs at the matmul rate
+plus the weight and KV bytes read at the copy bandwidth, both measured on this card (per GPU: each
+rank's shard), plus, with --tp, the measured time of the step's all-reduces alone (2 a layer of
+[batch, hidden] activations).
 
 With --prefill-tokens N every step also prefills N prompt tokens (rows of --prefill-len tokens, as
 chunked prefill mixes them into decode steps in a live server); such steps run eagerly, outside CUDA
@@ -28,29 +29,7 @@ import torch
 
 from toka.config import EngineConfig
 from toka.protocol import SeqParams, StepPlan
-
-
-def measured_rates(device) -> tuple[float, float]:
-    """(bf16 matmul FLOP/s, device memory bytes/s counting reads and writes)."""
-    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
-    b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
-    x = torch.empty(2**28, dtype=torch.uint8, device=device)
-    y = torch.empty_like(x)
-
-    def timed(fn, reps=20):
-        fn()
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(reps):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end) / 1e3 / reps
-
-    flops = 2 * 8192**3 / timed(lambda: a @ b)
-    bandwidth = 2 * x.numel() / timed(lambda: y.copy_(x))
-    return flops, bandwidth
+from tools.floor import Rates, floor_seconds, measured_rates
 
 
 def step_plan(step: int, batch: int, context: int, page_size: int, prefill_rows: int = 0,
@@ -160,6 +139,7 @@ def run(rank: int, args, run_dir: str) -> None:
     cache = runner.attn.cache.data  # [layers, pages, 2, page_size, kv_heads, head_dim]
     kv_per_token = cache[:, 0, :, 0].numel() * cache.element_size()
     flops_rate, bandwidth = measured_rates(torch.device("cuda"))
+    rates = Rates(flops_rate, bandwidth, "measured", "measured", torch.cuda.get_device_name())
     rows = []
     for b in batches:
         plan = functools.partial(step_plan, batch=b, context=args.context, page_size=16, prefill_rows=pre_rows,
@@ -192,7 +172,7 @@ def run(rank: int, args, run_dir: str) -> None:
         runner.finish(pending)
         pipelined = (time.perf_counter() - t0) / args.steps
         comm = all_reduce_ms(runner, tokens) / 1e3 if args.tp > 1 else 0.0
-        floor = 2 * params * tokens / flops_rate + (weight_bytes + b * args.context * kv_per_token) / bandwidth + comm
+        floor = floor_seconds(tokens, params, weight_bytes + b * args.context * kv_per_token, rates) + comm
         rows.append(dict(batch=b, context=args.context, step_ms=step * 1e3, host_ms=statistics.median(host[5:]) * 1e3,
                          pipelined_ms=pipelined * 1e3, all_reduce_ms=comm * 1e3, floor_ms=floor * 1e3,
                          pct_of_floor=100 * floor / pipelined, prefill_tokens=tokens - b, tok_s=tokens / pipelined))
@@ -211,7 +191,8 @@ def run(rank: int, args, run_dir: str) -> None:
               f"{r['all_reduce_ms']:>9.2f} {r['floor_ms']:>9.2f} {r['pct_of_floor']:>8.1f} {r['tok_s']:>9.0f}")
     if args.out:
         with open(args.out, "w") as f:
-            json.dump(dict(flops=flops_rate, bandwidth=bandwidth, params=params, rows=rows), f, indent=2)
+            json.dump(dict(flops=flops_rate, bandwidth=bandwidth, rates=rates.as_json(), params=params, rows=rows), f,
+                      indent=2)
 
 
 if __name__ == "__main__":

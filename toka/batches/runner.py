@@ -133,6 +133,9 @@ class BatchRunner:
             await self._feed()
 
     async def _take(self, row: dict) -> None:
+        row = self.store.batch(row["id"])  # as it is now: a cancel may have come since it was read
+        if row["status"] not in ("validating", "in_progress", "finalizing"):
+            return
         path = self.store.path(row["input_file_id"])
         try:
             job = Job(row, path)

@@ -1,14 +1,18 @@
 """The Files and Batches API through the official `openai` client against one launched server: files
 up and down (413 past --max-file-bytes), every bad line refused naming it, a 200-line batch equal
 to the same requests made live while its counts move, a line the API refuses in the error file,
-listing in pages, and a live request served promptly while a large batch runs, which is then
-cancelled with its partial output kept."""
+listing in pages, a live request served promptly while a large batch runs, which is then cancelled
+with its partial output kept, and the README's batch example."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import openai
 import pytest
@@ -224,3 +228,16 @@ def test_live_requests_go_first_and_cancel_keeps_the_partial_output(client, serv
     while requests.get(server.url + "/metrics").text.count("\ntoka_http_streams 0\n") == 0:
         assert time.monotonic() < deadline
         time.sleep(0.1)
+
+
+def test_the_readme_batch_example_runs(server, tmp_path, monkeypatch):
+    """The README's Python batch block, as written, from upload to results."""
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    [code] = [c for c in re.findall(r"```python\n(.*?)```", readme, re.S) if "batches.create" in c]
+    assert "http://localhost:10210/v1" in code
+    monkeypatch.chdir(tmp_path)  # it writes requests.jsonl where it runs
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        exec(compile(code.replace("http://localhost:10210/v1", server.url + "/v1"), "README.md", "exec"), {})
+    answers = [x.split(" ", 1)[0] for x in printed.getvalue().splitlines()]
+    assert "q0" in answers and "q1" in answers, printed.getvalue()

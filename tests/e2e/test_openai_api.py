@@ -164,11 +164,12 @@ def test_return_tokens_as_token_ids(client, tiny_models):
 
 
 def test_the_readme_python_example_runs(default_server):
-    """The README's Python block, as written, against a server of the embedded model."""
+    """The README's first Python block, as written, against a server of the embedded model (the batch
+    one runs in test_batches.py)."""
     import re
     from pathlib import Path
 
     readme = (Path(__file__).parents[2] / "README.md").read_text()
-    [code] = re.findall(r"```python\n(.*?)```", readme, re.S)
+    code = re.findall(r"```python\n(.*?)```", readme, re.S)[0]
     assert "http://localhost:10210/v1" in code
     exec(compile(code.replace("http://localhost:10210/v1", default_server.url + "/v1"), "README.md", "exec"), {})

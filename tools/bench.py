@@ -245,7 +245,8 @@ def main() -> None:
             proc.terminate()
             proc.wait(60)
     gpus = launch_gpus(flags)
-    result.update(workload=args.workload, quick=args.quick, launch=args.launch, server_code=args.server_code, gpus=gpus,
+    result.update(workload=args.workload, quick=args.quick, launch=args.launch, gpus=gpus,
+                  server_code=args.server_code and os.path.abspath(args.server_code),
                   rates=rates.as_json() if rates else None)
     if rates:
         result.update(speed_of_light(reqs, model, rates, gpus, result["seconds"]))

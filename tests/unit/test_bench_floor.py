@@ -1,0 +1,54 @@
+"""tools/floor.py and tools/bench.py's speed of light: one floor function, given rates, a launch's GPUs."""
+
+import pytest
+import torch
+
+from tools.bench import flag, launch_gpus, model_costs, speed_of_light, speed_of_light_seconds
+from tools.floor import Rates, card_rates, floor_seconds
+from tools.make_model import make_model
+
+GIVEN = Rates(1e12, 1e9, "given", "given")
+
+
+def test_floor_is_flop_time_plus_bytes_at_the_copy_bandwidth():
+    # 2 FLOPs a parameter a token; a byte read costs 1 / bandwidth
+    assert floor_seconds(100, 5e8, 2e9, GIVEN) == pytest.approx(2 * 5e8 * 100 / 1e12 + 2.0)
+
+
+def test_workload_floor_counts_prompt_once_and_each_sequences_decode_reads():
+    reqs = [dict(prompt=[1] * 10, max_tokens=4, n=2)]
+    # tokens: 10 prompt + 2 x 4 output; decode step i of a sequence reads 10 + i cached tokens
+    unshared = 2 * (4 * 10 + 0 + 1 + 2 + 3)
+    shared = 4 * 10 + 2 * (0 + 1 + 2 + 3)  # the prompt read once a step for both sequences
+    assert speed_of_light_seconds(reqs, 1e9, 1000, GIVEN) == pytest.approx(2 * 1e9 * 18 / 1e12 + unshared * 1000 / 1e9)
+    assert speed_of_light_seconds(reqs, 1e9, 1000, GIVEN, shared=True) == pytest.approx(
+        2 * 1e9 * 18 / 1e12 + shared * 1000 / 1e9)
+
+
+def test_costs_of_a_config_and_the_floor_split_over_a_launchs_gpus(tmp_path):
+    model = str(make_model("tiny-llama", tmp_path / "m", weights=False))
+    params, kv_bytes = model_costs(model)
+    # 2 layers of q, k, v, o (4 heads + 2 KV heads of 16 over hidden 64) and the MLP, plus the LM head
+    assert params == 2 * (64 * 16 * (2 * 4 + 2 * 2) + 3 * 64 * 128) + 512 * 64
+    assert kv_bytes == 2 * 2 * 2 * 16 * 2  # layers x (k, v) x KV heads x head_dim x 2 bytes
+    reqs = [dict(prompt=[1] * 8, max_tokens=4)]
+    one = speed_of_light(reqs, model, GIVEN, 1, seconds=1.0)
+    two = speed_of_light(reqs, model, GIVEN, 2, seconds=1.0)
+    assert two["speed_of_light_s"] == pytest.approx(one["speed_of_light_s"] / 2)
+    assert one["pct_of_speed_of_light"] == pytest.approx(100 * one["speed_of_light_s"])
+    assert "speed_of_light_shared_s" not in one  # n = 1: no shared-read floor
+
+
+def test_launch_flags_read_as_argparse_reads_them():
+    flags = ["--model", "/m", "--tp=2", "--pp", "2", "--dp", "3"]
+    assert flag(flags, "--model") == "/m" and flag(flags, "--tp") == "2" and flag(flags, "--hydragen") is None
+    assert launch_gpus(flags) == 12 and launch_gpus([]) == 1
+    assert flag(["--tp", "2", "--tp", "4"], "--tp") == "4"
+
+
+def test_given_rates_skip_the_probe_and_without_cuda_a_missing_one_says_what_to_give():
+    assert card_rates(2e14, 3e12) == Rates(2e14, 3e12, "given", "given")
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device measures the missing rate")
+    with pytest.raises(RuntimeError, match="no CUDA device.*--flops and --bandwidth"):
+        card_rates(flops=2e14)

@@ -1,0 +1,231 @@
+"""tools/gpu.py without a GPU: its arguments, the command lines each part would run, the table it
+builds from the files the tools write, and the process groups it stops."""
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.reliability.conftest import alive
+from tools import gpu
+from tools.gpu_jobs import STOPPED, TIMED_OUT, Job, Models, Runner
+from tools.gpu_results import NO_RESULT, table
+
+
+class Recorder(Runner):
+    """Runs nothing; keeps each call's jobs, so that a test sees which ran together."""
+
+    def __init__(self):
+        super().__init__(dry_run=True)
+        self.batches: list[list[Job]] = []
+
+    def run(self, jobs):
+        self.batches.append(jobs)
+        return [0] * len(jobs)
+
+
+def part(name: str, tmp_path: Path, *argv: str, gpus=("0",)) -> gpu.Part:
+    args = gpu.parse([str(tmp_path / "out"), name, "--models", str(tmp_path / "models"), *argv])
+    return gpu.Part(name, args.out / name, list(gpus), args.timeouts[name], args, Recorder(), Models(args.models), [])
+
+
+def write(path: Path, data) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data))
+    return path
+
+
+def bench_result(workload="sharegpt-like", total=135_700.0, output=67_000.0, **more):
+    rates = dict(flops=781e12, bandwidth=4.27e12, flops_from="measured", bandwidth_from="measured", device="H200")
+    return dict(workload=workload, total_tok_s=total, output_tok_s=output, pct_of_speed_of_light=65.2, rates=rates,
+                **more)
+
+
+def test_parts_timeouts_and_refusals(tmp_path):
+    args = gpu.parse([str(tmp_path), "tests", "step", "sharegpt-quick", "step", "--timeout", "300",
+                      "--timeout", "ab=50"])
+    assert args.parts == ["tests", "step", "sharegpt-quick"]
+    assert args.timeouts["tests"] == 300 and args.timeouts["ab"] == 50
+    assert gpu.parse([str(tmp_path), "tp"]).timeouts["tp"] == gpu.TIMEOUTS["tp"]
+    for bad in (["tests", "--timeout", "nope=3"], ["compare"], ["ab", "--base", str(tmp_path / "none")], ["bogus"]):
+        with pytest.raises(SystemExit):
+            gpu.parse([str(tmp_path), *bad])
+
+
+def test_gpus_for_parts_one_after_another_or_side_by_side(tmp_path):
+    visible = ["4", "5", "6", "7"]
+    args = gpu.parse([str(tmp_path), "sharegpt-full", "prefix-full-hydragen", "tp", "--side-by-side"])
+    assert gpu.assign(args, visible) == {"sharegpt-full": ["4"], "prefix-full-hydragen": ["5"], "tp": ["6", "7"]}
+    args = gpu.parse([str(tmp_path), "sharegpt-full", "tp"])
+    assert gpu.assign(args, visible) == {"sharegpt-full": visible, "tp": visible}
+    with pytest.raises(ValueError, match="side by side"):
+        gpu.assign(gpu.parse([str(tmp_path), "tp", "pp", "dp", "--dp", "2", "--side-by-side"]), visible)
+    with pytest.raises(ValueError, match="dp needs 2 GPUs"):
+        gpu.assign(gpu.parse([str(tmp_path), "dp"]), ["0"])
+
+
+def test_workload_command_line_and_its_table(tmp_path):
+    p = part("prefix-quick-hydragen", tmp_path, "--flags", "--max-seqs 4096", "--flops", "7.81e14")
+    write(p.dir / "bench.json", bench_result("shared-prefix", output=117_000.0, pct_of_speed_of_light_shared=48.6))
+    rows = gpu.workload(p)
+    (job,) = p.runner.batches[0]
+    model = str(tmp_path / "models" / "llama-3.2-1b")
+    assert job.argv[1:] == ["-m", "tools.bench", f"--launch=--model {model} --load-format random --hydragen "
+                            "--max-seqs 4096", "--vocab", "128000", "--workload", "shared-prefix", "--quick",
+                            "--flops=781000000000000.0", "--out", str(p.dir / "bench.json")]
+    assert job.env == {"CUDA_VISIBLE_DEVICES": "0"} and job.timeout == gpu.TIMEOUTS["prefix-quick-hydragen"]
+    assert [(r.figure, r.value, r.unit, r.share) for r in rows] == [
+        ("card's rates", "781 TFLOP/s, 4.27 TB/s", "measured, H200", None),
+        ("shared-prefix quick, --hydragen --max-seqs 4096", 117_000.0, "output tok/s", 65.2),
+        ("shared-prefix quick, --hydragen --max-seqs 4096: shared-read floor", 117_000.0, "output tok/s", 48.6)]
+
+
+def test_compare_runs_one_lane_a_gpu_and_in_turns_on_fewer(tmp_path):
+    flags = ["--compare-flags", "", "--compare-flags", "--max-seqs 4096", "--compare-flags=--hydragen"]
+    p = part("compare", tmp_path, *flags, gpus=("2", "3"))
+    write(p.dir / "run1.json", bench_result(total=140_100.0))
+    (p.dir / "trace1").mkdir()
+    (p.dir / "trace1" / "rank0-trace.json").write_text("{}")
+    (p.dir / "trace1" / "rank0-steps.txt").write_text("steps 1200 .. 1239\n")
+    rows = gpu.compare(p)
+    assert [[j.env["CUDA_VISIBLE_DEVICES"] for j in b] for b in p.runner.batches] == [["2", "3"], ["2"]]
+    assert p.runner.batches[1][0].env["TOKA_TRACE"] == f"{p.dir / 'trace2'}:1200:40"
+    assert not (p.dir / "trace1" / "rank0-trace.json").exists()  # the raw trace goes, its summary stays
+    assert [(r.figure, r.value) for r in rows if r.figure != "card's rates"] == [
+        ("defaults", NO_RESULT), ("--max-seqs 4096", 140_100.0),
+        ("--max-seqs 4096: trace", "compare/trace1/rank0-steps.txt"), ("--hydragen", NO_RESULT)]
+
+
+def test_ab_alternates_and_only_a_serves_the_base_code(tmp_path):
+    base = tmp_path / "base"
+    (base / "toka").mkdir(parents=True)
+    p = part("ab", tmp_path, "--base", str(base), "--rounds", "2", "--b-first")
+    for run, total in (("B1", 130e3), ("A1", 126e3), ("B2", 128e3), ("A2", 127e3)):
+        write(p.dir / f"{run}.json", bench_result(total=total))
+    rows = gpu.ab(p)
+    jobs = [b[0] for b in p.runner.batches]
+    assert [j.name for j in jobs] == ["B1", "A1", "B2", "A2"]
+    assert [("--server-code" in j.argv) for j in jobs] == [False, True, False, True]
+    assert jobs[1].argv[jobs[1].argv.index("--server-code") + 1] == str(base)
+    last = {r.figure.split(" (")[0]: r.value for r in rows[-3:]}
+    assert last == {"A mean": 126.5e3, "B mean": 129e3, "B / A": pytest.approx(129 / 126.5)}
+
+
+def test_tests_part_reads_junit_and_logprob_figures(tmp_path):
+    p = part("tests", tmp_path)
+    p.dir.mkdir(parents=True)
+    (p.dir / "gpu.xml").write_text('<testsuites><testsuite tests="12" failures="1" errors="0" skipped="2"/>'
+                                   '</testsuites>')
+    write(p.dir / "logprobs-qwen3-0.6b.json", dict(tokens=240, token_match=0.975, mean_rel_diff=0.02, max_abs_diff=0.15))
+    rows = gpu.tests(p)
+    jobs = [b[0] for b in p.runner.batches]
+    assert jobs[1].env["MODEL"] == str(tmp_path / "models" / "qwen3-0.6b-weights")
+    assert jobs[1].env[gpu.LOGPROBS_ENV] == str(p.dir / "logprobs-qwen3-0.6b.json")
+    values = {r.figure: r.value for r in rows}
+    assert values["tests/gpu"] == "9 passed, 1 failed, 2 skipped"
+    assert values["logprobs qwen3-0.6b: token match"] == 97.5
+    assert values["logprobs llama-3.2-1b bf16"] == NO_RESULT
+
+
+def test_tp_rows_from_step_bench_and_agreement_files(tmp_path):
+    p = part("tp", tmp_path, "--tp-sizes", "1,2")
+    step = dict(rows=[dict(batch=256, context=512, pipelined_ms=10.23, pct_of_floor=71.0, prefill_tokens=0)])
+    write(p.dir / "step-tp2.json", step)
+    write(p.dir / "bench-tp1.json", bench_result("random", output=12.2e3))
+    write(p.dir / "bench-tp2.json", bench_result("random", output=22.4e3))
+    write(p.dir / "agree.json", [dict(a="--tp 1", b="--tp 2", teacher_forced=dict(
+        token_match=0.976, mean_abs_logprob_diff=0.018, max_abs_logprob_diff=0.18), free_running=dict(token_match=0.22))])
+    rows = gpu.tp(p)
+    agree = p.runner.batches[-1][0]
+    assert agree.argv[3:5] == ["--model", str(tmp_path / "models" / "llama-3.1-8b-weights")]
+    assert "--a=--tp 1" in agree.argv and "--b=--tp 2" in agree.argv
+    values = {r.figure: (r.value, r.share) for r in rows}
+    assert values["tp 2 decode 256 rows at 512"] == (10.23, 71.0)
+    assert values["tp 1 decode"] == (NO_RESULT, None)
+    assert values["tp 2 / tp 1"][0] == pytest.approx(22.4 / 12.2)
+    assert values["--tp 2 vs --tp 1: teacher-forced token match"][0] == pytest.approx(97.6)
+
+
+def test_table_and_summary(tmp_path):
+    p = part("sharegpt-quick", tmp_path)
+    write(p.dir / "bench.json", bench_result())
+    rows = gpu.workload(p)
+    text = table(rows).splitlines()
+    assert text[0].split() == ["part", "figure", "value", "unit", "%", "of", "floor"]
+    assert text[-1].split() == ["sharegpt-quick", "sharegpt-like", "quick,", "defaults", "135.7k", "total", "tok/s",
+                                "65", "%"]
+    record = {"sharegpt-quick": dict(rows=rows, failed=[], seconds=1.0, gpus=["0"])}
+    summary = json.loads(gpu.write_summary(tmp_path / "out", record, rows, False).read_text())
+    assert summary["parts"]["sharegpt-quick"] == dict(failed=[], seconds=1.0, gpus=["0"])
+    assert summary["rows"][-1]["value"] == 135_700.0 and summary["rows"][-1]["share"] == 65.2
+
+
+@pytest.mark.parametrize("timeout", [30.0, 0.5])
+def test_a_jobs_group_is_stopped_when_it_ends_and_at_its_timeout(tmp_path, timeout):
+    # the job starts a child that would outlive it (as a server outlives a killed client)
+    pid_file = tmp_path / "child"
+    script = (f"import subprocess, time; p = subprocess.Popen(['sleep', '60']); open({str(pid_file)!r}, 'w')"
+              f".write(str(p.pid)); time.sleep({0 if timeout > 1 else 60})")
+    job = Job("leaves-a-child", [sys.executable, "-c", script], tmp_path / "job.log", tmp_path, timeout)
+    start = time.monotonic()
+    assert Runner().run([job]) == [0 if timeout > 1 else TIMED_OUT]
+    assert time.monotonic() - start < 20
+    assert not alive(int(pid_file.read_text()))
+    assert job.log.read_text().startswith("$ (cd ")
+
+
+def test_a_stopped_runner_starts_nothing(tmp_path):
+    runner = Runner()
+    runner.stop_all()
+    job = Job("late", [sys.executable, "-c", "pass"], tmp_path / "late.log", tmp_path, 10)
+    assert runner.run([job]) == [STOPPED] and not job.log.exists()
+
+
+def test_models_are_written_once_and_only_whole(tmp_path):
+    models = Models(tmp_path)
+    (tmp_path / "llama-3.2-1b").mkdir()
+    (tmp_path / "llama-3.2-1b" / "config.json").write_text("{}")
+    (tmp_path / "qwen3-0.6b-weights.partial").mkdir()  # an interrupted write does not count
+    needed = [("llama-3.2-1b", False), ("qwen3-0.6b", True), ("qwen3-0.6b", True)]
+    assert models.missing(needed) == [("qwen3-0.6b", True)]
+    runner = Recorder()
+    assert models.write(needed, runner, 60, tmp_path / "logs", Path(os.getcwd())) == []
+    (job,) = runner.batches[0]
+    assert job.argv[3:] == ["qwen3-0.6b", str(tmp_path / "qwen3-0.6b-weights.partial"), "--dtype", "bfloat16"]
+
+
+SLEEPER = """
+import sys
+from tools import gpu
+from tools.gpu_jobs import py
+
+def sleeper(p):  # a run that leaves a child, then waits far past the test
+    script = "import subprocess, time; p = subprocess.Popen(['sleep', '60']); print(p.pid, flush=True); time.sleep(60)"
+    p.run([p.job("sleeper", [sys.executable, "-c", script])])
+    return []
+
+gpu.PARTS["step"] = gpu.Spec(sleeper, (), lambda a, v: 1)
+sys.exit(gpu.main(sys.argv[1:]))
+"""
+
+
+def test_sigterm_stops_the_runs_under_way_and_still_writes_the_summary(tmp_path):
+    import signal
+    import subprocess
+
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-c", SLEEPER, str(out), "step", "--gpus", "0"], cwd=Path.cwd(),
+                            stdout=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": str(Path.cwd())})
+    log = out / "step" / "sleeper.log"
+    deadline = time.monotonic() + 20
+    while not (log.exists() and len(log.read_text().splitlines()) > 1) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    child = int(log.read_text().splitlines()[1])
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(20) == 130
+    assert not alive(child)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["interrupted"] and summary["parts"]["step"]["failed"]

@@ -1,0 +1,433 @@
+"""Runs named parts of the GPU verification into one output folder and prints one table.
+
+    python tools/gpu.py OUT tests step sharegpt-quick
+    python tools/gpu.py OUT compare --compare-flags "" --compare-flags "--max-seqs 4096"
+    python tools/gpu.py OUT ab --base build/base        # git archive REV toka workers | tar -x -C build/base
+    python tools/gpu.py OUT sharegpt-full prefix-full-hydragen tp --side-by-side    # a 4-GPU host
+
+Parts (their files under OUT/PART/; each run's log beside its result):
+  tests                  pytest tests/gpu; tests/test_logprobs.py on qwen3-0.6b and llama-3.2-1b written
+                         in bf16 with weights
+  step                   bench_step.py on the llama-3.2-1b shape: decode steps (1..2,048 rows at 512
+                         tokens) and mixed steps (1,024 and 2,048 rows + 2,048 prompt tokens at 384),
+                         each with its host and kernel profile in the log
+  sharegpt-quick, sharegpt-full, prefix-quick, prefix-full, prefix-quick-hydragen, prefix-full-hydragen
+                         bench.py through the API, llama-3.2-1b shape, random weights (--flags adds
+                         launch flags)
+  compare                the quick --compare-workload under each --compare-flags, one GPU each at
+                         once (in turns when there are fewer GPUs), steps 1,200..1,239 traced
+                         (TOKA_TRACE; the kernels' summary kept, the raw trace deleted)
+  ab                     an earlier version's engine (--base) as A against this tree as B, quick
+                         --ab-workload, alternating A B A B (--rounds, --b-first); one client measures both
+  tp                     Llama-3.1-8B shape at each --tp-sizes: decode steps, 1,024 requests of
+                         256 in / 256 out, and greedy agreement with --tp 1 on written weights
+  dp                     sharegpt-like full at --dp 1 and --dp N (default: every GPU)
+  pp                     Llama-3.1-8B shape sharegpt-like quick at --pp 1 and --pp N, and agreement of
+                         --pp N and --tp N with one GPU on written weights
+
+Models are written once into --models (random weights of real shapes, tools/make_model.py) and
+reused. Parts run one after another on every visible GPU, or with --side-by-side at once, each on
+GPUs of its own. Each tool run has the part's timeout (--timeout); its process group (the server
+and everything it started) is stopped when it ends, at its timeout and on an interrupt. The table
+(part, figure, value, unit, % of the floor) is also written to OUT/summary.json; the exit code is
+1 when a run failed.
+
+A flag set of one flag takes "=" (--compare-flags=--hydragen): argparse reads a lone value that
+starts with "-" as an option; one with a space in it ("--max-seqs 4096") or "" passes either way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+if __package__ in (None, ""):  # run as a script: the repository root on the path, as -m from it has
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tools.gpu_jobs import TIMED_OUT, Job, Models, Runner, py, say
+from tools.gpu_results import (
+    Row,
+    agree_rows,
+    bench_rows,
+    junit_row,
+    logprob_rows,
+    mean_row,
+    rates_row,
+    ratio_row,
+    step_rows,
+    table,
+)
+
+TREE = Path(__file__).resolve().parents[1]
+SMALL, LARGE = "llama-3.2-1b", "llama-3.1-8b"  # the shapes benchmarks run; the vocabulary below is theirs
+VOCAB = "128000"
+LOGPROB_MODELS = ["qwen3-0.6b", "llama-3.2-1b"]
+# tests/test_logprobs.py writes its figures (compare_with_hf's dict) to the file this names
+LOGPROBS_ENV = "TOKA_LOGPROBS_OUT"
+STEP_SWEEPS = {"decode": ["--batches", "1,64,256,1024,2048", "--context", "512"],
+               "mixed": ["--batches", "1024,2048", "--context", "384", "--prefill-tokens", "2048"]}
+WORKLOADS = {  # part -> (bench.py workload, quick, launch flags)
+    "sharegpt-quick": ("sharegpt-like", True, ""),
+    "sharegpt-full": ("sharegpt-like", False, ""),
+    "prefix-quick": ("shared-prefix", True, ""),
+    "prefix-full": ("shared-prefix", False, ""),
+    "prefix-quick-hydragen": ("shared-prefix", True, "--hydragen"),
+    "prefix-full-hydragen": ("shared-prefix", False, "--hydragen"),
+}
+TRACE_STEPS = "1200:40"  # compare's traced steps: past the ramp-up of either workload's quick run
+TIMEOUTS = {"models": 1200, "tests": 1800, "step": 600, "sharegpt-quick": 600, "sharegpt-full": 1200,
+            "prefix-quick": 600, "prefix-full": 1500, "prefix-quick-hydragen": 600, "prefix-full-hydragen": 1200,
+            "compare": 600, "ab": 400, "tp": 900, "dp": 1200, "pp": 1200}
+
+
+@dataclass
+class Part:
+    """One part's run: where its files go, the GPUs it may use, its timeout."""
+
+    name: str
+    dir: Path
+    gpus: list[str]
+    timeout: float
+    args: argparse.Namespace
+    runner: Runner
+    models: Models
+    failed: list[str]
+
+    def job(self, name: str, argv: list[str], env: dict | None = None, gpus: list[str] | None = None) -> Job:
+        env = {"CUDA_VISIBLE_DEVICES": ",".join(gpus or self.gpus), **(env or {})}
+        return Job(name, argv, self.dir / f"{name}.log", TREE, self.timeout, env)
+
+    def run(self, jobs: list[Job], together: bool = False) -> None:
+        """The jobs one after another, or at once (each on GPUs of its own)."""
+        for batch in [jobs] if together else [[j] for j in jobs]:
+            for job, rc in zip(batch, self.runner.run(batch)):
+                if rc:
+                    self.failed.append(f"{job.name}: {'timed out' if rc == TIMED_OUT else f'exit {rc}'}, log {job.log}")
+
+    def bench(self, name: str, workload: str, flags: str, quick: bool, model: str = SMALL, extra: tuple = (),
+              env: dict | None = None, gpus: list[str] | None = None) -> Job:
+        """bench.py on random weights of `model`'s shape, its result in NAME.json; `extra`: more
+        bench.py flags."""
+        launch = shlex.join(["--model", str(self.models.path(model)), "--load-format", "random"])
+        rates = [f"--{k}={getattr(self.args, k)}" for k in ("flops", "bandwidth") if getattr(self.args, k)]
+        return self.job(name, py("tools.bench", f"--launch={launch} {flags}".strip(), "--vocab", VOCAB,
+                                 "--workload", workload, *(["--quick"] if quick else []), *rates,
+                                 "--out", self.dir / f"{name}.json", *extra), env, gpus)
+
+    def agree(self, name: str, others: list[str]) -> Job:
+        """compare_runs.py: each launch flag set of `others` against one GPU, on written weights."""
+        return self.job(name, py("tools.compare_runs", "--model", self.models.path(LARGE, weights=True), "--a=--tp 1",
+                                 *[f"--b={o}" for o in others], "--vocab", VOCAB, "--requests", "64",
+                                 "--max-tokens", "128", "--out", self.dir / f"{name}.json"))
+
+
+def with_flags(*flags: str) -> str:
+    return " ".join(f for f in flags if f)
+
+
+def tests(p: Part) -> list[Row]:
+    jobs = [p.job("gpu", py("pytest", "-q", "tests/gpu", f"--junitxml={p.dir / 'gpu.xml'}"))]
+    for shape in LOGPROB_MODELS:
+        env = {"MODEL": str(p.models.path(shape, weights=True)), LOGPROBS_ENV: str(p.dir / f"logprobs-{shape}.json")}
+        jobs.append(p.job(f"logprobs-{shape}", py("pytest", "tests/test_logprobs.py", "-k", "test_logprobs", "-s", "-q",
+                                                  f"--junitxml={p.dir / f'logprobs-{shape}.xml'}"), env))
+    p.run(jobs)
+    rows = [junit_row(p.name, "tests/gpu", p.dir / "gpu.xml")]
+    for shape in LOGPROB_MODELS:
+        rows.append(junit_row(p.name, f"logprobs {shape} bf16", p.dir / f"logprobs-{shape}.xml"))
+        rows += logprob_rows(p.name, f"logprobs {shape}", p.dir / f"logprobs-{shape}.json")
+    return rows
+
+
+def step(p: Part) -> list[Row]:
+    p.run([p.job(name, py("tools.bench_step", p.models.path(SMALL), *flags, "--profile", "--out", p.dir / f"{name}.json"))
+           for name, flags in STEP_SWEEPS.items()])
+    rows = rates_row(p.name, p.dir / "decode.json")
+    for name in STEP_SWEEPS:
+        rows += step_rows(p.name, name, p.dir / f"{name}.json")
+    return rows
+
+
+def workload(p: Part) -> list[Row]:
+    kind, quick, flags = WORKLOADS[p.name]
+    flags = with_flags(flags, p.args.flags)
+    p.run([p.bench("bench", kind, flags, quick)])
+    label = f"{kind}{' quick' if quick else ''}, {flags or 'defaults'}"
+    return rates_row(p.name, p.dir / "bench.json") + bench_rows(p.name, label, p.dir / "bench.json")
+
+
+def compare(p: Part) -> list[Row]:
+    configs = p.args.compare_flags
+    lanes = len(p.gpus)
+    for first in range(0, len(configs), lanes):  # one GPU a configuration, as many at once as there are GPUs
+        p.run([p.bench(f"run{i}", p.args.compare_workload, configs[i], True,
+                       env={"TOKA_TRACE": f"{p.dir / f'trace{i}'}:{TRACE_STEPS}"}, gpus=[p.gpus[i - first]])
+               for i in range(first, min(first + lanes, len(configs)))], together=True)
+    rows = rates_row(p.name, p.dir / "run0.json")
+    for i, flags in enumerate(configs):
+        rows += bench_rows(p.name, flags or "defaults", p.dir / f"run{i}.json")
+        for trace in sorted((p.dir / f"trace{i}").glob("*-trace.json")):
+            trace.unlink()  # tens of MB each; the steps summary beside it is what is kept
+        for steps in sorted((p.dir / f"trace{i}").glob("*-steps.txt")):
+            rows.append(Row(p.name, f"{flags or 'defaults'}: trace", str(steps.relative_to(p.dir.parent))))
+    return rows
+
+
+def ab(p: Part) -> list[Row]:
+    base = str(Path(p.args.base).resolve())
+    order = ["B", "A"] if p.args.b_first else ["A", "B"]
+    runs = [f"{side}{r}" for r in range(1, p.args.rounds + 1) for side in order]
+    p.run([p.bench(run, p.args.ab_workload, p.args.ab_flags, True, SMALL,
+                   ("--server-code", base) if run[0] == "A" else ()) for run in runs])
+    rows = rates_row(p.name, p.dir / f"{runs[0]}.json")
+    for run in runs:
+        rows += bench_rows(p.name, f"{run}: {'A ' + base if run[0] == 'A' else 'B this tree'}", p.dir / f"{run}.json")[:1]
+    means = {side: mean_row(p.name, f"{side} mean", [p.dir / f"{r}.json" for r in runs if r[0] == side])
+             for side in "AB"}
+    rows += means["A"] + means["B"]
+    if means["A"] and means["B"]:
+        rows.append(Row(p.name, "B / A", means["B"][0].value / means["A"][0].value, "x"))
+    return rows
+
+
+def tp(p: Part) -> list[Row]:
+    sizes = p.args.tp_sizes
+    model = p.models.path(LARGE)
+    p.run([p.job(f"step-tp{n}", py("tools.bench_step", model, "--tp", n, "--batches", "64,256,768", "--context", "512",
+                                   "--out", p.dir / f"step-tp{n}.json")) for n in sizes])
+    p.run([p.bench(f"bench-tp{n}", "random", with_flags(f"--tp {n}", p.args.flags), False, LARGE,
+                   ("--requests", "1024", "--input-len", "256", "--output-len", "256")) for n in sizes])
+    others = [f"--tp {n}" for n in sizes if n != 1]
+    if others:
+        p.run([p.agree("agree", others)])
+    rows = []
+    for n in sizes:
+        rows += step_rows(p.name, f"tp {n} decode", p.dir / f"step-tp{n}.json")
+    for n in sizes:
+        rows += bench_rows(p.name, f"tp {n} random 1,024 x 256/256", p.dir / f"bench-tp{n}.json")
+        if n != 1 and 1 in sizes:
+            rows += ratio_row(p.name, f"tp {n} / tp 1", p.dir / f"bench-tp{n}.json", p.dir / "bench-tp1.json")
+    return rows + (agree_rows(p.name, p.dir / "agree.json") if others else [])
+
+
+def dp(p: Part) -> list[Row]:
+    n = p.args.dp or len(p.gpus)
+    p.run([p.bench(f"dp{k}", "sharegpt-like", with_flags(f"--dp {k}", p.args.flags), False) for k in (1, n)])
+    rows = []
+    for k in (1, n):
+        rows += bench_rows(p.name, f"sharegpt-like full, --dp {k}", p.dir / f"dp{k}.json")
+    return rows + ratio_row(p.name, f"dp {n} / dp 1", p.dir / f"dp{n}.json", p.dir / "dp1.json")
+
+
+def pp(p: Part) -> list[Row]:
+    n = p.args.pp
+    p.run([p.bench(f"pp{k}", "sharegpt-like", with_flags(f"--pp {k}", p.args.flags), True, LARGE) for k in (1, n)])
+    p.run([p.agree("agree", [f"--pp {n}", f"--tp {n}"])])
+    rows = []
+    for k in (1, n):
+        rows += bench_rows(p.name, f"{LARGE} sharegpt-like quick, --pp {k}", p.dir / f"pp{k}.json")
+    return (rows + ratio_row(p.name, f"pp {n} / pp 1", p.dir / f"pp{n}.json", p.dir / "pp1.json")
+            + agree_rows(p.name, p.dir / "agree.json"))
+
+
+@dataclass(frozen=True)
+class Spec:
+    run: Callable[[Part], list[Row]]
+    models: tuple[tuple[str, bool], ...]  # (shape, with weights), written before any part runs
+    gpus: Callable[[argparse.Namespace, list[str]], int]  # (args, visible GPUs) -> GPUs the part needs
+
+
+def _one(args, visible):
+    return 1
+
+
+PARTS = {
+    "tests": Spec(tests, tuple((s, True) for s in LOGPROB_MODELS), _one),
+    "step": Spec(step, ((SMALL, False),), _one),
+    **{name: Spec(workload, ((SMALL, False),), _one) for name in WORKLOADS},
+    "compare": Spec(compare, ((SMALL, False),), lambda a, v: min(len(a.compare_flags), len(v))),
+    "ab": Spec(ab, ((SMALL, False),), _one),
+    "tp": Spec(tp, ((LARGE, False), (LARGE, True)), lambda a, v: max(a.tp_sizes)),
+    "dp": Spec(dp, ((SMALL, False),), lambda a, v: a.dp or len(v)),
+    "pp": Spec(pp, ((LARGE, False), (LARGE, True)), lambda a, v: a.pp),
+}
+
+
+def timeouts(specs: list[str]) -> dict[str, float]:
+    """--timeout SECONDS (every part) or PART=SECONDS, later ones over earlier ones."""
+    out = dict(TIMEOUTS)
+    for spec in specs:
+        name, _, seconds = spec.rpartition("=")
+        if name and name not in out:
+            raise ValueError(f"--timeout {spec}: no part {name!r} (parts: {', '.join(out)})")
+        for key in [name] if name else list(out):
+            out[key] = float(seconds)
+    return out
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("out", type=Path, help="output folder: every part's files go under it")
+    p.add_argument("parts", nargs="+", choices=list(PARTS), metavar="PART", help=f"one of: {', '.join(PARTS)}")
+    p.add_argument("--models", type=Path, default=Path("/tmp/toka-models"), help="model folders, written once")
+    p.add_argument("--timeout", action="append", default=[], metavar="[PART=]SECONDS",
+                   help="seconds each tool run of a part may take (every part, or one; repeatable); "
+                        f"defaults: {', '.join(f'{k} {v}' for k, v in TIMEOUTS.items())}")
+    p.add_argument("--gpus", help="GPU ids to use, e.g. 0,1 (default: CUDA_VISIBLE_DEVICES, else every GPU)")
+    p.add_argument("--side-by-side", action="store_true", help="run the parts at once, each on GPUs of its own")
+    p.add_argument("--dry-run", action="store_true", help="print the command lines, run nothing")
+    p.add_argument("--flops", type=float, help="bf16 matmul FLOP/s of one card for bench.py (default: measured)")
+    p.add_argument("--bandwidth", type=float, help="device copy bytes/s, read + written (default: measured)")
+    p.add_argument("--flags", default="", help="launch flags added to the workload, tp, dp and pp servers")
+    p.add_argument("--compare-workload", default="sharegpt-like", choices=["sharegpt-like", "shared-prefix"])
+    p.add_argument("--compare-flags", action="append", default=[], metavar="FLAGS",
+                   help='compare: a launch flag set (repeatable; "" for the defaults)')
+    p.add_argument("--base", default=str(TREE / "build" / "base"),
+                   help="ab: folder of A's toka/ and workers/ (git archive REV toka workers | tar -x -C DIR)")
+    p.add_argument("--ab-workload", default="sharegpt-like", choices=["sharegpt-like", "shared-prefix"])
+    p.add_argument("--ab-flags", default="", help="ab: launch flags of both sides")
+    p.add_argument("--rounds", type=int, default=2, help="ab: rounds of A then B")
+    p.add_argument("--b-first", action="store_true", help="ab: B then A in each round")
+    p.add_argument("--tp-sizes", type=lambda s: [int(n) for n in s.split(",")], default=[1, 2],
+                   help="tp: tensor-parallel sizes, e.g. 1,2,4")
+    p.add_argument("--dp", type=int, help="dp: replicas to set against one (default: every GPU)")
+    p.add_argument("--pp", type=int, default=2, help="pp: stages (and the --tp size of its agreement check)")
+    return p
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    p = parser()
+    args = p.parse_args(argv)
+    args.parts = list(dict.fromkeys(args.parts))
+    args.out, args.models = args.out.resolve(), args.models.resolve()
+    try:
+        args.timeouts = timeouts(args.timeout)
+    except ValueError as e:
+        p.error(str(e))
+    if "compare" in args.parts and not args.compare_flags:
+        p.error('compare needs --compare-flags (repeatable; "" for the defaults)')
+    if "ab" in args.parts and not (Path(args.base) / "toka").is_dir():
+        p.error(f"ab: {args.base} holds no toka/: git archive REV toka workers | tar -x -C {args.base}")
+    if args.side_by_side and "dp" in args.parts and not args.dp:
+        p.error("--side-by-side with dp needs --dp N")
+    return args
+
+
+def visible_gpus(args) -> list[str]:
+    if args.gpus:
+        return args.gpus.split(",")
+    if os.environ.get("CUDA_VISIBLE_DEVICES"):
+        return os.environ["CUDA_VISIBLE_DEVICES"].split(",")
+    count = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.device_count())"],
+                           capture_output=True, text=True).stdout.strip()
+    return [str(i) for i in range(int(count or 0))]
+
+
+def assign(args, visible: list[str]) -> dict[str, list[str]]:
+    """Each part's GPUs: all of them one part after another, or with --side-by-side consecutive
+    slices of the visible GPUs. Raises ValueError naming a part that cannot have what it needs."""
+    need = {name: PARTS[name].gpus(args, visible) for name in args.parts}
+    for name, n in need.items():
+        if n > len(visible) or (name in ("dp", "pp") and n < 2):
+            raise ValueError(f"{name} needs {max(n, 2)} GPUs; {len(visible)} visible ({','.join(visible) or 'none'})")
+    if not args.side_by_side:
+        return {name: visible for name in args.parts}
+    if sum(need.values()) > len(visible):
+        raise ValueError(f"side by side, {' + '.join(f'{k} {v}' for k, v in need.items())} GPUs; {len(visible)} visible")
+    out, first = {}, 0
+    for name, n in need.items():
+        out[name], first = visible[first : first + n], first + n
+    return out
+
+
+def run_part(name: str, gpus: list[str], args, runner: Runner, models: Models, record: dict) -> None:
+    part = Part(name, args.out / name, gpus, args.timeouts[name], args, runner, models, [])
+    say(f"=== {name} on GPU {','.join(gpus)}")
+    start, rows = time.monotonic(), None
+    try:
+        rows = PARTS[name].run(part)
+    except Exception as e:  # a result file of an unexpected shape: the other parts still report
+        part.failed.append(f"{type(e).__name__}: {e}")
+        rows = []
+    finally:  # an interrupt is recorded too, then passes on
+        if rows is None:
+            part.failed.append("interrupted: the runs under way were stopped")
+        rows = (rows or []) + [Row(name, "failed", f) for f in part.failed]
+        record[name] = dict(rows=rows, failed=part.failed, seconds=time.monotonic() - start, gpus=gpus)
+
+
+def run_parts(args, gpus: dict[str, list[str]], runner: Runner, models: Models, record: dict) -> None:
+    needed = [m for name in args.parts for m in PARTS[name].models]
+    failed = models.write(needed, runner, args.timeouts["models"], args.out / "models", TREE)
+    if failed:
+        notes = [f"writing {name} failed: log {args.out / 'models' / name}.log" for name in failed]
+        record["models"] = dict(rows=[Row("models", "failed", n) for n in notes], failed=notes, seconds=0, gpus=[])
+        return
+    if not args.side_by_side:
+        for name in args.parts:
+            run_part(name, gpus[name], args, runner, models, record)
+        return
+    threads = [threading.Thread(target=run_part, args=(n, gpus[n], args, runner, models, record), daemon=True)
+               for n in args.parts]
+    for t in threads:
+        t.start()
+    try:
+        for t in threads:
+            while t.is_alive():  # joined with a timeout, so that a signal reaches this thread
+                t.join(0.5)
+    finally:
+        runner.stop_all()  # on an interrupt: the other parts start nothing more and end soon
+        for t in threads:
+            t.join(10)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    visible = visible_gpus(args)
+    if not visible and args.dry_run:
+        visible = ["0"]
+        print("no GPU found: the dry run assumes one, GPU 0")
+    try:
+        gpus = assign(args, visible)
+    except ValueError as e:
+        sys.exit(f"gpu.py: {e}")
+    runner, models = Runner(args.dry_run), Models(args.models)
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))  # unwinds into the groups' stops
+    record: dict[str, dict] = {}
+    interrupted = False
+    try:
+        run_parts(args, gpus, runner, models, record)
+    except (KeyboardInterrupt, SystemExit):
+        interrupted = True
+        say("gpu.py: interrupted; every run under way was stopped")
+    finally:
+        runner.stop_all()
+    rows = [r for name in ["models", *args.parts] if name in record for r in record[name]["rows"]]
+    print(table(rows))
+    if not args.dry_run:
+        print(f"summary: {write_summary(args.out, record, rows, interrupted)}")
+    return 130 if interrupted else 1 if any(r["failed"] for r in record.values()) else 0
+
+
+def write_summary(out: Path, record: dict, rows: list[Row], interrupted: bool) -> Path:
+    """OUT/summary.json: each part's failures, seconds and GPUs, and the table's rows."""
+    summary = dict(parts={n: {k: v for k, v in r.items() if k != "rows"} for n, r in record.items()},
+                   rows=[asdict(r) for r in rows], interrupted=interrupted)
+    path = out / "summary.json"
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(summary, indent=2) + "\n")
+    return path
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -103,9 +103,10 @@ class Part:
     models: Models
     failed: list[str]
 
-    def job(self, name: str, argv: list[str], env: dict | None = None, gpus: list[str] | None = None) -> Job:
+    def job(self, name: str, argv: list[str], results: tuple[Path, ...], env: dict | None = None,
+            gpus: list[str] | None = None) -> Job:
         env = {"CUDA_VISIBLE_DEVICES": ",".join(gpus or self.gpus), **(env or {})}
-        return Job(name, argv, self.dir / f"{name}.log", TREE, self.timeout, env)
+        return Job(name, argv, self.dir / f"{name}.log", TREE, self.timeout, env, results)
 
     def run(self, jobs: list[Job], together: bool = False) -> None:
         """The jobs one after another, or at once (each on GPUs of its own)."""
@@ -115,20 +116,27 @@ class Part:
                     self.failed.append(f"{job.name}: {'timed out' if rc == TIMED_OUT else f'exit {rc}'}, log {job.log}")
 
     def bench(self, name: str, workload: str, flags: str, quick: bool, model: str = SMALL, extra: tuple = (),
-              env: dict | None = None, gpus: list[str] | None = None) -> Job:
+              env: dict | None = None, gpus: list[str] | None = None, results: tuple[Path, ...] = ()) -> Job:
         """bench.py on random weights of `model`'s shape, its result in NAME.json; `extra`: more
-        bench.py flags."""
+        bench.py flags; `results`: more files the run writes."""
         launch = shlex.join(["--model", str(self.models.path(model)), "--load-format", "random"])
         rates = [f"--{k}={getattr(self.args, k)}" for k in ("flops", "bandwidth") if getattr(self.args, k)]
+        out = self.dir / f"{name}.json"
         return self.job(name, py("tools.bench", f"--launch={launch} {flags}".strip(), "--vocab", VOCAB,
-                                 "--workload", workload, *(["--quick"] if quick else []), *rates,
-                                 "--out", self.dir / f"{name}.json", *extra), env, gpus)
+                                 "--workload", workload, *(["--quick"] if quick else []), *rates, "--out", out,
+                                 *extra), (out, *results), env, gpus)
 
     def agree(self, name: str, others: list[str]) -> Job:
         """compare_runs.py: each launch flag set of `others` against one GPU, on written weights."""
+        out = self.dir / f"{name}.json"
         return self.job(name, py("tools.compare_runs", "--model", self.models.path(LARGE, weights=True), "--a=--tp 1",
                                  *[f"--b={o}" for o in others], "--vocab", VOCAB, "--requests", "64",
-                                 "--max-tokens", "128", "--out", self.dir / f"{name}.json"))
+                                 "--max-tokens", "128", "--out", out), (out,))
+
+    def step(self, name: str, model: str, *flags) -> Job:
+        """bench_step.py on random weights of `model`'s shape, its result in NAME.json."""
+        out = self.dir / f"{name}.json"
+        return self.job(name, py("tools.bench_step", self.models.path(model), *flags, "--out", out), (out,))
 
 
 def with_flags(*flags: str) -> str:
@@ -136,11 +144,12 @@ def with_flags(*flags: str) -> str:
 
 
 def tests(p: Part) -> list[Row]:
-    jobs = [p.job("gpu", py("pytest", "-q", "tests/gpu", f"--junitxml={p.dir / 'gpu.xml'}"))]
+    jobs = [p.job("gpu", py("pytest", "-q", "tests/gpu", f"--junitxml={p.dir / 'gpu.xml'}"), (p.dir / "gpu.xml",))]
     for shape in LOGPROB_MODELS:
-        env = {"MODEL": str(p.models.path(shape, weights=True)), LOGPROBS_ENV: str(p.dir / f"logprobs-{shape}.json")}
+        xml, figures = p.dir / f"logprobs-{shape}.xml", p.dir / f"logprobs-{shape}.json"
+        env = {"MODEL": str(p.models.path(shape, weights=True)), LOGPROBS_ENV: str(figures)}
         jobs.append(p.job(f"logprobs-{shape}", py("pytest", "tests/test_logprobs.py", "-k", "test_logprobs", "-s", "-q",
-                                                  f"--junitxml={p.dir / f'logprobs-{shape}.xml'}"), env))
+                                                  f"--junitxml={xml}"), (xml, figures), env))
     p.run(jobs)
     rows = [junit_row(p.name, "tests/gpu", p.dir / "gpu.xml")]
     for shape in LOGPROB_MODELS:
@@ -150,8 +159,7 @@ def tests(p: Part) -> list[Row]:
 
 
 def step(p: Part) -> list[Row]:
-    p.run([p.job(name, py("tools.bench_step", p.models.path(SMALL), *flags, "--profile", "--out", p.dir / f"{name}.json"))
-           for name, flags in STEP_SWEEPS.items()])
+    p.run([p.step(name, SMALL, *flags, "--profile") for name, flags in STEP_SWEEPS.items()])
     rows = rates_row(p.name, p.dir / "decode.json")
     for name in STEP_SWEEPS:
         rows += step_rows(p.name, name, p.dir / f"{name}.json")
@@ -171,7 +179,8 @@ def compare(p: Part) -> list[Row]:
     lanes = len(p.gpus)
     for first in range(0, len(configs), lanes):  # one GPU a configuration, as many at once as there are GPUs
         p.run([p.bench(f"run{i}", p.args.compare_workload, configs[i], True,
-                       env={"TOKA_TRACE": f"{p.dir / f'trace{i}'}:{TRACE_STEPS}"}, gpus=[p.gpus[i - first]])
+                       env={"TOKA_TRACE": f"{p.dir / f'trace{i}'}:{TRACE_STEPS}"}, gpus=[p.gpus[i - first]],
+                       results=(p.dir / f"trace{i}",))
                for i in range(first, min(first + lanes, len(configs)))], together=True)
     rows = rates_row(p.name, p.dir / "run0.json")
     for i, flags in enumerate(configs):
@@ -202,9 +211,7 @@ def ab(p: Part) -> list[Row]:
 
 def tp(p: Part) -> list[Row]:
     sizes = p.args.tp_sizes
-    model = p.models.path(LARGE)
-    p.run([p.job(f"step-tp{n}", py("tools.bench_step", model, "--tp", n, "--batches", "64,256,768", "--context", "512",
-                                   "--out", p.dir / f"step-tp{n}.json")) for n in sizes])
+    p.run([p.step(f"step-tp{n}", LARGE, "--tp", n, "--batches", "64,256,768", "--context", "512") for n in sizes])
     p.run([p.bench(f"bench-tp{n}", "random", with_flags(f"--tp {n}", p.args.flags), False, LARGE,
                    ("--requests", "1024", "--input-len", "256", "--output-len", "256")) for n in sizes])
     others = [f"--tp {n}" for n in sizes if n != 1]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -41,6 +42,9 @@ class Job:
     cwd: Path
     timeout: float  # seconds
     env: dict[str, str] = field(default_factory=dict)  # set over this process's environment
+    # the files (or folders) it writes its results to: removed before it starts, so that what is
+    # found there afterwards is this run's
+    results: tuple[Path, ...] = ()
 
     def command(self) -> str:
         """The job as a shell line (what --dry-run prints)."""
@@ -89,6 +93,8 @@ class Runner:
         with self._lock:  # under the lock: stop_all either sees the group or stops its start
             if self._stopping:
                 return None
+            for path in job.results:
+                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
             job.log.parent.mkdir(parents=True, exist_ok=True)
             with open(job.log, "w") as log:  # the child holds its own copy of the descriptor
                 log.write(f"$ {job.command()}\n")

@@ -169,11 +169,15 @@ def test_a_jobs_group_is_stopped_when_it_ends_and_at_its_timeout(tmp_path, timeo
     pid_file = tmp_path / "child"
     script = (f"import subprocess, time; p = subprocess.Popen(['sleep', '60']); open({str(pid_file)!r}, 'w')"
               f".write(str(p.pid)); time.sleep({0 if timeout > 1 else 60})")
-    job = Job("leaves-a-child", [sys.executable, "-c", script], tmp_path / "job.log", tmp_path, timeout)
+    stale = tmp_path / "result.json"  # an earlier run's result, which this run does not write
+    stale.write_text("{}")
+    job = Job("leaves-a-child", [sys.executable, "-c", script], tmp_path / "job.log", tmp_path, timeout,
+              results=(stale,))
     start = time.monotonic()
     assert Runner().run([job]) == [0 if timeout > 1 else TIMED_OUT]
     assert time.monotonic() - start < 20
     assert not alive(int(pid_file.read_text()))
+    assert not stale.exists()
     assert job.log.read_text().startswith("$ (cd ")
 
 
@@ -204,7 +208,7 @@ from tools.gpu_jobs import py
 
 def sleeper(p):  # a run that leaves a child, then waits far past the test
     script = "import subprocess, time; p = subprocess.Popen(['sleep', '60']); print(p.pid, flush=True); time.sleep(60)"
-    p.run([p.job("sleeper", [sys.executable, "-c", script])])
+    p.run([p.job("sleeper", [sys.executable, "-c", script], ())])
     return []
 
 gpu.PARTS["step"] = gpu.Spec(sleeper, (), lambda a, v: 1)

@@ -13,8 +13,10 @@ difference <= 0.2).
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
+from pathlib import Path
 
 import pytest
 import torch
@@ -68,4 +70,6 @@ def test_logprobs(served):
     dtype = server_dtype()
     stats = compare_with_hf(served.url, served.model_path, dtype, PROMPTS, MAX_TOKENS)
     print(f"\n{served.model_path} ({dtype}): {stats}")
+    if out := os.environ.get("TOKA_LOGPROBS_OUT"):  # tools/gpu.py reads the figures here
+        Path(out).write_text(json.dumps(dict(model=served.model_path, dtype=str(dtype), **stats)))
     assert_within_tolerance(stats, dtype)

@@ -3,7 +3,8 @@
     python -m tools.bench --launch "--model DIR --load-format random" --workload random \
         --requests 1024 --input-len 256 --output-len 256 --out result.json
 
-Workloads (all with ignore_eos and fixed seeds, submitted at once):
+Workloads (all with ignore_eos and fixed seeds, submitted at once; --via batch: as one batch job
+through /v1/files and /v1/batches instead, timed from the batch's creation to its completion):
   random         N requests of exactly --input-len random prompt tokens and --output-len outputs
   sharegpt-like  N requests (default 65,536; --quick 16,384), prompt and output lengths uniform in
                  [1, 512], n=1, temperature 0
@@ -156,6 +157,51 @@ async def run(url: str, reqs: list[dict]) -> dict:
         stop.set()
         await sampler
         metrics = await scrape(session, url)
+    return _result(reqs, elapsed, usages, running, metrics)
+
+
+async def run_batch(url: str, reqs: list[dict]) -> dict:
+    """The same requests as one batch job: uploaded as a JSONL file, run by the server's batch
+    runner, timed from the batch's creation until it is completed (polled every 0.2 s); tokens
+    from the usage in its output file."""
+    lines = "".join(json.dumps({"custom_id": f"r{i}", "method": "POST", "url": "/v1/completions", "body": r}) + "\n"
+                    for i, r in enumerate(reqs))
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None)) as session:
+        form = aiohttp.FormData()
+        form.add_field("purpose", "batch")
+        form.add_field("file", lines.encode(), filename="bench.jsonl", content_type="application/jsonl")
+        async with session.post(url + "/v1/files", data=form) as resp:
+            upload = await resp.json()
+            if resp.status != 200:
+                raise RuntimeError(f"upload: {resp.status}: {upload}")
+        running: list[float] = []
+        start = time.perf_counter()
+        async with session.post(url + "/v1/batches", json={"input_file_id": upload["id"], "endpoint": "/v1/completions",
+                                                          "completion_window": "24h"}) as resp:
+            batch = await resp.json()
+            if resp.status != 200:
+                raise RuntimeError(f"batch: {resp.status}: {batch}")
+        polls = 0
+        while batch["status"] not in ("completed", "failed", "cancelled", "expired"):
+            await asyncio.sleep(0.2)
+            async with session.get(url + f"/v1/batches/{batch['id']}") as resp:
+                batch = await resp.json()
+            polls += 1
+            if polls % 5 == 0:
+                running.append((await scrape(session, url)).get("toka_running", 0.0))
+        elapsed = time.perf_counter() - start
+        if batch["status"] != "completed" or batch["request_counts"]["failed"]:
+            raise RuntimeError(f"batch ended {batch['status']}: {batch['request_counts']}, errors {batch.get('errors')}")
+        async with session.get(url + f"/v1/files/{batch['output_file_id']}/content") as resp:
+            output = await resp.text()
+        metrics = await scrape(session, url)
+    usages = [json.loads(line)["response"]["body"]["usage"] for line in output.splitlines() if line]
+    if len(usages) != len(reqs):
+        raise RuntimeError(f"{len(usages)} output lines for {len(reqs)} requests")
+    return _result(reqs, elapsed, usages, running, metrics)
+
+
+def _result(reqs: list[dict], elapsed: float, usages: list[dict], running: list[float], metrics: dict) -> dict:
     out_tokens = sum(u["completion_tokens"] for u in usages)
     prompt_tokens = sum(u["prompt_tokens"] for u in usages)
     busy = [r for r in running if r > 0]
@@ -220,6 +266,9 @@ def main() -> None:
     p.add_argument("--flops", type=float, help="bf16 matmul FLOP/s of one card (default: measured)")
     p.add_argument("--bandwidth", type=float,
                    help="device copy bytes/s of one card, read + written (default: measured)")
+    p.add_argument("--via", choices=["live", "batch"], default="live",
+                   help="live: every request at once through /v1/completions; batch: the same requests as one "
+                   "batch job (/v1/files, /v1/batches)")
     p.add_argument("--extra", type=json.loads, default={},
                    help='JSON merged into every request body, e.g. \'{"repetition_penalty": 1.1}\'')
     p.add_argument("--out")
@@ -239,13 +288,13 @@ def main() -> None:
     if args.launch:
         proc, url = launch(args.launch, args.server_code)
     try:
-        result = asyncio.run(run(url, reqs))
+        result = asyncio.run((run_batch if args.via == "batch" else run)(url, reqs))
     finally:
         if proc is not None:
             proc.terminate()
             proc.wait(60)
     gpus = launch_gpus(flags)
-    result.update(workload=args.workload, quick=args.quick, launch=args.launch, gpus=gpus,
+    result.update(workload=args.workload, quick=args.quick, via=args.via, launch=args.launch, gpus=gpus,
                   server_code=args.server_code and os.path.abspath(args.server_code),
                   rates=rates.as_json() if rates else None)
     if rates:

@@ -22,6 +22,8 @@ Parts (their files under OUT/PART/; each run's log beside its result):
   tp                     Llama-3.1-8B shape at each --tp-sizes: decode steps, 1,024 requests of
                          256 in / 256 out, and greedy agreement with --tp 1 on written weights
   dp                     sharegpt-like full at --dp 1 and --dp N (default: every GPU)
+  batch                  sharegpt-like quick sent live, then the same requests as one batch job
+                         (bench.py --via batch), and their ratio
   pp                     Llama-3.1-8B shape sharegpt-like quick at --pp 1 and --pp N, and agreement of
                          --pp N and --tp N with one GPU on written weights
 
@@ -87,7 +89,7 @@ WORKLOADS = {  # part -> (bench.py workload, quick, launch flags)
 TRACE_STEPS = "1200:40"  # compare's traced steps: past the ramp-up of either workload's quick run
 TIMEOUTS = {"models": 1200, "tests": 1800, "step": 600, "sharegpt-quick": 600, "sharegpt-full": 1200,
             "prefix-quick": 600, "prefix-full": 1500, "prefix-quick-hydragen": 600, "prefix-full-hydragen": 1200,
-            "compare": 600, "ab": 400, "tp": 900, "dp": 1200, "pp": 1200}
+            "compare": 600, "ab": 400, "tp": 900, "dp": 1200, "pp": 1200, "batch": 400}
 
 
 @dataclass
@@ -236,6 +238,16 @@ def dp(p: Part) -> list[Row]:
     return rows + ratio_row(p.name, f"dp {n} / dp 1", p.dir / f"dp{n}.json", p.dir / "dp1.json")
 
 
+def batch(p: Part) -> list[Row]:
+    """sharegpt-like quick sent live, then as one batch job (its own data folder under the part's)."""
+    flags = with_flags(f"--data-dir {p.dir / 'data'}", p.args.flags)
+    p.run([p.bench(via, "sharegpt-like", flags, True, extra=("--via", via)) for via in ("live", "batch")])
+    rows = rates_row(p.name, p.dir / "live.json")
+    for via in ("live", "batch"):
+        rows += bench_rows(p.name, f"sharegpt-like quick, {via}", p.dir / f"{via}.json")
+    return rows + ratio_row(p.name, "batch / live", p.dir / "batch.json", p.dir / "live.json")
+
+
 def pp(p: Part) -> list[Row]:
     n = p.args.pp
     p.run([p.bench(f"pp{k}", "sharegpt-like", with_flags(f"--pp {k}", p.args.flags), True, LARGE) for k in (1, n)])
@@ -266,6 +278,7 @@ PARTS = {
     "ab": Spec(ab, ((SMALL, False),), _one),
     "tp": Spec(tp, ((LARGE, False), (LARGE, True)), lambda a, v: max(a.tp_sizes)),
     "dp": Spec(dp, ((SMALL, False),), lambda a, v: a.dp or len(v)),
+    "batch": Spec(batch, ((SMALL, False),), _one),
     "pp": Spec(pp, ((LARGE, False), (LARGE, True)), lambda a, v: a.pp),
 }
 

@@ -7,6 +7,7 @@ import asyncio
 import itertools
 import json
 import re
+import tempfile
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
@@ -77,7 +78,9 @@ def tokenizer(model):
 
 
 def serve(model, tokenizer, check, **fields):
-    """Runs `await check(client, server)` against a server of `model` with these config fields."""
+    """Runs `await check(client, server)` against a server of `model` with these config fields (its
+    batch store in a folder of its own: never a developer's default one)."""
+    fields.setdefault("data_dir", tempfile.mkdtemp(prefix="toka-routes-"))
     cfg = EngineConfig(model=model, **fields).resolve()
 
     async def main():

@@ -6,7 +6,7 @@ server process spends per request and per token shows by itself.
 The stand-in engine runs in the server's event loop, as the engine client's token events do: every
 --step-ms it gives one token to each of the --max-seqs oldest open sequences (the rest wait, as in
 the scheduler). A client in another process sends the sharegpt-like workload (token-id prompts and
-output lengths uniform in [1, 512], ignore_eos) all at once, as tools/bench.py does. Reports the
+output lengths uniform in [1, 512], ignore_eos: tools/bench.py's workload) all at once. Reports the
 wall time against the steps' own (steps x --step-ms), so the difference is the HTTP path's: intake
 of the requests before the steps fill, and responses after them, and the server process's CPU
 seconds after start-up (per request and per token in the result).
@@ -18,7 +18,6 @@ import argparse
 import asyncio
 import json
 import multiprocessing as mp
-import random
 import resource
 import socket
 import time
@@ -26,6 +25,7 @@ from collections import OrderedDict
 
 from toka.protocol import SamplingParams
 from toka.server.engine_client import OutputStream
+from tools.bench import workload
 
 
 class InstantEngine:
@@ -130,6 +130,7 @@ def main() -> None:
     p.add_argument("--max-seqs", type=int, default=2048)
     p.add_argument("--step-ms", type=float, default=25.0, help="the stand-in engine's step time")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--vocab", type=int, default=500, help="prompt token ids below this (the model's vocabulary)")
     p.add_argument("--out")
     args = p.parse_args()
     with socket.socket() as s:
@@ -141,20 +142,18 @@ def main() -> None:
     proc.start()
     if not ready.wait(120):
         raise SystemExit("the server did not start")
-    rng = random.Random(args.seed)
-    reqs = [dict(prompt=[rng.randrange(100, 400) for _ in range(rng.randint(1, 512))], max_tokens=rng.randint(1, 512),
-                 temperature=0.0, ignore_eos=True) for _ in range(args.requests)]
+    reqs = workload(argparse.Namespace(workload="sharegpt-like", requests=args.requests, quick=False, seed=args.seed,
+                                       vocab=args.vocab, extra={}))
     seconds = asyncio.run(client(f"http://127.0.0.1:{port}", reqs))
     done.set()
     figures = results.get(timeout=60)
     proc.join(30)
-    steps = figures.get("steps", 0)
+    steps = figures["steps"]
     result = dict(requests=args.requests, seconds=seconds, steps=steps, steps_s=steps * args.step_ms / 1e3,
-                  http_overhead_s=seconds - steps * args.step_ms / 1e3, server_cpu_s=figures.get("server_cpu_s"),
+                  http_overhead_s=seconds - steps * args.step_ms / 1e3, server_cpu_s=figures["server_cpu_s"],
                   output_tokens=sum(r["max_tokens"] for r in reqs))
-    if result["server_cpu_s"] is not None:
-        result.update(server_cpu_us_per_token=1e6 * result["server_cpu_s"] / result["output_tokens"],
-                      server_cpu_ms_per_request=1e3 * result["server_cpu_s"] / args.requests)
+    result.update(server_cpu_us_per_token=1e6 * result["server_cpu_s"] / result["output_tokens"],
+                  server_cpu_ms_per_request=1e3 * result["server_cpu_s"] / args.requests)
     print(json.dumps(result, indent=2))
     if args.out:
         with open(args.out, "w") as f:

@@ -201,9 +201,11 @@ class ModelRunner:
             if plan.num_prefill:
                 ids = torch.cat([self.to_device(plan.prefill_tokens), ids])
             return ids
-        hidden = torch.zeros(sum(plan.q_lens), self.model.config.hidden_size, dtype=self.dtype, device=self.device)
-        if plan.step_id >= 0:
-            self.pipe.recv_hidden(hidden)
+        shape = (sum(plan.q_lens), self.model.config.hidden_size)
+        if plan.step_id < 0:  # a warm-up: this stage alone
+            return torch.zeros(shape, dtype=self.dtype, device=self.device)
+        hidden = torch.empty(shape, dtype=self.dtype, device=self.device)
+        self.pipe.recv_hidden(hidden)
         return hidden
 
     @property

@@ -34,6 +34,12 @@ class EngineConfig:
     device: str | None = _flag("cuda or cpu (default: cuda when available)", default=None)
     dtype: str | None = _flag("bfloat16, float16 or float32 (default: float32 on cpu; on cuda float16 for "
                               "float16 checkpoints, else bfloat16)", default=None)
+    kv_cache_dtype: str = _flag("KV cache element type: auto (the model's --dtype) or fp8_e4m3 (fp8 for short: "
+                                "half the bytes of bf16, a scale per layer for K and for V; CUDA, sm89 or later)",
+                                default="auto")
+    quantization: str | None = _flag("fp8: linear layers' weights in e4m3 with a scale per output channel, "
+                                     "activations quantized per token, FP8 matmuls (CUDA, sm89 or later; default: "
+                                     "the checkpoint's own quantization_config, else none)", default=None)
     tp: int = _flag("tensor-parallel ranks, one process each", default=1)
     pp: int = _flag("pipeline-parallel stages: the layers split into this many contiguous parts, one process per "
                     "stage and --tp rank", default=1)
@@ -172,6 +178,7 @@ class EngineConfig:
             self.dtype = ("float16" if info.checkpoint_dtype == "float16" else "bfloat16") if gpu else "float32"
         if self.dtype not in ("bfloat16", "float16", "float32"):
             raise ConfigError(f"--dtype must be bfloat16, float16 or float32, not {self.dtype!r}")
+        self._resolve_fp8(info, gpu)
         if self.tp < 1 or self.dp < 1 or self.pp < 1:
             raise ConfigError("--tp, --pp and --dp must be at least 1")
         layout = " x ".join(f"--{name} {n}" for name, n in (("dp", self.dp), ("pp", self.pp), ("tp", self.tp))
@@ -218,6 +225,34 @@ class EngineConfig:
         self.eos_token_ids = info.eos_token_ids
         self.sampling_defaults = info.sampling_defaults
         return self
+
+    def _resolve_fp8(self, info, gpu: bool) -> None:
+        """Checks --kv-cache-dtype and --quantization against the device; the GPU's compute capability
+        is checked by each rank, which owns the device (the launcher never initializes CUDA)."""
+        self.kv_cache_dtype = {"fp8": "fp8_e4m3"}.get(self.kv_cache_dtype, self.kv_cache_dtype)
+        if self.kv_cache_dtype not in ("auto", "fp8_e4m3"):
+            raise ConfigError(f"--kv-cache-dtype must be auto or fp8_e4m3, not {self.kv_cache_dtype!r}")
+        given = self.quantization
+        self.quantization = given or info.quantization
+        if self.quantization not in (None, "fp8"):
+            raise ConfigError(f"--quantization must be fp8, not {self.quantization!r}")
+        if given and info.quantization and given != info.quantization:
+            raise ConfigError(f"--quantization {given} asked for, but the checkpoint is already quantized as "
+                              f"{info.quantization}")
+        for name, on in (("--kv-cache-dtype fp8_e4m3", self.kv_cache_dtype != "auto"),
+                         ("--quantization fp8" if given else "this fp8 checkpoint", self.quantization == "fp8")):
+            if on and not gpu:
+                raise ConfigError(f"{name} needs a CUDA GPU of compute capability 8.9 or later (FP8 tensor cores); "
+                                  "this launch runs on the cpu")
+            if on and self.dtype == "float32":
+                raise ConfigError(f"{name} runs with --dtype bfloat16 or float16, not float32")
+
+    @property
+    def kv_dtype(self):
+        """The torch dtype of the KV cache's elements."""
+        import torch
+
+        return torch.float8_e4m3fn if self.kv_cache_dtype == "fp8_e4m3" else getattr(torch, self.dtype)
 
     @property
     def hydragen_groups(self) -> tuple[int, int] | None:

@@ -39,6 +39,7 @@ def build(cfg: EngineConfig, rank: int, pipe=None):
     device = torch.device(f"cuda:{gpu}" if cfg.device == "cuda" else "cpu")
     if cfg.device == "cuda":
         torch.cuda.set_device(device)
+        check_fp8(cfg, device)
     hf = AutoConfig.from_pretrained(cfg.model)
     stage = PipelineStage.of(hf.num_hidden_layers, rank // cfg.tp, cfg.pp)
     if cfg.device == "cpu":  # ranks share the cores
@@ -99,6 +100,16 @@ def build(cfg: EngineConfig, rank: int, pipe=None):
     log.info("rank %d: %s on %s, %s, %d KV pages of %d tokens%s", rank, hf.model_type, device, cfg.dtype, num_pages,
              cfg.page_size, layers)
     return runner, num_pages
+
+
+def check_fp8(cfg: EngineConfig, device: torch.device) -> None:
+    """FP8 cache and matmuls need FP8 tensor cores: Ada (sm89), Hopper (sm90) and later."""
+    asked = [name for name, on in (("--kv-cache-dtype fp8_e4m3", cfg.kv_cache_dtype == "fp8_e4m3"),
+                                   ("--quantization fp8", cfg.quantization == "fp8")) if on]
+    cap = torch.cuda.get_device_capability(device)
+    if asked and cap < (8, 9):
+        raise RuntimeError(f"{' and '.join(asked)} need FP8 tensor cores (compute capability 8.9 or later); "
+                           f"{torch.cuda.get_device_name(device)} on {device} has {cap[0]}.{cap[1]}")
 
 
 def graph_sizes(largest: int) -> list[int]:

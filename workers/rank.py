@@ -67,13 +67,17 @@ def build(cfg: EngineConfig, rank: int, pipe=None):
         load_checkpoint(model, cfg.model)
     attn0 = next(iter(model.model.layers.values())).self_attn
     shape = (len(stage.layers), attn0.num_kv_heads, attn0.head_dim)
+    # an FP8 cache's scales per layer: the checkpoint's where it gives them, else 1.0
+    kv_scales = [(getattr(layer.self_attn, "k_scale", 1.0), getattr(layer.self_attn, "v_scale", 1.0))
+                 for layer in model.model.layers.values()]
     backend_name = "flashinfer" if cfg.device == "cuda" else "torch"
 
     def make_runner(num_pages: int) -> ModelRunner:
         # one page more than the scheduler hands out: the scratch page of CUDA-graph padding rows
-        cache = KVCache(shape[0], num_pages + 1, cfg.page_size, shape[1], shape[2], dtype, device)
+        cache = KVCache(shape[0], num_pages + 1, cfg.page_size, shape[1], shape[2], cfg.kv_dtype, device,
+                        scales=kv_scales)
         backend = make_backend(backend_name, cache, attn0.num_heads, attn0.head_dim,
-                               tensor_core_decode=cfg.decode_attention == "tensor-cores")
+                               tensor_core_decode=cfg.decode_attention == "tensor-cores", dtype=dtype)
         max_pages_per_seq = min(-(-cfg.max_model_len // cfg.page_size), num_pages)
         return ModelRunner(model, backend, cfg.max_seqs, cfg.page_size, device, scratch_page=num_pages,
                            max_pages_per_seq=max_pages_per_seq, raw_logprobs=cfg.logprobs_mode == "raw", pipe=pipe)
@@ -81,14 +85,14 @@ def build(cfg: EngineConfig, rank: int, pipe=None):
     if cfg.kv_cache_tokens:
         num_pages = cfg.kv_cache_tokens // cfg.page_size
         # fail now with a clear message, not in an allocation that swaps or gets OOM-killed
-        need = num_pages * cfg.page_size * KVCache.bytes_per_token(*shape, dtype)
+        need = num_pages * cfg.page_size * KVCache.bytes_per_token(*shape, cfg.kv_dtype)
         free = torch.cuda.mem_get_info(device)[0] if cfg.device == "cuda" else \
             int(next(line.split()[1] for line in open("/proc/meminfo") if line.startswith("MemAvailable"))) * 1024
         if need > free:
             raise RuntimeError(f"a KV cache of {cfg.kv_cache_tokens} tokens needs {need / 2**30:.1f} GiB but "
                                f"{free / 2**30:.1f} GiB is free on {device}; lower --kv-cache-tokens")
     else:
-        num_pages = _pages_from_memory(cfg, make_runner, KVCache.bytes_per_token(*shape, dtype), device)
+        num_pages = _pages_from_memory(cfg, make_runner, KVCache.bytes_per_token(*shape, cfg.kv_dtype), device)
     runner = make_runner(num_pages)
     warm_up(runner, cfg, hf.vocab_size, num_pages)
     if cfg.device == "cuda" and cfg.cuda_graphs:
@@ -97,8 +101,8 @@ def build(cfg: EngineConfig, rank: int, pipe=None):
         log.info("captured CUDA graphs for decode batches %s", sizes)
     layers = f", stage {stage.index} of {stage.count}: layers {stage.layers.start}-{stage.layers.stop - 1}" \
         if stage.count > 1 else ""
-    log.info("rank %d: %s on %s, %s, %d KV pages of %d tokens%s", rank, hf.model_type, device, cfg.dtype, num_pages,
-             cfg.page_size, layers)
+    log.info("rank %d: %s on %s, %s, %d KV pages of %d tokens (%s)%s", rank, hf.model_type, device, cfg.dtype,
+             num_pages, cfg.page_size, str(cfg.kv_dtype).removeprefix("torch."), layers)
     return runner, num_pages
 
 

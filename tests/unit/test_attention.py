@@ -186,3 +186,35 @@ def test_the_torch_backend_refuses_cuda_graphs_clearly():
         backend.add_graph_size(8, 64)
     with pytest.raises(TypeError, match="abstract"):
         type("Partial", (AttentionBackend,), {"plan": lambda self, batch, graph_size=None: None})()
+
+
+@pytest.mark.parametrize("k_scale,v_scale", [(1.0, 1.0), (0.25, 4.0)])
+def test_fp8_cache_stores_scaled_e4m3_and_attends_to_what_it_stores(k_scale, v_scale):
+    """An FP8 cache holds round(K / k_scale) in e4m3, saturated at +-448; attention reads it back times
+    the scale. The result equals the float64 reference over the e4m3-rounded K/V, and differs from
+    the unrounded one by about e4m3's relative step (2^-4 at worst, ~2^-5 on average per element)."""
+    heads, kv_heads, dim = 4, 2, 16
+    lengths = [9, 5]
+    seqs = Seqs(lengths, 8, kv_heads, heads, dim, 1, seed=11)
+    seqs.k[0][0][0, 0, :2] = torch.tensor([1e4, -1e4])  # beyond e4m3's range at any scale here: saturates
+    cache = KVCache(1, 8, PAGE, kv_heads, dim, torch.float8_e4m3fn, torch.device("cpu"), scales=[(k_scale, v_scale)])
+    attn = TorchAttention(cache, heads, dim)
+    rows = [(0, 9, 9), (1, 5, 5)]
+    attn.plan(plan_for(rows, seqs, 2))
+    q, k, v = (torch.cat([x[0][s][:n] for s, n in enumerate(lengths)]) for x in (seqs.q, seqs.k, seqs.v))
+    out = attn.forward(0, q, k, v)
+    assert cache.layers[0].dtype == torch.float8_e4m3fn and not cache.layers[0].float().isnan().any()
+    page0 = seqs.pages[0][0]
+    stored = cache.layers[0][page0, 0, 0, 0, :2].float() * k_scale
+    assert stored.tolist() == [448.0 * k_scale, -448.0 * k_scale]
+    exact = reference(seqs, 0, 1, 5, 5, heads, kv_heads)  # sequence 1 has no saturated value
+    for lst, scale in ((seqs.k[0], k_scale), (seqs.v[0], v_scale)):
+        for j in range(len(lst)):
+            lst[j] = (lst[j] / scale).clamp(-448, 448).to(torch.float8_e4m3fn).double() * scale
+    start = 0
+    for s, ql, kv in rows:
+        torch.testing.assert_close(out[start : start + ql].double(), reference(seqs, 0, s, ql, kv, heads, kv_heads),
+                                   atol=1e-5, rtol=1e-5)
+        start += ql
+    err = (out[9:].double() - exact).abs()
+    assert 0 < err.max() < 0.1 and err.mean() < 0.02

@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from toka.scheduler.hydragen import group_by_prefix
@@ -32,9 +33,12 @@ def test_group_by_prefix_orders_groups_first_and_finds_the_shared_length():
     assert group_by_prefix(a, min_group=3, min_pages=4)[1] == []  # prefix too short
 
 
-def grouped_attention_case(device, dtype, backend: str, seed: int = 0, tensor_core_decode: bool = False):
+def grouped_attention_case(device, dtype, backend: str, seed: int = 0, tensor_core_decode: bool = False,
+                           kv_dtype=None):
     """Decode rows in two groups (4 rows x 5 shared pages, 3 rows x 2) and 2 rows alone, each with
-    1..3 own pages: `backend`'s output with the groups and the torch backend's without them."""
+    1..3 own pages: `backend`'s output with the groups and the torch backend's without them, over a
+    cache of `kv_dtype` (default `dtype`)."""
+    kv_dtype = kv_dtype or dtype
     rng = random.Random(seed)
     torch.manual_seed(seed)
     heads, kv_heads, dim, num_pages = 8, 2, 64, 96
@@ -51,12 +55,12 @@ def grouped_attention_case(device, dtype, backend: str, seed: int = 0, tensor_co
     q = torch.randn(n, heads, dim, device=device).to(dtype)
     k = torch.randn(n, kv_heads, dim, device=device).to(dtype)
     v = torch.randn(n, kv_heads, dim, device=device).to(dtype)
-    history = torch.randn(1, num_pages, 2, PAGE, kv_heads, dim, device=device).to(dtype)
+    history = torch.randn(1, num_pages, 2, PAGE, kv_heads, dim, device=device).to(kv_dtype)
     outs = {}
     for name, groups in (("plain", ((), ())), ("grouped", ([4, 3], [5, 2]))):
-        cache = KVCache(1, num_pages, PAGE, kv_heads, dim, dtype, torch.device(device))
+        cache = KVCache(1, num_pages, PAGE, kv_heads, dim, kv_dtype, torch.device(device))
         cache.data.copy_(history)
-        attn = make_backend("torch" if name == "plain" else backend, cache, heads, dim, tensor_core_decode)
+        attn = make_backend("torch" if name == "plain" else backend, cache, heads, dim, tensor_core_decode, dtype)
         runner = ModelRunner(None, attn, n, PAGE, torch.device(device), scratch_page=num_pages - 1, max_pages_per_seq=8)
         for r, pages in enumerate(row_pages):
             runner.page_table[r, : len(pages)] = torch.tensor(pages, dtype=torch.int32)
@@ -69,6 +73,7 @@ def grouped_attention_case(device, dtype, backend: str, seed: int = 0, tensor_co
     return outs["plain"], outs["grouped"]
 
 
-def test_grouped_attention_equals_plain_attention():
-    plain, grouped = grouped_attention_case("cpu", torch.float32, "torch")
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float8_e4m3fn], ids=["float32", "fp8"])
+def test_grouped_attention_equals_plain_attention(kv_dtype):
+    plain, grouped = grouped_attention_case("cpu", torch.float32, "torch", kv_dtype=kv_dtype)
     torch.testing.assert_close(grouped, plain, atol=1e-5, rtol=1e-5)

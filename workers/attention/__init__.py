@@ -83,8 +83,10 @@ class AttentionBackend(abc.ABC):
         admitted together share the pages the first of them computes)."""
 
 
-def make_backend(name: str, cache, num_heads: int, head_dim: int, tensor_core_decode: bool = False) -> AttentionBackend:
-    """tensor_core_decode: FlashInfer runs decode rows on tensor cores (the torch reference has one path)."""
+def make_backend(name: str, cache, num_heads: int, head_dim: int, tensor_core_decode: bool = False,
+                 dtype: torch.dtype | None = None) -> AttentionBackend:
+    """tensor_core_decode: FlashInfer runs decode rows on tensor cores (the torch reference has one path).
+    dtype: of the queries and outputs, the model's (default: the cache's; needed with an FP8 cache)."""
     if name == "torch":
         from workers.attention.torch_ref import TorchAttention
 
@@ -92,5 +94,5 @@ def make_backend(name: str, cache, num_heads: int, head_dim: int, tensor_core_de
     if name == "flashinfer":
         from workers.attention.flashinfer_backend import FlashInferAttention
 
-        return FlashInferAttention(cache, num_heads, head_dim, tensor_core_decode)
+        return FlashInferAttention(cache, num_heads, head_dim, tensor_core_decode, dtype)
     raise ValueError(f"unknown attention backend {name!r}")

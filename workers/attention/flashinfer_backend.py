@@ -45,14 +45,16 @@ class _GraphSlot:
 
 
 class FlashInferAttention(AttentionBackend):
-    def __init__(self, cache, num_heads: int, head_dim: int, tensor_core_decode: bool = False):
+    def __init__(self, cache, num_heads: int, head_dim: int, tensor_core_decode: bool = False,
+                 dtype: torch.dtype | None = None):
         self.cache = cache
         self.tensor_core_decode = tensor_core_decode
         self.num_heads = num_heads
         self.num_kv_heads = cache.layers[0].shape[3]
         self.head_dim = head_dim
         device = cache.data.device
-        self.dtype = cache.data.dtype
+        self.dtype = dtype or cache.data.dtype  # of queries and outputs (the model's, also over an FP8 cache)
+        self.kv_dtype = cache.data.dtype
         self.prefill_ws = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
         self.decode_ws = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
         self.prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.prefill_ws, "NHD")
@@ -76,7 +78,7 @@ class FlashInferAttention(AttentionBackend):
 
     def plan(self, batch: AttentionBatch, graph_size: int | None = None) -> None:
         n_pre = batch.num_prefill
-        common = dict(q_data_type=self.dtype, kv_data_type=self.dtype)
+        common = dict(q_data_type=self.dtype, kv_data_type=self.kv_dtype)
         heads = (self.num_heads, self.num_kv_heads, self.head_dim, self.cache.page_size)
         indptr, last_len = batch.page_indptr_host, batch.last_page_len_host
         if graph_size is not None:
@@ -121,22 +123,31 @@ class FlashInferAttention(AttentionBackend):
     def forward(self, layer, q, k, v):
         kv = self.cache.layers[layer]
         rows, positions, indices, indptr, last_len = self.append_args
+        # the append kernel reads k and v as the cache's type (it does not convert)
+        k, v = self.cache.quantize(layer, k, v)
         flashinfer.append_paged_kv_cache(k, v, rows, positions, kv, indices, indptr, last_len, "NHD")
+        scales = self._scales(layer)
         if self.graph is not None:
-            return self.graph.wrapper.run(q, kv)
+            return self.graph.wrapper.run(q, kv, **scales)
         t = self.num_prefill_tokens
         if t == q.shape[0]:
-            return self.prefill.run(q, kv)
-        decode = self._decode(q[t:], kv)
-        return decode if t == 0 else torch.cat([self.prefill.run(q[:t], kv), decode])
+            return self.prefill.run(q, kv, **scales)
+        decode = self._decode(q[t:], kv, scales)
+        return decode if t == 0 else torch.cat([self.prefill.run(q[:t], kv, **scales), decode])
 
-    def _decode(self, q, kv):
+    def _scales(self, layer: int) -> dict:
+        """An FP8 cache's scales for the kernels; none at 1.0 (a v_scale costs a pass over the output)."""
+        k_scale, v_scale = self.cache.scales[layer]
+        return {name: s for name, s in (("k_scale", k_scale), ("v_scale", v_scale)) if s != 1.0}
+
+    def _decode(self, q, kv, scales: dict):
         if not self.grouped:
-            return self.decode.run(q, kv)
-        # Hydragen: own pages per row, shared pages per group, merged by their log-sum-exps
-        out, lse = self.decode.run(q, kv, return_lse=True)
+            return self.decode.run(q, kv, **scales)
+        # Hydragen: own pages per row, shared pages per group, merged by their log-sum-exps (both
+        # computed with the same k_scale folded into the softmax scale, so they merge as they are)
+        out, lse = self.decode.run(q, kv, return_lse=True, **scales)
         n = self.grouped
-        shared, shared_lse = self.prefix.run(q[:n], kv, return_lse=True)
+        shared, shared_lse = self.prefix.run(q[:n], kv, return_lse=True, **scales)
         flashinfer.merge_state_in_place(out[:n], lse[:n], shared, shared_lse)
         return out
 

@@ -18,6 +18,7 @@ class TorchAttention(AttentionBackend):
         self.batch: AttentionBatch | None = None
         self.write_page = self.write_off = None
         self.dec_valid = self.dec_page = self.dec_off = None
+        self.kv_scales = (1.0, 1.0)  # the layer forward() runs: an FP8 cache's (k_scale, v_scale)
 
     def add_graph_size(self, bs: int, max_pages: int) -> None:
         raise RuntimeError("the torch attention backend does not run CUDA graphs: launch with --no-cuda-graphs")
@@ -49,8 +50,9 @@ class TorchAttention(AttentionBackend):
 
     def forward(self, layer, q, k, v):
         kv = self.cache.layers[layer]
-        kv[self.write_page, 0, self.write_off] = k.to(kv.dtype)
-        kv[self.write_page, 1, self.write_off] = v.to(kv.dtype)
+        kv[self.write_page, 0, self.write_off], kv[self.write_page, 1, self.write_off] = self.cache.quantize(layer, k, v)
+        # the reference reads exactly what an FP8 cache holds, scaled back
+        self.kv_scales = self.cache.scales[layer] if self.cache.fp8 else (1.0, 1.0)
         b = self.batch
         out = torch.empty_like(q)
         start = 0
@@ -92,8 +94,9 @@ class TorchAttention(AttentionBackend):
         """q: [B, Q, H, D]; k, v: [B, K, KVH, D]; mask: [B, Q, K] (True = attend). Returns the output
         [B, Q, H, D] in float32 and the log-sum-exp of the scores [B, H, Q]."""
         groups = self.num_heads // k.shape[2]
-        k = k.float().repeat_interleave(groups, dim=2)
-        v = v.float().repeat_interleave(groups, dim=2)
+        k_scale, v_scale = self.kv_scales
+        k = (k.float() * k_scale).repeat_interleave(groups, dim=2)
+        v = (v.float() * v_scale).repeat_interleave(groups, dim=2)
         scores = torch.einsum("bqhd,bkhd->bhqk", q.float(), k) * self.scale
         scores = scores.masked_fill(~mask[:, None], float("-inf"))
         probs = scores.softmax(dim=-1)

@@ -1,7 +1,12 @@
 """Decode attention over the paged KV cache, kernel by kernel: FlashInfer's decode kernel (CUDA
-cores) against its tensor-core path (prefill kernels with one query a row, FA2 and FA3), at a batch
-of rows whose cached lengths follow a workload, against the copy bandwidth (the floor: every cached
-K and V byte read once).
+cores) against its tensor-core path (prefill kernels with one query a row, FA2 and FA3), for each
+page layout (NHD: a page's tokens outermost, as toka stores them; HND: its heads outermost) and
+element type (bf16, fp8 e4m3), at a batch of rows whose cached lengths follow a workload, against
+the copy bandwidth (the floor: every cached K and V byte read once).
+
+The cache is laid out as a served one: --layers slabs of --cache-gib in all, each row's pages drawn
+at random from the low pages of each slab (the allocator hands freed pages out again lowest first),
+and one timed pass runs every layer in turn, as a step does.
 
     python tools/bench_attention.py --batch 2048 --lengths sharegpt   # lengths as sharegpt-like makes them
     python tools/bench_attention.py --batch 2048 --lengths 384        # every row 384 tokens
@@ -10,6 +15,7 @@ K and V byte read once).
 from __future__ import annotations
 
 import argparse
+import json
 
 import numpy as np
 import torch
@@ -34,57 +40,77 @@ def main() -> None:
     p.add_argument("--kv-heads", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--page-size", type=int, default=16)
-    p.add_argument("--pool-gib", type=float, default=0.0,
-                   help="pages drawn at random from a pool this large (a served cache holds ~4 GiB a layer)")
+    p.add_argument("--layers", type=int, default=16)
+    p.add_argument("--cache-gib", type=float, default=0.0,
+                   help="the whole cache's size (default: just the pages the batch reads; a served one fills the card)")
+    p.add_argument("--layouts", default="NHD,HND")
+    p.add_argument("--kv-dtypes", default="bf16,fp8")
+    p.add_argument("--kernels", default="cuda-cores,fa2", help="of cuda-cores, fa2, fa3")
+    p.add_argument("--out", help="JSON of the results")
     args = p.parse_args()
     dev, dt = torch.device("cuda"), torch.bfloat16
     kv_len = lengths(args.lengths, args.batch, np.random.default_rng(0))
-    ps = args.page_size
+    ps, kvh, d = args.page_size, args.kv_heads, args.head_dim
     pages = (kv_len + ps - 1) // ps
     indptr = np.concatenate([[0], np.cumsum(pages)]).astype(np.int32)
     total = int(indptr[-1])
     last = ((kv_len - 1) % ps + 1).astype(np.int32)
-    page_bytes = 2 * ps * args.kv_heads * args.head_dim * 2
-    pool = max(total, int(args.pool_gib * 2**30 / page_bytes))
-    kv = torch.empty(pool, 2, ps, args.kv_heads, args.head_dim, dtype=dt, device=dev).normal_()
-    indices = torch.randperm(pool, device=dev)[:total].int()  # pages scattered as a long-running cache leaves them
-    q = torch.randn(args.batch, args.heads, args.head_dim, dtype=dt, device=dev)
-    heads = (args.heads, args.kv_heads, args.head_dim, ps)
-    common = dict(q_data_type=dt, kv_data_type=dt)
-
-    copy_src = torch.empty(1 << 30, dtype=torch.uint8, device=dev)
-    copy_dst = torch.empty_like(copy_src)
-    bandwidth = 2 * copy_src.numel() / time_ms(lambda: copy_dst.copy_(copy_src)) / 1e-3
-    floor_ms = int(kv_len.sum()) * 2 * args.kv_heads * args.head_dim * 2 / bandwidth * 1e3
-
+    q = torch.randn(args.batch, args.heads, d, dtype=dt, device=dev)
+    heads = (args.heads, kvh, d, ps)
+    bandwidth = copy_bandwidth(dev)
+    kernels = {
+        "cuda-cores": {},
+        "fa2": dict(use_tensor_cores=True, backend="fa2"),
+        "fa3": dict(use_tensor_cores=True, backend="fa3"),
+    }
+    types = {"bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn}
     ws = torch.empty(256 << 20, dtype=torch.uint8, device=dev)
-    results = {}
-    ref = None
-    for name, make in [
-        ("decode, CUDA cores", lambda: flashinfer.BatchDecodeWithPagedKVCacheWrapper(ws, "NHD")),
-        ("decode, tensor cores (fa2)",
-         lambda: flashinfer.BatchDecodeWithPagedKVCacheWrapper(ws, "NHD", use_tensor_cores=True, backend="fa2")),
-        ("decode, tensor cores (fa3)",
-         lambda: flashinfer.BatchDecodeWithPagedKVCacheWrapper(ws, "NHD", use_tensor_cores=True, backend="fa3")),
-    ]:
-        try:
-            w = make()
-            w.plan(torch.from_numpy(indptr), indices, torch.from_numpy(last), *heads, **common)
-            out = w.run(q, kv)
-            ms = time_ms(lambda w=w: w.run(q, kv))
-        except Exception as e:  # a kernel this FlashInfer build lacks
-            print(f"{name}: {type(e).__name__}: {str(e)[:200]}")
-            continue
-        ref = out if ref is None else ref
-        results[name] = (ms, (out.float() - ref.float()).abs().max().item())
     print(f"batch {args.batch}, lengths {args.lengths} (mean {kv_len.mean():.0f}, max {kv_len.max()}), "
-          f"heads {args.heads}/{args.kv_heads}x{args.head_dim}, page {ps}, pool {pool * page_bytes / 2**30:.1f} GiB: copy {bandwidth / 1e12:.2f} TB/s, "
-          f"floor {floor_ms:.3f} ms a layer")
-    for name, (ms, diff) in results.items():
-        print(f"  {name:30s} {ms:7.3f} ms  {100 * floor_ms / ms:5.1f} % of floor  max |diff| {diff:.1e}")
+          f"heads {args.heads}/{kvh}x{d}, page {ps}, {args.layers} layers: copy {bandwidth / 1e12:.2f} TB/s")
+    results = []
+    for kv_name in args.kv_dtypes.split(","):
+        kv_dt = types[kv_name]
+        page_bytes = 2 * ps * kvh * d * kv_dt.itemsize
+        pool = max(total, int(args.cache_gib * 2**30 / page_bytes / args.layers))
+        floor_ms = int(kv_len.sum()) * 2 * kvh * d * kv_dt.itemsize / bandwidth * 1e3
+        for layout in args.layouts.split(","):
+            shape = (args.layers, pool, 2, ps, kvh, d) if layout == "NHD" else (args.layers, pool, 2, kvh, ps, d)
+            cache = torch.empty(shape, dtype=kv_dt, device=dev)
+            for i in range(args.layers):  # only the pages read; the rest of a served cache is never touched
+                cache[i, :total].copy_(torch.randn(cache[i, :total].shape, device=dev).to(kv_dt))
+            indices = torch.randperm(total, device=dev).int()
+            ref = None
+            for kernel in args.kernels.split(","):
+                try:
+                    w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(ws, layout, **kernels[kernel])
+                    w.plan(torch.from_numpy(indptr), indices, torch.from_numpy(last), *heads,
+                           q_data_type=dt, kv_data_type=kv_dt)
+                    out = w.run(q, cache[0])
+                    ms = time_ms(lambda w=w, c=cache: [w.run(q, layer) for layer in c]) / args.layers
+                except Exception as e:  # a kernel this FlashInfer build lacks
+                    print(f"  {kv_name} {layout} {kernel}: {type(e).__name__}: {str(e)[:200]}")
+                    continue
+                ref = out if ref is None else ref
+                diff = (out.float() - ref.float()).abs().max().item()
+                results.append(dict(kv=kv_name, layout=layout, kernel=kernel, ms_a_layer=ms, floor_ms=floor_ms,
+                                    pct_of_floor=100 * floor_ms / ms, max_diff=diff))
+                print(f"  {kv_name:4s} {layout} {kernel:10s} {ms:7.3f} ms a layer  {100 * floor_ms / ms:5.1f} % of "
+                      f"floor ({floor_ms:.3f} ms, cache {cache.numel() * kv_dt.itemsize / 2**30:.1f} GiB)  "
+                      f"max |diff| {diff:.1e}")
+            del cache  # before the next cache of the card's size
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(dict(bandwidth=bandwidth, batch=args.batch, lengths=args.lengths, results=results), f, indent=2)
 
 
-def time_ms(fn, reps: int = 50) -> float:
+def copy_bandwidth(dev) -> float:
+    """Bytes read plus written per second by a 1 GiB device copy."""
+    src = torch.empty(1 << 30, dtype=torch.uint8, device=dev)
+    dst = torch.empty_like(src)
+    return 2 * src.numel() / time_ms(lambda: dst.copy_(src)) / 1e-3
+
+
+def time_ms(fn, reps: int = 20) -> float:
     for _ in range(3):
         fn()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

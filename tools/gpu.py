@@ -146,17 +146,23 @@ def with_flags(*flags: str) -> str:
 
 
 def tests(p: Part) -> list[Row]:
-    jobs = [p.job("gpu", py("pytest", "-q", "tests/gpu", f"--junitxml={p.dir / 'gpu.xml'}"), (p.dir / "gpu.xml",))]
-    for shape in LOGPROB_MODELS:
-        xml, figures = p.dir / f"logprobs-{shape}.xml", p.dir / f"logprobs-{shape}.json"
-        env = {"MODEL": str(p.models.path(shape, weights=True)), LOGPROBS_ENV: str(figures)}
-        jobs.append(p.job(f"logprobs-{shape}", py("pytest", "tests/test_logprobs.py", "-k", "test_logprobs", "-s", "-q",
-                                                  f"--junitxml={xml}"), (xml, figures), env))
+    select = ["-k", p.args.gpu_tests] if p.args.gpu_tests else []
+    jobs = [p.job("gpu", py("pytest", "-q", "tests/gpu", *select, f"--junitxml={p.dir / 'gpu.xml'}"),
+                  (p.dir / "gpu.xml",))]
+    runs = [(f"{shape}{f'-{i}' if i else ''}", shape, flags)
+            for i, flags in enumerate(p.args.logprob_flags or [""]) for shape in LOGPROB_MODELS]
+    for name, shape, flags in runs:
+        xml, figures = p.dir / f"logprobs-{name}.xml", p.dir / f"logprobs-{name}.json"
+        env = {"MODEL": str(p.models.path(shape, weights=True)), LOGPROBS_ENV: str(figures), "TOKA_ARGS": flags}
+        jobs.append(p.job(f"logprobs-{name}", py("pytest", "tests/test_logprobs.py", "-k", "test_logprobs", "-s", "-q",
+                                                 f"--junitxml={xml}"), (xml, figures), env))
     p.run(jobs)
-    rows = [junit_row(p.name, "tests/gpu", p.dir / "gpu.xml")]
-    for shape in LOGPROB_MODELS:
-        rows.append(junit_row(p.name, f"logprobs {shape} bf16", p.dir / f"logprobs-{shape}.xml"))
-        rows += logprob_rows(p.name, f"logprobs {shape}", p.dir / f"logprobs-{shape}.json")
+    rows = [junit_row(p.name, "tests/gpu" + (f" -k {p.args.gpu_tests}" if p.args.gpu_tests else ""),
+                      p.dir / "gpu.xml")]
+    for name, shape, flags in runs:
+        label = f"logprobs {shape} bf16{f' {flags}' if flags else ''}"
+        rows.append(junit_row(p.name, label, p.dir / f"logprobs-{name}.xml"))
+        rows += logprob_rows(p.name, label, p.dir / f"logprobs-{name}.json")
     return rows
 
 
@@ -308,6 +314,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print the command lines, run nothing")
     p.add_argument("--flops", type=float, help="bf16 matmul FLOP/s of one card for bench.py (default: measured)")
     p.add_argument("--bandwidth", type=float, help="device copy bytes/s, read + written (default: measured)")
+    p.add_argument("--gpu-tests", metavar="EXPR", help="tests: only the tests/gpu tests pytest -k EXPR selects")
+    p.add_argument("--logprob-flags", action="append", default=[], metavar="FLAGS",
+                   help="tests: the logprob tests once with each set of launch flags (TOKA_ARGS; default: none)")
     p.add_argument("--flags", default="", help="launch flags added to the workload, tp, dp and pp servers")
     p.add_argument("--compare-workload", default="sharegpt-like", choices=["sharegpt-like", "shared-prefix"])
     p.add_argument("--compare-flags", action="append", default=[], metavar="FLAGS",

@@ -206,6 +206,7 @@ def serve(runner, plans: Channel, events: Channel | None, trace: StepTrace | Non
     expected = 0
     pending = None
     idle = launching = 0.0  # seconds the device waited for a plan / the host spent launching
+    first = last = 0.0  # when the first and the latest plan arrived
     if events is not None:
         events.wait_subscribers(2, timeout=600, name="events")  # scheduler and server
     while True:
@@ -223,11 +224,13 @@ def serve(runner, plans: Channel, events: Channel | None, trace: StepTrace | Non
             if trace is not None:
                 trace.close()
             if expected:
-                log.info("%d steps: launching %.2f ms a step; device idle waiting for plans %.2f ms a step "
-                         "(%.1f s in all)", expected, launching / expected * 1e3, idle / expected * 1e3, idle)
+                log.info("%d steps in %.1f s from the first plan to the last: launching %.2f ms a step; device idle "
+                         "waiting for plans %.2f ms a step (%.1f s in all)", expected, last - first,
+                         launching / expected * 1e3, idle / expected * 1e3, idle)
             return
         if pending is None and expected:  # nothing left on the device: it waited for this plan
             idle += t1 - t0  # (or for requests, between busy periods)
+        first, last = first or t1, t1
         expected += 1
         if trace is not None:
             trace.before_launch(msg)

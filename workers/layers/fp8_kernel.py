@@ -29,19 +29,19 @@ if triton is not None:
         dst = out + row * cols
         offs = tl.arange(0, BLOCK)
         if WHOLE:
-            v = tl.load(src + offs, mask=offs < cols, other=0.0).to(tl.float32)
-            amax = tl.max(tl.abs(v), 0)
+            inside = offs < cols
+            v = tl.load(src + offs, mask=inside, other=0.0).to(tl.float32)
+            scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(v), 0), MIN_AMAX), FP8_MAX)
+            tl.store(scales + row, scale)
+            q = tl.clamp(tl.math.div_rn(v, scale), -FP8_MAX, FP8_MAX)
+            tl.store(dst + offs, q.to(tl.float8e4nv), mask=inside)
         else:
             amax = 0.0
             for start in range(0, cols, BLOCK):
                 chunk = tl.load(src + start + offs, mask=start + offs < cols, other=0.0).to(tl.float32)
                 amax = tl.maximum(amax, tl.max(tl.abs(chunk), 0))
-        scale = tl.math.div_rn(tl.maximum(amax, MIN_AMAX), FP8_MAX)
-        tl.store(scales + row, scale)
-        if WHOLE:
-            q = tl.clamp(tl.math.div_rn(v, scale), -FP8_MAX, FP8_MAX)
-            tl.store(dst + offs, q.to(tl.float8e4nv), mask=offs < cols)
-        else:
+            scale = tl.math.div_rn(tl.maximum(amax, MIN_AMAX), FP8_MAX)
+            tl.store(scales + row, scale)
             for start in range(0, cols, BLOCK):
                 inside = start + offs < cols
                 chunk = tl.load(src + start + offs, mask=inside, other=0.0).to(tl.float32)

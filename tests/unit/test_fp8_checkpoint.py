@@ -69,6 +69,21 @@ def test_an_fp8_checkpoint_loads_as_stored_and_equals_quantizing_at_load(checkpo
         assert a.dtype == b.dtype and torch.equal(a.view(torch.uint8), b.view(torch.uint8)), name
 
 
+def test_transformers_reads_make_models_fp8_checkpoint(checkpoints):
+    """The checkpoint is compressed-tensors' own format: transformers (with that package) loads it with no
+    key missing or unexpected and decompresses each weight to within e4m3's error of the bf16 one."""
+    pytest.importorskip("compressed_tensors")
+    from transformers import AutoModelForCausalLM
+
+    model, info = AutoModelForCausalLM.from_pretrained(checkpoints["fp8"], output_loading_info=True)
+    assert not any(info.values()), info
+    with torch.no_grad():
+        model(torch.zeros(1, 4, dtype=torch.long))  # the first forward decompresses the weights
+    bf16 = load_file(str(checkpoints[None] / "model.safetensors"))["model.layers.1.mlp.down_proj.weight"].float()
+    back = model.model.layers[1].mlp.down_proj.weight.float()
+    assert ((back - bf16).norm() / bf16.norm()).item() < 0.03
+
+
 def test_per_tensor_scales_expand_to_every_row_of_their_part(checkpoints):
     model = build(checkpoints["fp8-tensor"])
     load_checkpoint(model, str(checkpoints["fp8-tensor"]))

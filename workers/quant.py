@@ -4,7 +4,9 @@
 `use_fp8(model, quantization_config)` switches every tensor-parallel linear layer (q/k/v, o, gate/up,
 down) to FP8 storage before the checkpoint loads, so each rank quantizes (or, from an FP8 checkpoint,
 copies) its own part of one tensor at a time. Embeddings, norms and the LM head keep the model's dtype.
-Model files know nothing of this: any model built from the shared linear layers gets it.
+Model files know nothing of this: any model built from the shared linear layers gets it. The model is
+built in its own dtype first, so until use_fp8 frees them a rank holds its linears' (unfilled) bf16
+weights: the device's peak before loading is still the bf16 model's size.
 """
 
 from __future__ import annotations

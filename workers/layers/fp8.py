@@ -4,8 +4,8 @@ activations quantized per token as they arrive, and one `torch._scaled_mm` that 
 
 Every row (a weight's output channel, an activation's token) is scaled so that its largest magnitude
 maps to 448, e4m3's largest finite value; rounding to nearest then costs at most 2^-4 of an element's
-magnitude (3 mantissa bits), or 2^-10 of the row's scale for the few elements 2^-6 of the largest or
-below (e4m3's subnormals).
+magnitude (3 mantissa bits), or 2^-10 of the row's scale for elements below 2^-6 / 448 of the row's
+largest (e4m3's subnormals).
 
 The FP8 layers are the tensor-parallel linears with another storage: `switch_to_fp8` changes a built
 ColumnParallelLinear or RowParallelLinear in place, keeping its name, sharding and collective.

@@ -239,3 +239,22 @@ def interleaved_plans(page_size: int, steps: int, stages: int = 2) -> list[StepP
                             [8 * r + col] * new, input_step=step - stages)
         plans.append(plan)
     return plans
+
+
+def fp8_against_bf16(model: str, device: str, prompts: list[list[int]], **config) -> tuple[float, float, float]:
+    """The model through the rank's build() in bfloat16 and with --quantization fp8, teacher-forced on the
+    same prompts: the fraction of positions whose most likely next token is the same in both, and the mean
+    and largest difference of that token's logprob where it is. The CPU runs FP8 through torch._scaled_mm's
+    CPU kernel, which the launch refuses (slow): `quantization` is set after resolve()."""
+    from workers.rank import build
+
+    tops = []
+    for quantization in (None, "fp8"):
+        cfg = EngineConfig(model=model, device=device, dtype="bfloat16", **config).resolve()
+        cfg.quantization = quantization
+        runner, _ = build(cfg, 0)
+        result = runner.step(prefill_plan(0, prompts, runner.page_size, prompt_logprobs=1))
+        tops.append([t for p in result.prompt for t in p.top])
+        runner.close()
+    same = [abs(a.logprobs[0] - b.logprobs[0]) for a, b in zip(*tops) if a.ids[0] == b.ids[0]]
+    return len(same) / len(tops[0]), sum(same) / len(same), max(same)

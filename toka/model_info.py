@@ -69,19 +69,16 @@ class ModelInfo:
     def quantization(self) -> str | None:
         """fp8 when the checkpoint's weights are already e4m3 with scales (a `quantization_config` of the
         fbgemm_fp8, fp8 or compressed-tensors float-quantized kind), else None."""
+        from workers.quant import Fp8Checkpoint
+
         q = getattr(self.hf_config, "quantization_config", None)
         if q is None:
             return None
-        q = q if isinstance(q, dict) else q.to_dict()
-        method = q.get("quant_method")
-        if method in ("fbgemm_fp8", "fp8"):
-            return "fp8"
-        if method == "compressed-tensors":
-            weights = [g.get("weights") or {} for g in (q.get("config_groups") or {}).values()]
-            if weights and all(w.get("type") == "float" and w.get("num_bits") == 8 for w in weights):
-                return "fp8"
-        raise ConfigError(f"the checkpoint's quantization_config ({method!r}) is not one toka loads; supported: "
-                          "fp8 e4m3 weights (fbgemm_fp8, fp8, compressed-tensors float 8-bit)")
+        try:
+            Fp8Checkpoint.parse(q if isinstance(q, dict) else q.to_dict())
+        except ValueError as e:
+            raise ConfigError(f"the checkpoint's quantization_config: {e}") from None
+        return "fp8"
 
     @classmethod
     def load(cls, model: str) -> "ModelInfo":

@@ -2,6 +2,7 @@
 
 Usage:
     python tools/make_model.py SHAPE OUT_DIR [--seed 0] [--dtype float32|bfloat16] [--shard-size-mb N]
+                                             [--quantize fp8|fp8-tensor]
 
 The folder holds config.json, generation_config.json, safetensors weights (sharded with an
 index when large or when asked) and a byte-level BPE tokenizer whose size equals the
@@ -20,6 +21,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoConfig, GenerationConfig, PreTrainedTokenizerFast
 
 from toka.server.token_bytes import bytes_to_unicode  # the alphabet the served tokens' bytes are read in
+from tools.fp8_checkpoint import STRATEGIES, fp8_tensors, quantization_config
 
 _SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, vocab_size=512, max_position_embeddings=2048, rope_theta=10000.0)
@@ -283,11 +285,13 @@ def init_real_params(config, seed: int):
         yield name, t.contiguous()
 
 
-def write_weights(config, out_dir: Path, seed: int, dtype: str, shard_size_mb: float | None) -> list[Path]:
+def write_weights(config, out_dir: Path, seed: int, dtype: str, shard_size_mb: float | None,
+                  quantize: str | None = None) -> list[Path]:
     """Generate and write the weights one shard at a time, so peak memory is about one shard.
 
     Values are drawn in float32 in a fixed order, so a given seed gives the same model for any
-    shard size, and the bfloat16 model is the rounded float32 one.
+    shard size, and the bfloat16 model is the rounded float32 one; `quantize` (tools/fp8_checkpoint.py)
+    stores that model's linear weights in FP8.
     """
     torch_dtype = getattr(torch, dtype)
     specs = param_shapes(config)
@@ -320,8 +324,11 @@ def write_weights(config, out_dir: Path, seed: int, dtype: str, shard_size_mb: f
         for i in members:
             name, tensor = next(params)
             assert name == specs[i][0] and tuple(tensor.shape) == specs[i][1], name
-            tensors[name] = tensor.to(torch_dtype)
-            weight_map[name] = fname
+            stored = {name: tensor.to(torch_dtype)}
+            if quantize:
+                stored = fp8_tensors(name, stored[name], quantize)
+            tensors.update(stored)
+            weight_map.update(dict.fromkeys(stored, fname))
         save_file(tensors, str(out_dir / fname), metadata={"format": "pt"})
         del tensors
     if len(names) > 1:
@@ -331,13 +338,17 @@ def write_weights(config, out_dir: Path, seed: int, dtype: str, shard_size_mb: f
 
 
 def make_model(shape: str, out_dir, seed: int = 0, dtype: str = "float32",
-               shard_size_mb: float | None = None, weights: bool = True) -> Path:
+               shard_size_mb: float | None = None, weights: bool = True, quantize: str | None = None) -> Path:
     """Write the model folder for `shape` into `out_dir` and return its path; without `weights`,
-    only the config and tokenizer (enough for `--load-format random`)."""
+    only the config and tokenizer (enough for `--load-format random`). `quantize`: fp8 (a scale per
+    output channel) or fp8-tensor (one per tensor) writes the linear weights in FP8, compressed-tensors'
+    format."""
     if shape not in SHAPES:
         raise ValueError(f"unknown shape {shape!r}; choose from {', '.join(SHAPES)}")
     if dtype not in ("float32", "bfloat16"):
         raise ValueError(f"dtype must be float32 or bfloat16, not {dtype!r}")
+    if quantize not in (None, *STRATEGIES):
+        raise ValueError(f"quantize must be one of {', '.join(STRATEGIES)}, not {quantize!r}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for old in list(out_dir.glob("model*.safetensors")) + list(out_dir.glob("model.safetensors.index.json")):
@@ -345,13 +356,15 @@ def make_model(shape: str, out_dir, seed: int = 0, dtype: str = "float32",
     tokenizer = build_tokenizer(SHAPES[shape]["vocab_size"], SHAPES[shape]["max_position_embeddings"])
     assert len(tokenizer) == SHAPES[shape]["vocab_size"]
     config = build_config(shape, tokenizer, dtype)
+    if quantize:
+        config.quantization_config = quantization_config(quantize)
     config.save_pretrained(out_dir)
     eos = [tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.convert_tokens_to_ids("<|endoftext|>")]
     GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=eos,
                      pad_token_id=tokenizer.pad_token_id).save_pretrained(out_dir)
     save_tokenizer(tokenizer, out_dir)
     if weights:
-        write_weights(config, out_dir, seed, dtype, shard_size_mb)
+        write_weights(config, out_dir, seed, dtype, shard_size_mb, quantize)
     return out_dir
 
 
@@ -366,9 +379,12 @@ def main(argv=None) -> None:
                              f"{DEFAULT_SHARD_MB} MB)")
     parser.add_argument("--no-weights", action="store_true",
                         help="write only the config and tokenizer, for --load-format random")
+    parser.add_argument("--quantize", choices=list(STRATEGIES), default=None,
+                        help="linear weights in float8_e4m3fn with a scale per output channel (fp8) or per tensor "
+                             "(fp8-tensor), in the compressed-tensors format")
     args = parser.parse_args(argv)
     out = make_model(args.shape, args.out_dir, seed=args.seed, dtype=args.dtype, shard_size_mb=args.shard_size_mb,
-                     weights=not args.no_weights)
+                     weights=not args.no_weights, quantize=args.quantize)
     print(out)
 
 

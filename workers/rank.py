@@ -32,6 +32,7 @@ def build(cfg: EngineConfig, rank: int, pipe=None):
     from workers.layers.parallel import PipelineStage, TPGroup
     from workers.models import model_class
     from workers.pipeline import Pipe, tp_group
+    from workers.quant import use_fp8
     from workers.runner import ModelRunner
     from workers.weights import init_random, load_checkpoint
 
@@ -61,9 +62,14 @@ def build(cfg: EngineConfig, rank: int, pipe=None):
     with torch.device(device):
         model = model_class(hf.model_type)(hf, tp, stage)
     torch.set_default_dtype(torch.float32)
+    quantization_config = getattr(hf, "quantization_config", None)
     if cfg.load_format == "random":
         init_random(model, cfg.seed)
+        if cfg.quantization == "fp8":
+            use_fp8(model, quantization_config, quantize_held=True)
     else:
+        if cfg.quantization == "fp8":  # before loading: each tensor is quantized, or copied, as it loads
+            use_fp8(model, quantization_config)
         load_checkpoint(model, cfg.model)
     attn0 = next(iter(model.model.layers.values())).self_attn
     shape = (len(stage.layers), attn0.num_kv_heads, attn0.head_dim)

@@ -6,6 +6,10 @@ weights has `load(tensor, shard, is_bias)` and indexes out its own tensor-parall
 is a lazy safetensors slice, so a rank reads only the bytes it keeps. Under pipeline parallelism a
 stage skips the tensors of the others' layers. Loading is strict: an unexpected tensor or one never
 loaded is an error that names it.
+
+FP8 checkpoints add a `weight_scale` to each e4m3 linear weight (loaded by the layer's
+`load_scale(tensor, shard)`, whole: scales are small and may be scalars) and may carry scalar K and
+V cache scales per attention layer (`self_attn.k_scale`, `v_scale`), kept as floats on the layer.
 """
 
 from __future__ import annotations
@@ -20,6 +24,13 @@ from torch import nn
 
 # Buffers some checkpoints carry that our modules recompute.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+# What a checkpoint tensor's last name part may be: a module's tensors, an FP8 layer's scale, an
+# attention layer's KV cache scales.
+TENSOR_KINDS = ("weight", "bias", "weight_scale")
+ATTENTION_SCALES = ("k_scale", "v_scale")
+# Static activation scales (and fbgemm's upper bound on them) beside FP8 weights: the FP8 layers quantize
+# each token from its own amax, which no calibrated per-tensor scale is finer than.
+ACTIVATION_SCALES = ("input_scale", "input_scale_ub")
 
 
 def checkpoint_files(folder: str) -> list[str]:
@@ -34,8 +45,8 @@ def checkpoint_files(folder: str) -> list[str]:
     return files
 
 
-def expected_targets(model: nn.Module) -> set[tuple[str, str, bool]]:
-    """(module path, shard, is_bias) of every tensor the checkpoint must provide."""
+def expected_targets(model: nn.Module) -> set[tuple[str, str, str]]:
+    """(module path, shard, kind) of every tensor the checkpoint must provide; kind is one of TENSOR_KINDS."""
     targets = set()
     for path, module in model.named_modules():
         if not hasattr(module, "load"):
@@ -44,9 +55,11 @@ def expected_targets(model: nn.Module) -> set[tuple[str, str, bool]]:
             continue
         shards = list(getattr(module, "layout", {"": None}))
         for shard in shards:
-            targets.add((path, shard, False))
+            targets.add((path, shard, "weight"))
             if getattr(module, "bias", None) is not None:
-                targets.add((path, shard, True))
+                targets.add((path, shard, "bias"))
+            if getattr(module, "scales_in_checkpoint", False):
+                targets.add((path, shard, "weight_scale"))
     return targets
 
 
@@ -55,22 +68,22 @@ def _tied_to_other(model: nn.Module, path: str, module: nn.Module) -> bool:
     return path == "lm_head" and embed is not None and module.weight is embed.weight
 
 
-def resolve(model: nn.Module, name: str) -> tuple[str, str, bool]:
-    """Checkpoint name -> (our module path, shard, is_bias)."""
+def resolve(model: nn.Module, name: str) -> tuple[str, str, str]:
+    """Checkpoint name -> (our module path, shard, kind)."""
     module_path, _, kind = name.rpartition(".")
-    if kind not in ("weight", "bias"):
+    if kind not in TENSOR_KINDS + ATTENTION_SCALES + ACTIVATION_SCALES:
         raise KeyError(name)
     parent, _, leaf = module_path.rpartition(".")
     shard = ""
     if leaf in model.packed:
         leaf, shard = model.packed[leaf]
         module_path = f"{parent}.{leaf}" if parent else leaf
-    return module_path, shard, kind == "bias"
+    return module_path, shard, kind
 
 
 def load_checkpoint(model: nn.Module, folder: str) -> None:
     expected = expected_targets(model)
-    loaded: set[tuple[str, str, bool]] = set()
+    loaded: set[tuple[str, str, str]] = set()
     tied = model.config.tie_word_embeddings
     stage = model.stage
     # a last stage without the embedding reads a tied LM head from the embedding's tensor
@@ -82,23 +95,38 @@ def load_checkpoint(model: nn.Module, folder: str) -> None:
                     continue
                 if head_from_embed and name == "model.embed_tokens.weight":
                     model.lm_head.load(f.get_slice(name), "", False)
-                    loaded.add(("lm_head", "", False))
+                    loaded.add(("lm_head", "", "weight"))
                     continue
                 if stage.elsewhere(name):
                     continue
+                unexpected = f"unexpected tensor {name!r} in {os.path.basename(path)}"
                 try:
                     target = resolve(model, name)
                     module = model.get_submodule(target[0])
                 except (KeyError, AttributeError):
-                    raise ValueError(f"unexpected tensor {name!r} in {os.path.basename(path)}") from None
+                    raise ValueError(unexpected) from None
+                _, shard, kind = target
+                if kind in ATTENTION_SCALES and hasattr(module, kind):
+                    setattr(module, kind, f.get_tensor(name).item())
+                    continue
+                if kind in ACTIVATION_SCALES and getattr(module, "scales_in_checkpoint", False):
+                    continue
                 if target not in expected:
-                    raise ValueError(f"unexpected tensor {name!r} in {os.path.basename(path)}")
-                # a lazy slice: each module indexes out only its own tensor-parallel part
-                module.load(f.get_slice(name), target[1], target[2])
+                    raise ValueError(unexpected)
+                if f.get_slice(name).get_dtype() == "F8_E4M3" and not hasattr(module, "scales_in_checkpoint"):
+                    raise ValueError(f"{name} is float8_e4m3fn, but it loads into a layer kept in the model's "
+                                     "dtype (the checkpoint's quantization_config leaves it out, or none was given)")
+                try:
+                    if kind == "weight_scale":
+                        module.load_scale(f.get_tensor(name), shard)
+                    else:  # a lazy slice: each module indexes out only its own tensor-parallel part
+                        module.load(f.get_slice(name), shard, kind == "bias")
+                except ValueError as e:
+                    raise ValueError(f"{name}: {e}") from None
                 loaded.add(target)
     missing = sorted(expected - loaded)
     if missing:
-        names = [f"{p}[{s}]{'.bias' if b else ''}" if s else f"{p}{'.bias' if b else '.weight'}" for p, s, b in missing]
+        names = [f"{p}[{s}]" + ("" if k == "weight" else f".{k}") if s else f"{p}.{k}" for p, s, k in missing]
         raise ValueError(f"checkpoint {folder} lacks {len(missing)} tensors: {', '.join(names[:10])}")
 
 

@@ -46,6 +46,9 @@ class SelfAttention(nn.Module):
         self.q_norm = RMSNorm(head_dim, qk_norm_eps) if qk_norm_eps is not None else None
         self.k_norm = RMSNorm(head_dim, qk_norm_eps) if qk_norm_eps is not None else None
         self.rope = rope
+        # an FP8 KV cache stores K / k_scale and V / v_scale: the checkpoint's scalars where it has them
+        self.k_scale = 1.0
+        self.v_scale = 1.0
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim

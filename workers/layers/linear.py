@@ -36,11 +36,16 @@ class ColumnParallelLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(offset, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(offset), requires_grad=False) if bias else None
 
-    def load(self, tensor: torch.Tensor, shard: str, is_bias: bool) -> None:
+    def rows(self, shard: str) -> tuple[slice, slice]:
+        """(rows of the local weight, rows of the checkpoint's tensor) of part `shard` on this rank."""
         offset, local, copies = self.layout[shard]
         start = (self.tp.rank // copies) * local
+        return slice(offset, offset + local), slice(start, start + local)
+
+    def load(self, tensor: torch.Tensor, shard: str, is_bias: bool) -> None:
+        local, source = self.rows(shard)
         target = self.bias if is_bias else self.weight
-        target.data[offset : offset + local].copy_(tensor[start : start + local])
+        target.data[local].copy_(tensor[source])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
@@ -55,9 +60,13 @@ class RowParallelLinear(nn.Module):
         self.local_in = tp.shard(in_features, "row-parallel input")
         self.weight = nn.Parameter(torch.empty(out_features, self.local_in), requires_grad=False)
 
-    def load(self, tensor: torch.Tensor, shard: str, is_bias: bool) -> None:
+    def columns(self) -> slice:
+        """The input columns of the checkpoint's weight this rank keeps."""
         start = self.tp.rank * self.local_in
-        self.weight.data.copy_(tensor[:, start : start + self.local_in])
+        return slice(start, start + self.local_in)
+
+    def load(self, tensor: torch.Tensor, shard: str, is_bias: bool) -> None:
+        self.weight.data.copy_(tensor[:, self.columns()])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.tp.all_reduce(F.linear(x, self.weight))

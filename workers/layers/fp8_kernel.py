@@ -1,0 +1,65 @@
+"""Per-token FP8 quantization of activations in one kernel (Triton, CUDA): per row, the amax, the scale
+amax / 448 and the values x / scale saturated to e4m3, where the torch code (fp8.quantize_rows) takes
+five passes over the activations. Both compute the same bits: the divisions are correctly rounded
+(Triton's `/` is not, hence div_rn) and both casts round to nearest even after the clamp.
+
+`quantize_rows_cuda` is None where Triton is missing (CPU builds of torch).
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: fp8.py uses the torch code
+    triton = None
+
+WHOLE_ROW = 16384  # rows up to this many elements are read once, held in registers; longer ones twice
+BLOCK = 4096  # the chunk of a longer row
+
+if triton is not None:
+
+    @triton.jit
+    def _quantize_rows(x, stride, out, scales, cols, FP8_MAX: tl.constexpr, MIN_AMAX: tl.constexpr,
+                       BLOCK: tl.constexpr, WHOLE: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        src = x + row * stride
+        dst = out + row * cols
+        offs = tl.arange(0, BLOCK)
+        if WHOLE:
+            inside = offs < cols
+            v = tl.load(src + offs, mask=inside, other=0.0).to(tl.float32)
+            scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(v), 0), MIN_AMAX), FP8_MAX)
+            tl.store(scales + row, scale)
+            q = tl.clamp(tl.math.div_rn(v, scale), -FP8_MAX, FP8_MAX)
+            tl.store(dst + offs, q.to(tl.float8e4nv), mask=inside)
+        else:
+            amax = 0.0
+            for start in range(0, cols, BLOCK):
+                chunk = tl.load(src + start + offs, mask=start + offs < cols, other=0.0).to(tl.float32)
+                amax = tl.maximum(amax, tl.max(tl.abs(chunk), 0))
+            scale = tl.math.div_rn(tl.maximum(amax, MIN_AMAX), FP8_MAX)
+            tl.store(scales + row, scale)
+            for start in range(0, cols, BLOCK):
+                inside = start + offs < cols
+                chunk = tl.load(src + start + offs, mask=inside, other=0.0).to(tl.float32)
+                q = tl.clamp(tl.math.div_rn(chunk, scale), -FP8_MAX, FP8_MAX)
+                tl.store(dst + start + offs, q.to(tl.float8e4nv), mask=inside)
+
+    def quantize_rows_cuda(x: torch.Tensor, fp8_max: float, min_amax: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, K] (CUDA, any float type) -> (e4m3 [T, K] row-major, float32 scales [T, 1])."""
+        if x.stride(-1) != 1:
+            x = x.contiguous()
+        rows, cols = x.shape
+        out = torch.empty(rows, cols, dtype=torch.float8_e4m3fn, device=x.device)
+        scales = torch.empty(rows, 1, dtype=torch.float32, device=x.device)
+        whole = cols <= WHOLE_ROW
+        block = triton.next_power_of_2(cols) if whole else BLOCK
+        if rows:
+            _quantize_rows[(rows,)](x, x.stride(0), out, scales, cols, FP8_MAX=fp8_max, MIN_AMAX=min_amax,
+                                    BLOCK=block, WHOLE=whole, num_warps=4 if block <= 2048 else 8)
+        return out, scales
+else:
+    quantize_rows_cuda = None

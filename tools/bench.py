@@ -3,8 +3,9 @@
     python -m tools.bench --launch "--model DIR --load-format random" --workload random \
         --requests 1024 --input-len 256 --output-len 256 --out result.json
 
-Workloads (all with ignore_eos and fixed seeds, submitted at once; --via batch: as one batch job
-through /v1/files and /v1/batches instead, timed from the batch's creation to its completion):
+Workloads (all with ignore_eos and fixed seeds, submitted at once by --clients processes; --via
+batch: as one batch job through /v1/files and /v1/batches instead, timed from the batch's creation
+to its completion):
   random         N requests of exactly --input-len random prompt tokens and --output-len outputs
   sharegpt-like  N requests (default 65,536; --quick 16,384), prompt and output lengths uniform in
                  [1, 512], n=1, temperature 0
@@ -129,12 +130,22 @@ async def scrape(session, url: str) -> dict[str, float]:
     return out
 
 
-async def run(url: str, reqs: list[dict]) -> dict:
-    timeout = aiohttp.ClientTimeout(total=None)
-    # one connection per request in flight, within the open-files limit; the rest wait in the
-    # client, which still keeps far more requests at the server than it runs at once
-    limit = min(len(reqs), raise_open_files_limit() - 256)
-    async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=limit)) as session:
+async def run(url: str, reqs: list[dict], clients: int = 1) -> dict:
+    """Every request at once, sent by `clients` processes (request i by client i % clients), so that
+    one client's own work (JSON, connections, responses: ~1 ms a request) does not hold back the
+    server; timed from the start signal to the last response."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    go, ready, results = ctx.Event(), ctx.Queue(), ctx.Queue()
+    procs = [ctx.Process(target=_client, args=(url, reqs[i::clients], go, ready, results), daemon=True)
+             for i in range(clients)]
+    for proc in procs:
+        proc.start()
+    loop = asyncio.get_running_loop()
+    for _ in procs:  # each has imported, connected nothing yet, and waits for `go`
+        await loop.run_in_executor(None, ready.get)
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None)) as session:
         running: list[float] = []
         stop = asyncio.Event()
 
@@ -143,21 +154,50 @@ async def run(url: str, reqs: list[dict]) -> dict:
                 running.append((await scrape(session, url)).get("toka_running", 0.0))
                 await asyncio.sleep(0.5)
 
-        async def one(body):
-            async with session.post(url + "/v1/completions", json=body) as resp:
-                data = await resp.json()
-                if resp.status != 200:
-                    raise RuntimeError(f"{resp.status}: {data}")
-                return data["usage"]
-
         sampler = asyncio.create_task(sample_metrics())
-        start = time.perf_counter()
-        usages = await asyncio.gather(*(one(r) for r in reqs))
-        elapsed = time.perf_counter() - start
+        start = time.perf_counter()  # CLOCK_MONOTONIC: the same clock in every process
+        go.set()
+        usages, end = [], start
+        for _ in procs:
+            part, error, finished = await loop.run_in_executor(None, results.get)
+            if error:
+                raise RuntimeError(error)
+            usages += part
+            end = max(end, finished)
         stop.set()
         await sampler
         metrics = await scrape(session, url)
-    return _result(reqs, elapsed, usages, running, metrics)
+    for proc in procs:
+        proc.join()
+    return _result(reqs, end - start, usages, running, metrics)
+
+
+def _client(url: str, reqs: list[dict], go, ready, results) -> None:
+    """One client process: its requests at once on their own connections, once `go` is set; puts
+    (usages, error, time of its last response)."""
+
+    async def send() -> list[dict]:
+        # one connection per request in flight, within the open-files limit; the rest wait in the
+        # client, which still keeps far more requests at the server than it runs at once
+        limit = max(1, min(len(reqs), raise_open_files_limit() - 256))
+        connector = aiohttp.TCPConnector(limit=limit)
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None), connector=connector) as session:
+            async def one(body):
+                async with session.post(url + "/v1/completions", json=body) as resp:
+                    data = await resp.json()
+                    if resp.status != 200:
+                        raise RuntimeError(f"{resp.status}: {data}")
+                    return data["usage"]
+
+            ready.put(True)
+            await asyncio.get_running_loop().run_in_executor(None, go.wait)
+            return await asyncio.gather(*(one(r) for r in reqs))
+
+    try:
+        usages = asyncio.run(send())
+        results.put((usages, None, time.perf_counter()))
+    except Exception as e:  # the parent reports it
+        results.put(([], f"{type(e).__name__}: {e}", time.perf_counter()))
 
 
 async def run_batch(url: str, reqs: list[dict]) -> dict:
@@ -269,6 +309,8 @@ def main() -> None:
     p.add_argument("--via", choices=["live", "batch"], default="live",
                    help="live: every request at once through /v1/completions; batch: the same requests as one "
                    "batch job (/v1/files, /v1/batches)")
+    p.add_argument("--clients", type=int, default=min(8, max(1, (os.cpu_count() or 1) // 2)),
+                   help="live: processes sending the requests (default: half the cores, at most 8)")
     p.add_argument("--extra", type=json.loads, default={},
                    help='JSON merged into every request body, e.g. \'{"repetition_penalty": 1.1}\'')
     p.add_argument("--out")
@@ -288,13 +330,14 @@ def main() -> None:
     if args.launch:
         proc, url = launch(args.launch, args.server_code)
     try:
-        result = asyncio.run((run_batch if args.via == "batch" else run)(url, reqs))
+        result = asyncio.run(run_batch(url, reqs) if args.via == "batch" else run(url, reqs, args.clients))
     finally:
         if proc is not None:
             proc.terminate()
             proc.wait(60)
     gpus = launch_gpus(flags)
     result.update(workload=args.workload, quick=args.quick, via=args.via, launch=args.launch, gpus=gpus,
+                  clients=args.clients if args.via == "live" else None,
                   server_code=args.server_code and os.path.abspath(args.server_code),
                   rates=rates.as_json() if rates else None)
     if rates:

@@ -74,7 +74,7 @@ def build(cfg: EngineConfig, rank: int, pipe=None):
     attn0 = next(iter(model.model.layers.values())).self_attn
     shape = (len(stage.layers), attn0.num_kv_heads, attn0.head_dim)
     # an FP8 cache's scales per layer: the checkpoint's where it gives them, else 1.0
-    kv_scales = [(getattr(layer.self_attn, "k_scale", 1.0), getattr(layer.self_attn, "v_scale", 1.0))
+    kv_scales = [(layer.self_attn.k_scale, layer.self_attn.v_scale)
                  for layer in model.model.layers.values()]
     backend_name = "flashinfer" if cfg.device == "cuda" else "torch"
 

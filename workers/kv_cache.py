@@ -1,9 +1,5 @@
-"""The paged KV cache: one tensor per layer, [num_pages, 2 (k, v), kv_heads, page_size, head_dim]
-(FlashInfer's HND layout), on the rank's device. The scheduler's page ids index its first axis.
-
-HND, not NHD: a page holds each head's tokens contiguously (2 KiB at bf16, 16 tokens of 64 dims), so
-a decode kernel, which reads one KV head per thread block, reads whole runs instead of one 128-byte
-row every kv_heads x 128 bytes; over a cache that fills the card that pays (tools/bench_attention.py).
+"""The paged KV cache: one tensor per layer, [num_pages, 2 (k, v), page_size, kv_heads, head_dim]
+(FlashInfer's NHD layout), on the rank's device. The scheduler's page ids index its first axis.
 
 An FP8 cache (float8_e4m3fn) holds K / k_scale and V / v_scale, with one scale per layer for K and
 one for V (the checkpoint's, else 1.0); the attention kernels multiply them back in (K's into the
@@ -22,20 +18,12 @@ class KVCache:
                  dtype: torch.dtype, device: torch.device, scales: list[tuple[float, float]] | None = None):
         self.page_size = page_size
         self.num_pages = num_pages
-        self.kv_heads = kv_heads
-        self.data = torch.zeros(num_layers, num_pages, 2, kv_heads, page_size, head_dim, dtype=dtype, device=device)
+        self.data = torch.zeros(num_layers, num_pages, 2, page_size, kv_heads, head_dim, dtype=dtype, device=device)
         self.layers = list(self.data.unbind(0))
         # (k_scale, v_scale) per layer; only an FP8 cache uses them
         self.scales = scales or [(1.0, 1.0)] * num_layers
         if len(self.scales) != num_layers:
             raise ValueError(f"{len(self.scales)} KV scales for {num_layers} layers")
-
-    LAYOUT = "HND"  # FlashInfer's name for it
-
-    def token_major(self, layer: int) -> torch.Tensor:
-        """A view of a layer as [num_pages, 2, page_size, kv_heads, head_dim]: a token's K (or V) at
-        [page, 0 (or 1), offset]; writes through it land in the cache."""
-        return self.layers[layer].transpose(2, 3)
 
     @property
     def fp8(self) -> bool:

@@ -85,7 +85,7 @@ def test_fp8_cache_against_a_bf16_one(kind):
     dev = torch.device("cuda")
     heads, kv_heads, head_dim = 32, 8, 64
     rows = {"prefill": [(37, 37), (5, 40), (33, 65)], "decode": [(1, 16), (1, 300), (1, 33), (1, 900)]}[kind]
-    history = torch.randn(1, 128, 2, kv_heads, PAGE, head_dim, device=dev)  # HND, as KVCache
+    history = torch.randn(1, 128, 2, PAGE, kv_heads, head_dim, device=dev)
     t = sum(q for q, _ in rows)
     q, k, v = (torch.randn(t, h, head_dim, device=dev, dtype=torch.bfloat16) for h in (heads, kv_heads, kv_heads))
     outs = {}

@@ -85,7 +85,7 @@ def run_step(attn, seqs, rows, num_prefill, layers, heads, kv_heads):
 def check_cache(cache: KVCache, seqs: Seqs, written: dict[int, int], layers: int):
     """written: seq -> number of positions written so far."""
     for layer in range(layers):
-        kv = cache.token_major(layer)
+        kv = cache.layers[layer]
         for s, n in written.items():
             for p in range(n):
                 page, off = seqs.pages[s][p // PAGE], p % PAGE
@@ -205,7 +205,7 @@ def test_fp8_cache_stores_scaled_e4m3_and_attends_to_what_it_stores(k_scale, v_s
     out = attn.forward(0, q, k, v)
     assert cache.layers[0].dtype == torch.float8_e4m3fn and not cache.layers[0].float().isnan().any()
     page0 = seqs.pages[0][0]
-    stored = cache.token_major(0)[page0, 0, 0, 0, :2].float() * k_scale
+    stored = cache.layers[0][page0, 0, 0, 0, :2].float() * k_scale
     assert stored.tolist() == [448.0 * k_scale, -448.0 * k_scale]
     exact = reference(seqs, 0, 1, 5, 5, heads, kv_heads)  # sequence 1 has no saturated value
     for lst, scale in ((seqs.k[0], k_scale), (seqs.v[0], v_scale)):

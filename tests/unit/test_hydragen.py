@@ -55,7 +55,7 @@ def grouped_attention_case(device, dtype, backend: str, seed: int = 0, tensor_co
     q = torch.randn(n, heads, dim, device=device).to(dtype)
     k = torch.randn(n, kv_heads, dim, device=device).to(dtype)
     v = torch.randn(n, kv_heads, dim, device=device).to(dtype)
-    history = torch.randn(1, num_pages, 2, kv_heads, PAGE, dim, device=device).to(kv_dtype)  # HND, as KVCache
+    history = torch.randn(1, num_pages, 2, PAGE, kv_heads, dim, device=device).to(kv_dtype)
     outs = {}
     for name, groups in (("plain", ((), ())), ("grouped", ([4, 3], [5, 2]))):
         cache = KVCache(1, num_pages, PAGE, kv_heads, dim, kv_dtype, torch.device(device))

@@ -17,9 +17,6 @@ import numpy as np
 import torch
 
 from workers.attention import AttentionBackend, AttentionBatch, cumsum0
-from workers.kv_cache import KVCache
-
-LAYOUT = KVCache.LAYOUT
 
 WORKSPACE_BYTES = 256 * 1024 * 1024
 
@@ -41,7 +38,7 @@ class _GraphSlot:
         self.rows = torch.arange(bs, **i32)
         self.positions = torch.zeros(bs, **i32)
         self.wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
-            workspace, LAYOUT, use_cuda_graph=True, paged_kv_indptr_buffer=self.indptr,
+            workspace, "NHD", use_cuda_graph=True, paged_kv_indptr_buffer=self.indptr,
             paged_kv_indices_buffer=self.indices, paged_kv_last_page_len_buffer=self.last_len,
             **_decode_args(tensor_cores),
         )
@@ -53,19 +50,19 @@ class FlashInferAttention(AttentionBackend):
         self.cache = cache
         self.tensor_core_decode = tensor_core_decode
         self.num_heads = num_heads
-        self.num_kv_heads = cache.kv_heads
+        self.num_kv_heads = cache.layers[0].shape[3]
         self.head_dim = head_dim
         device = cache.data.device
         self.dtype = dtype or cache.data.dtype  # of queries and outputs (the model's, also over an FP8 cache)
         self.kv_dtype = cache.data.dtype
         self.prefill_ws = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
         self.decode_ws = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
-        self.prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.prefill_ws, LAYOUT)
-        self.decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(self.decode_ws, LAYOUT,
+        self.prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.prefill_ws, "NHD")
+        self.decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(self.decode_ws, "NHD",
                                                                   **_decode_args(tensor_core_decode))
         # Hydragen: each group's queries against its shared pages, a non-causal prefill-shaped problem
         # (a group's many queries share each key read); runs after `prefill` in the same stream
-        self.prefix = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.prefill_ws, LAYOUT)
+        self.prefix = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.prefill_ws, "NHD")
         self.grouped = 0  # decode rows in Hydragen groups this step
         self.graph_slots: dict[int, _GraphSlot] = {}
         self.graph: _GraphSlot | None = None  # the planned step's graph buffers, or None when eager
@@ -128,7 +125,7 @@ class FlashInferAttention(AttentionBackend):
         rows, positions, indices, indptr, last_len = self.append_args
         # the append kernel reads k and v as the cache's type (it does not convert)
         k, v = self.cache.quantize(layer, k, v)
-        flashinfer.append_paged_kv_cache(k, v, rows, positions, kv, indices, indptr, last_len, LAYOUT)
+        flashinfer.append_paged_kv_cache(k, v, rows, positions, kv, indices, indptr, last_len, "NHD")
         scales = self._scales(layer)
         if self.graph is not None:
             return self.graph.wrapper.run(q, kv, **scales)

@@ -49,7 +49,7 @@ class TorchAttention(AttentionBackend):
             self.dec_off = (j % ps)[None, :].expand_as(self.dec_page)
 
     def forward(self, layer, q, k, v):
-        kv = self.cache.token_major(layer)
+        kv = self.cache.layers[layer]
         kv[self.write_page, 0, self.write_off], kv[self.write_page, 1, self.write_off] = self.cache.quantize(layer, k, v)
         # the reference reads exactly what an FP8 cache holds, scaled back
         self.kv_scales = self.cache.scales[layer] if self.cache.fp8 else (1.0, 1.0)

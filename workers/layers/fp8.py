@@ -28,11 +28,12 @@ MIN_AMAX = 2.0**-40
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x [..., K] -> (e4m3 [..., K], float32 scales [..., 1]) with x ~ values * scales: a row's scale is
-    its amax / 448, its values x / scale rounded to nearest (ties to even) and saturated at +-448.
+    its amax x (1 / 448), its values x / scale rounded to nearest (ties to even) and saturated at +-448.
     Weights are quantized with this; it is also the reference of the CUDA kernel, which computes the
-    same bits (divisions correctly rounded in both)."""
+    same bits (the scale a product with the same float32 reciprocal, the divisions correctly rounded)."""
     xf = x.float()
-    scale = xf.abs().amax(-1, keepdim=True).clamp(min=MIN_AMAX) / FP8_MAX
+    # times the float32 reciprocal, as torch's CUDA kernels divide by a scalar and the Triton kernel does
+    scale = xf.abs().amax(-1, keepdim=True).clamp(min=MIN_AMAX) * (1.0 / FP8_MAX)
     return (xf / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
 
 

@@ -1,7 +1,8 @@
 """Per-token FP8 quantization of activations in one kernel (Triton, CUDA): per row, the amax, the scale
-amax / 448 and the values x / scale saturated to e4m3, where the torch code (fp8.quantize_rows) takes
-five passes over the activations. Both compute the same bits: the divisions are correctly rounded
-(Triton's `/` is not, hence div_rn) and both casts round to nearest even after the clamp.
+amax x (1 / 448) and the values x / scale saturated to e4m3, where the torch code (fp8.quantize_rows)
+takes five passes over the activations. Both compute the same bits: the scale is a product with the
+same float32 reciprocal, the divisions are correctly rounded (Triton's `/` is not, hence div_rn), and
+both casts round to nearest even after the clamp.
 
 `quantize_rows_cuda` is None where Triton is missing (CPU builds of torch).
 """
@@ -31,7 +32,7 @@ if triton is not None:
         if WHOLE:
             inside = offs < cols
             v = tl.load(src + offs, mask=inside, other=0.0).to(tl.float32)
-            scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(v), 0), MIN_AMAX), FP8_MAX)
+            scale = tl.maximum(tl.max(tl.abs(v), 0), MIN_AMAX) * (1.0 / FP8_MAX)
             tl.store(scales + row, scale)
             q = tl.clamp(tl.math.div_rn(v, scale), -FP8_MAX, FP8_MAX)
             tl.store(dst + offs, q.to(tl.float8e4nv), mask=inside)
@@ -40,7 +41,7 @@ if triton is not None:
             for start in range(0, cols, BLOCK):
                 chunk = tl.load(src + start + offs, mask=start + offs < cols, other=0.0).to(tl.float32)
                 amax = tl.maximum(amax, tl.max(tl.abs(chunk), 0))
-            scale = tl.math.div_rn(tl.maximum(amax, MIN_AMAX), FP8_MAX)
+            scale = tl.maximum(amax, MIN_AMAX) * (1.0 / FP8_MAX)
             tl.store(scales + row, scale)
             for start in range(0, cols, BLOCK):
                 inside = start + offs < cols

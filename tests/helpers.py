@@ -152,11 +152,9 @@ def compare_with_hf(url: str, path: str, dtype, prompts: list[str], max_tokens: 
     """Greedy chat completions with logprobs from the server at `url`, scored by transformers in
     `dtype` on the same tokens (teacher forcing). Returns token match, mean relative and max
     absolute logprob differences."""
-    import torch
     from openai import OpenAI
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     tokenizer = AutoTokenizer.from_pretrained(path)
     client = OpenAI(base_url=url + "/v1", api_key="none")
     model = client.models.list().data[0].id
@@ -175,6 +173,16 @@ def compare_with_hf(url: str, path: str, dtype, prompts: list[str], max_tokens: 
         text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         outputs.append((tokenizer(text, add_special_tokens=False).input_ids, ids, [c.logprob for c in content]))
 
+    return score_with_hf(outputs, path, dtype)
+
+
+def score_with_hf(outputs: list[tuple[list[int], list[int], list[float]]], path: str, dtype) -> dict:
+    """(prompt ids, generated ids, their logprobs) of each prompt against transformers in `dtype` on
+    the same tokens (teacher forcing): token match, mean relative and max absolute logprob differences."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
     matches, diffs, rdiffs = [], [], []
     for prompt_ids, ids, ours in outputs:

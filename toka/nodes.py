@@ -36,6 +36,7 @@ HEARTBEAT = 0.5  # seconds between heartbeats, each way
 LOST_AFTER = 5.0  # seconds without one: the other side is gone
 JOIN_TIMEOUT = 60.0  # seconds a node waits for node 0 to answer its Join
 LINGER_MS = 2000  # the last messages (Shutdown, Fatal) still go out while the process ends
+SHUTDOWN_WAIT = 10.0  # seconds a node's ranks have to exit on their own once node 0 ends the run
 
 
 class Leader:
@@ -230,11 +231,12 @@ class NodeAgent:
             self.replica_of[name] = rc.replica
             self.procs.append(start_child(rc, name, rank_main, rank))
         self.node0_seen = time.monotonic()
-        tasks = [asyncio.ensure_future(t) for t in (self._relay(), self._listen(), self._beat(), self._watch(loop))]
+        self.watcher = asyncio.ensure_future(self._watch(loop))
+        tasks = [asyncio.ensure_future(t) for t in (self._relay(), self._listen(), self._beat())]
         try:
             return await self.ended
         finally:
-            for t in tasks:
+            for t in [*tasks, self.watcher]:
                 t.cancel()
 
     def _find_node0(self) -> str:
@@ -291,14 +293,8 @@ class NodeAgent:
                 self._stop_replica(msg.replica)
             elif isinstance(msg, protocol.Shutdown):
                 # after a drain the ranks got their last plan and are exiting 0 on their own
-                done = await asyncio.get_running_loop().run_in_executor(None, self._join_all, 10.0)
-                self.end(msg.code if done else 1)
-
-    def _join_all(self, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        for p in self.procs:
-            p.join(max(0.0, deadline - time.monotonic()))
-        return all(p.exitcode == 0 for p in self.procs)
+                await asyncio.wait([self.watcher], timeout=SHUTDOWN_WAIT)
+                self.end(msg.code if all(p.exitcode == 0 for p in self.procs) else 1)
 
     def _stop_replica(self, replica: int) -> None:
         for p in self.procs:

@@ -172,7 +172,10 @@ def rendezvous(cfg: EngineConfig) -> dict:
 
 def rank_channels(ctx: zmq.Context, cfg: EngineConfig, rank: int) -> tuple[Channel, Channel | None, dict[str, str]]:
     """A rank's plans (SUB) and, on the reporting rank, its token events (XPUB), with the tcp
-    endpoints node 0 must connect to (none on node 0, whose ranks use the replica's ipc sockets)."""
+    endpoints node 0 must connect to (none on node 0, whose ranks use the replica's ipc sockets).
+    A bound SUB subscribes a connecting publisher only once the rank polls or reads it (libzmq attaches
+    a bound socket's connections in the socket's own thread): serve() reads plans right after the
+    events handshake, which the scheduler's events connection completes before it awaits its own."""
     reports = rank == cfg.reporting_rank
     if cfg.node_rank == 0:
         plans = Channel(ctx, zmq.SUB, cfg.endpoint("plans"), protocol.PlanMsg, bind=False)

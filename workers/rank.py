@@ -14,7 +14,7 @@ import torch
 import zmq
 
 from toka import protocol
-from toka.cluster import rank_channels
+from toka.cluster import rank_channels, rendezvous
 from toka.config import EngineConfig
 from toka.fabric import Channel, leave_stop_signals_to_launcher, profiled, setup_logging, watch_parent
 from workers.step_trace import StepTrace
@@ -49,8 +49,6 @@ def build(cfg: EngineConfig, rank: int, pipe=None):
     group = None
     if cfg.tp * cfg.pp > 1 and pipe is None:
         import torch.distributed as dist
-
-        from toka.cluster import rendezvous
 
         dist.init_process_group(
             "nccl" if cfg.device == "cuda" else "gloo", **rendezvous(cfg),

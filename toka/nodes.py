@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing.connection
+import signal
 import threading
 import time
 
@@ -188,45 +189,12 @@ class NodeAgent:
         return code
 
     async def _serve(self, loop) -> int:
-        cfg = self.cfg
-        log.info("node %d of %d: joining node 0 at %s (this node's fabric on %s)", self.node, cfg.nnodes,
-                 cfg.dist_init_addr, cfg.node_addr)
-        found = self._in_thread(loop, self._find_node0)
-        await asyncio.wait([found, self.ended], return_when=asyncio.FIRST_COMPLETED)
-        if self.ended.done():
-            return self.ended.result()
-        if found.exception() is not None:
-            log.error("node 0 not found at --dist-init-addr %s: %s", cfg.dist_init_addr, found.exception())
-            return 1
-        endpoint = found.result()
-        refused: asyncio.Future = loop.create_future()
-        self.link = self.ctx.socket(zmq.DEALER)
-        self.link.setsockopt(zmq.LINGER, LINGER_MS)
-        secure(self.link, cfg.cluster_key, server=False,
-               on_refused=lambda _: loop.call_soon_threadsafe(lambda: refused.done() or refused.set_result(None)))
-        self.link.connect(endpoint)
-        await self.link.send(protocol.encode(protocol.Join(self.node, cfg.node_addr, cluster.shared_flags(cfg))))
-        answer = asyncio.ensure_future(self.link.recv())
-        await asyncio.wait([answer, refused, self.ended], timeout=JOIN_TIMEOUT, return_when=asyncio.FIRST_COMPLETED)
-        if self.ended.done():
-            answer.cancel()
-            return self.ended.result()
-        if refused.done():
-            answer.cancel()
-            log.error("node 0 at %s refused this node at the CURVE handshake: this node's cluster key is not node "
-                      "0's (--cluster-key-file or $TOKA_CLUSTER_KEY)", endpoint)
-            return 1
-        if not answer.done():
-            answer.cancel()
-            log.error("node 0 at %s did not answer in %.0f s", endpoint, JOIN_TIMEOUT)
-            return 1
-        msg = self.decoder.decode(answer.result())
-        if isinstance(msg, protocol.Refuse):
-            log.error("node 0 refused this node: %s", msg.reason)
-            return 1
-        log.info("joined node 0: starting %d ranks", len(self.ranks))
+        code = await self._join(loop)
+        if code is not None:
+            return code
         from workers.rank import rank_main
 
+        log.info("joined node 0: starting %d ranks", len(self.ranks))
         for rc, rank, name in self.ranks:
             self.replica_of[name] = rc.replica
             self.procs.append(start_child(rc, name, rank_main, rank))
@@ -239,27 +207,44 @@ class NodeAgent:
             for t in [*tasks, self.watcher]:
                 t.cancel()
 
-    def _find_node0(self) -> str:
-        """node 0's link endpoint, from the store at --dist-init-addr (waits for node 0 to start)."""
-        return cluster.store(self.cfg).get(cluster.LINK_KEY).decode()
-
-    @staticmethod
-    def _in_thread(loop, fn) -> asyncio.Future:
-        """`fn()` in a daemon thread: a stop signal need not wait for a store that never answers."""
-        future = loop.create_future()
-
-        def settle(result, error) -> None:
-            if not future.done():
-                future.set_result(result) if error is None else future.set_exception(error)
-
-        def run() -> None:
-            try:
-                loop.call_soon_threadsafe(settle, fn(), None)
-            except Exception as e:
-                loop.call_soon_threadsafe(settle, None, e)
-
-        threading.Thread(target=run, name="find-node0", daemon=True).start()
-        return future
+    async def _join(self, loop) -> int | None:
+        """Finds node 0 in the store at --dist-init-addr, connects the link and joins; None once
+        welcomed, else the exit code (refused, not found, or stopped meanwhile)."""
+        cfg = self.cfg
+        log.info("node %d of %d: joining node 0 at %s (this node's fabric on %s)", self.node, cfg.nnodes,
+                 cfg.dist_init_addr, cfg.node_addr)
+        found = in_thread(loop, lambda: cluster.store(cfg).get(cluster.LINK_KEY).decode())
+        await asyncio.wait([found, self.ended], return_when=asyncio.FIRST_COMPLETED)
+        if self.ended.done():
+            return self.ended.result()
+        if found.exception() is not None:
+            log.error("node 0 not found at --dist-init-addr %s: %s", cfg.dist_init_addr, found.exception())
+            return 1
+        endpoint = found.result()
+        refused = loop.create_future()
+        self.link = self.ctx.socket(zmq.DEALER)
+        self.link.setsockopt(zmq.LINGER, LINGER_MS)
+        secure(self.link, cfg.cluster_key, server=False,
+               on_refused=lambda _: loop.call_soon_threadsafe(settle, refused, None))
+        self.link.connect(endpoint)
+        await self.link.send(protocol.encode(protocol.Join(self.node, cfg.node_addr, cluster.shared_flags(cfg))))
+        answer = asyncio.ensure_future(self.link.recv())
+        await asyncio.wait([answer, refused, self.ended], timeout=JOIN_TIMEOUT, return_when=asyncio.FIRST_COMPLETED)
+        if not answer.done():
+            answer.cancel()
+            if self.ended.done():
+                return self.ended.result()
+            if refused.done():
+                log.error("node 0 at %s refused this node at the CURVE handshake: this node's cluster key is not "
+                          "node 0's (--cluster-key-file or $TOKA_CLUSTER_KEY)", endpoint)
+            else:
+                log.error("node 0 at %s did not answer in %.0f s", endpoint, JOIN_TIMEOUT)
+            return 1
+        msg = self.decoder.decode(answer.result())
+        if isinstance(msg, protocol.Refuse):
+            log.error("node 0 refused this node: %s", msg.reason)
+            return 1
+        return None
 
     def end(self, code: int) -> None:
         if not self.ended.done():
@@ -268,8 +253,6 @@ class NodeAgent:
     def on_signal(self, sig: int) -> None:
         """Supervisors (SLURM, Kubernetes, systemd) stop every node at once: node 0 drains and then ends
         this one, so a stop signal here only sets a deadline on that. A second Ctrl-C stops at once."""
-        import signal
-
         if self.signalled:
             if sig == signal.SIGINT:
                 self.end(130)
@@ -328,3 +311,23 @@ class NodeAgent:
             log.error("no replica of node %d runs any longer", self.node)
             self.end(1)
         # all exited 0: the end of a drain, and node 0's Shutdown follows
+
+
+def settle(future: asyncio.Future, result, error: BaseException | None = None) -> None:
+    """Completes `future` unless it is done already (call it in the loop's thread)."""
+    if not future.done():
+        future.set_result(result) if error is None else future.set_exception(error)
+
+
+def in_thread(loop, fn) -> asyncio.Future:
+    """`fn()` in a daemon thread: a stop signal need not wait for a store that never answers."""
+    future = loop.create_future()
+
+    def run() -> None:
+        try:
+            loop.call_soon_threadsafe(settle, future, fn())
+        except Exception as e:
+            loop.call_soon_threadsafe(settle, future, None, e)
+
+    threading.Thread(target=run, name="find-node0", daemon=True).start()
+    return future

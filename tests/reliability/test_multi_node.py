@@ -2,7 +2,7 @@
 serves) and 127.0.0.2 (node 1), gloo between their ranks, tcp with CURVE between their sockets.
 A tensor-parallel group across the two answers as one rank; a replica a node both serve through
 node 0, which survives node 1's death; a node with another cluster key gets nowhere; SIGTERM on
-node 0 ends both."""
+node 0 ends both, and node 0's death ends node 1."""
 
 from __future__ import annotations
 
@@ -126,3 +126,19 @@ def test_node_0_serves_on_when_node_1_dies(dp2):
     resp = requests.post(first.url + "/v1/completions", json={"prompt": "still here", "max_tokens": 8}, timeout=60)
     assert resp.status_code == 200 and resp.json()["usage"]["completion_tokens"] == 8, resp.text
     assert metrics(first.url)["replicas_live"] == 1
+
+
+def test_a_node_stops_when_node_0_is_gone(tiny_models, key_file):
+    """Node 0 killed outright: its children die with it, and node 1, hearing nothing for a few
+    seconds, stops its rank and exits 1."""
+    model, port = tiny_models["tiny-llama"], free_port()
+    second = node1(model, port, "--dp", "2", "--cluster-key-file", key_file)
+    first = Server(*cluster(model, port, "--dp", "2", "--cluster-key-file", key_file))
+    try:
+        pids = [*child_pids(first).values(), *child_pids(second).values()]
+        first.proc.kill()
+        assert second.proc.wait(timeout=30) == 1
+        assert "node 0 lost: no heartbeat" in second.output()
+        assert wait_gone(pids) == []
+    finally:
+        killed(first, second)

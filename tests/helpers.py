@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections import deque
 from pathlib import Path
@@ -107,30 +108,17 @@ def prefill_plan(step: int, prompts: list[list[int]], page_size: int, prompt_log
     )
 
 
-class Server:
-    """`toka-launch` in a subprocess; stop() sends SIGTERM and returns the exit code."""
+class Launch:
+    """`toka-launch` in a subprocess, its output in a file; stop() sends SIGTERM and returns the exit code."""
 
-    def __init__(self, *args: str, timeout: float = 300.0, env: dict | None = None):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"toka-test-{self.port}.log", "w+")
+    def __init__(self, *args: str, env: dict | None = None, log_name: str | None = None):
+        folder = Path(os.environ.get("TMPDIR", "/tmp"))
+        self.log = open(folder / log_name, "w+") if log_name else tempfile.NamedTemporaryFile(
+            "w+", dir=folder, prefix="toka-test-", suffix=".log", delete=False)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "toka.launch", "--port", str(self.port), *args],
+            [sys.executable, "-m", "toka.launch", *args],
             stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
         )
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.output()}")
-            try:
-                if requests.get(self.url + "/health", timeout=1).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            if time.monotonic() > deadline:
-                self.stop()
-                raise TimeoutError(f"server not healthy in {timeout}s:\n{self.output()}")
-            time.sleep(0.25)
 
     def output(self) -> str:
         self.log.flush()
@@ -146,6 +134,33 @@ class Server:
                 self.proc.kill()
                 self.proc.wait()
         return self.proc.returncode
+
+
+class Server(Launch):
+    """A launch that serves HTTP on a free port; healthy once made, unless `wait` is False (then
+    wait_healthy() waits, e.g. for the other nodes of an engine across hosts to join)."""
+
+    def __init__(self, *args: str, timeout: float = 300.0, env: dict | None = None, wait: bool = True):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        super().__init__("--port", str(self.port), *args, env=env, log_name=f"toka-test-{self.port}.log")
+        if wait:
+            self.wait_healthy(timeout)
+
+    def wait_healthy(self, timeout: float = 300.0) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.output()}")
+            try:
+                if requests.get(self.url + "/health", timeout=1).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise TimeoutError(f"server not healthy in {timeout}s:\n{self.output()}")
+            time.sleep(0.25)
 
 
 def compare_with_hf(url: str, path: str, dtype, prompts: list[str], max_tokens: int) -> dict:

@@ -47,6 +47,18 @@ class EngineConfig:
                     "(replica k on GPUs k * pp * tp .. (k + 1) * pp * tp - 1)", default=1)
     dp_fail_fast: bool = _flag("any replica dying ends the engine (otherwise the others keep serving)",
                                default=False)
+    nnodes: int = _flag("hosts the engine spans, each running this command with its own --node-rank: the "
+                        "replicas' ranks fill the nodes' GPUs in order, --dp x --pp x --tp / --nnodes a node",
+                        default=1)
+    node_rank: int = _flag("this host's index among --nnodes: node 0 runs the HTTP server and the schedulers",
+                           default=0)
+    dist_init_addr: str | None = _flag("HOST:PORT on node 0, the same on every node: torch.distributed's "
+                                       "rendezvous, where the other nodes find node 0", default=None)
+    node_addr: str | None = _flag("address of this host that the fabric between nodes binds (default: node 0: "
+                                  "--dist-init-addr's host; the others: the one that routes to it)", default=None)
+    cluster_key_file: str | None = _flag("file of the secret every node shares: the fabric between nodes is "
+                                         "encrypted and admits only holders of it (ZeroMQ CURVE keys derive "
+                                         "from it; default: $TOKA_CLUSTER_KEY)", default=None)
     kv_cache_tokens: int | None = _flag("KV cache size in tokens (default: from free memory)", default=None)
     gpu_memory_utilization: float = _flag("fraction of GPU memory the engine may use", default=0.9)
     page_size: int = _flag("tokens per KV-cache page", default=16)
@@ -92,6 +104,10 @@ class EngineConfig:
     # Filled by resolve(); not flags.
     run_dir: str = field(default="", metadata={"cli": False})
     replica: int = field(default=0, metadata={"cli": False})  # which replica a child serves (for_replica)
+    cluster_key: bytes = field(default=b"", repr=False, metadata={"cli": False})  # the secret of --cluster-key-file
+    # the tcp endpoints this replica's ranks on other nodes bound, for its scheduler and the server
+    remote_plans: list[str] = field(default_factory=list, metadata={"cli": False})
+    remote_events: str = field(default="", metadata={"cli": False})
     vocab_size: int = field(default=0, metadata={"cli": False})
     eos_token_ids: list[int] = field(default_factory=list, metadata={"cli": False})
     sampling_defaults: dict = field(default_factory=dict, metadata={"cli": False})
@@ -118,7 +134,10 @@ class EngineConfig:
         return self.tokenizer or self.model or ""
 
     def endpoint(self, name: str) -> str:
-        """A socket of this replica's (requests, plans, events, status), or the launcher's control."""
+        """A socket of this replica's (requests, plans, events, status), or the launcher's control. Token
+        events that a rank on another node publishes are there: "" until it reported where."""
+        if name == "events" and self.node_of(self.reporting_rank) != self.node_rank:
+            return self.remote_events
         return f"ipc://{self.run_path(name)}"
 
     def run_path(self, name: str) -> str:
@@ -142,6 +161,23 @@ class EngineConfig:
     @property
     def first_gpu(self) -> int:
         return self.replica * self.ranks
+
+    @property
+    def ranks_per_node(self) -> int:
+        return self.dp * self.ranks // self.nnodes
+
+    def node_of(self, rank: int) -> int:
+        """The node of this replica's rank `rank`: every replica's ranks, in order, fill the nodes in order."""
+        return (self.first_gpu + rank) // self.ranks_per_node
+
+    def gpu(self, rank: int) -> int:
+        """The device index of this replica's rank `rank` on its node."""
+        return (self.first_gpu + rank) % self.ranks_per_node
+
+    @property
+    def reporting_rank(self) -> int:
+        """The rank that publishes token events: the last stage's first."""
+        return (self.pp - 1) * self.tp
 
     @property
     def steps_in_flight(self) -> int:
@@ -183,14 +219,19 @@ class EngineConfig:
             raise ConfigError("--tp, --pp and --dp must be at least 1")
         layout = " x ".join(f"--{name} {n}" for name, n in (("dp", self.dp), ("pp", self.pp), ("tp", self.tp))
                             if n > 1 or name == "tp")
-        if gpu and self.dp * self.ranks > torch.cuda.device_count():
-            raise ConfigError(f"{layout} needs {self.dp * self.ranks} GPUs but {torch.cuda.device_count()} are "
+        self._resolve_nodes(layout)
+        here = [(k, r) for k in range(self.dp) for r in range(self.ranks)
+                if self.for_replica(k).node_of(r) == self.node_rank]
+        on = f" on node {self.node_rank}" if self.nnodes > 1 else ""
+        if gpu and len(here) > torch.cuda.device_count():
+            raise ConfigError(f"{layout} needs {len(here)} GPUs{on} but {torch.cuda.device_count()} are "
                               "visible (CUDA_VISIBLE_DEVICES)")
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         # a CPU tensor-parallel rank needs a core of its own (its collectives wait on the others); the
         # stages of a pipeline take turns on a step, so they may share one
-        if not gpu and self.dp * self.tp > cores:
-            raise ConfigError(f"{layout} on cpu needs {self.dp * self.tp} CPU cores but {cores} are available")
+        needed = len({(k, r % self.tp) for k, r in here})
+        if not gpu and needed > cores:
+            raise ConfigError(f"{layout} on cpu needs {needed} CPU cores{on} but {cores} are available")
         info.check_tp(self.tp)
         if self.pp > info.num_layers:
             raise ConfigError(f"--pp {self.pp} is more stages than the model's {info.num_layers} layers")
@@ -225,6 +266,32 @@ class EngineConfig:
         self.eos_token_ids = info.eos_token_ids
         self.sampling_defaults = info.sampling_defaults
         return self
+
+    def _resolve_nodes(self, layout: str) -> None:
+        """Checks --nnodes and its companions; reads the cluster key and finds this node's address."""
+        from toka import cluster
+
+        if self.nnodes < 1:
+            raise ConfigError("--nnodes must be at least 1")
+        if not 0 <= self.node_rank < self.nnodes:
+            raise ConfigError(f"--node-rank {self.node_rank} is not below --nnodes {self.nnodes}"
+                              if self.node_rank >= 0 else "--node-rank must not be negative")
+        if self.nnodes == 1:
+            return
+        if not self.dist_init_addr:
+            raise ConfigError(f"--nnodes {self.nnodes} needs --dist-init-addr HOST:PORT (node 0's address, the "
+                              "same on every node)")
+        host, _ = cluster.split_address(self.dist_init_addr)
+        total = self.dp * self.ranks
+        if total % self.nnodes:
+            raise ConfigError(f"{layout} is {total} ranks, which --nnodes {self.nnodes} cannot share evenly")
+        per = total // self.nnodes
+        if per % self.tp and self.tp % per:
+            raise ConfigError(f"{layout} puts {per} ranks on each of --nnodes {self.nnodes}: a --tp {self.tp} group "
+                              "would span two nodes where it fits in one; choose the sizes so that each node "
+                              "holds whole --tp groups, or each group whole nodes")
+        self.cluster_key = cluster.read_key(self.cluster_key_file)
+        self.node_addr = cluster.node_address(self.node_addr, host, self.node_rank)
 
     def _resolve_fp8(self, info, gpu: bool) -> None:
         """Checks --kv-cache-dtype and --quantization against the device; the GPU's compute capability

@@ -7,6 +7,9 @@ SIGINT drains: new requests get 503, running ones finish (up to --drain-timeout)
 stop at the same step and the launcher exits 0. The children ignore both signals, so one sent to the
 whole process group (Ctrl-C, systemd, `docker stop`) drains the same way; a second SIGINT stops at
 once, failing what still runs (exit 130).
+
+With --nnodes, this is node 0; the launcher of every other node runs toka/nodes.py's NodeAgent, and
+node 0 counts its ranks in and out as its own (see toka/nodes.py).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import time
 import zmq
 import zmq.asyncio
 
-from toka import protocol
+from toka import fabric, protocol
 from toka.config import ConfigError, EngineConfig, parse_args
 from toka.fabric import STOP_SIGNALS, make_run_dir, profiled, remove_run_dir, remove_stale_run_dirs, setup_logging
 
@@ -46,7 +49,8 @@ class Launcher:
     def __init__(self, cfg: EngineConfig):
         self.cfg = cfg
         self.procs: list[mp.Process] = []
-        self.replica_of: dict[str, int] = {}  # process name -> its replica
+        self.replica_of: dict[str, int] = {}  # process name -> its replica (other nodes' ranks too)
+        self.leader = None  # the link to the other nodes, with --nnodes
         self.stopping = False
         self.interrupted = False  # a second SIGINT: stop_now() ends the run
         self.exit_code = 0
@@ -81,12 +85,13 @@ class Launcher:
         try:
             await self.start_processes()
         except LaunchError as e:
+            self.exit_code = 0 if self.stopping else 1  # SIGTERM during start-up: a clean stop, not a failure
+            if self.exit_code:
+                log.error("launch failed: %s", e)
             self.kill_all()
             await runner.cleanup()
-            if self.stopping:  # SIGTERM during start-up: a clean stop, not a failure
-                return 0
-            log.error("launch failed: %s", e)
-            return 1
+            self.close_link()
+            return self.exit_code
         self.server.start()
         log.info("ready: serving %s from %s on http://%s:%d/v1 (max_model_len %d, %d KV tokens)",
                  " ".join(cfg.served_names), cfg.model, cfg.host, cfg.port, cfg.max_model_len, cfg.kv_cache_tokens)
@@ -95,21 +100,13 @@ class Launcher:
         watcher.cancel()
         await runner.cleanup()
         engine.close()
+        self.close_link()
         return self.exit_code
 
     # ---- start-up ------------------------------------------------------------------------------
     def spawn(self, cfg: EngineConfig, name: str, target, *args) -> None:
-        proc = mp.get_context("spawn").Process(target=target, args=(cfg, *args), name=name)
         self.replica_of[name] = cfg.replica
-        # the child inherits the blocked mask: a stop signal sent while it imports waits until it can
-        # ignore it (fabric.leave_stop_signals_to_launcher); here it waits only for start() to return
-        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-        try:
-            proc.start()
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
-        self.procs.append(proc)
-        log.info("started %s pid %d", name, proc.pid)  # supervisors and tests find the children here
+        self.procs.append(fabric.start_child(cfg, name, target, *args))
 
     async def wait_ready(self, names: set[str]) -> dict[str, protocol.Ready]:
         decoder = protocol.decoder(protocol.ControlMsg)
@@ -129,16 +126,32 @@ class Launcher:
         return ready
 
     async def start_processes(self) -> None:
+        from toka import cluster
         from toka.scheduler.main import scheduler_main
         from workers.rank import rank_main
 
         cfg = self.cfg
         replicas = [cfg.for_replica(k) for k in range(cfg.dp)]
         names = {rc.replica: [rc.process_name(f"rank{r}") for r in range(cfg.ranks)] for rc in replicas}
-        for rc in replicas:
-            for rank, name in enumerate(names[rc.replica]):
-                self.spawn(rc, name, rank_main, rank)
+        if cfg.nnodes > 1:
+            from toka.nodes import Leader
+
+            self.leader = Leader(cfg)
+            try:
+                await self.leader.start()
+            except RuntimeError as e:
+                raise LaunchError(f"--dist-init-addr {cfg.dist_init_addr}: torch.distributed's store cannot listen: "
+                                  f"{e}") from None
+        for rc, rank, node, name in cluster.placement(cfg):
+            self.replica_of[name] = rc.replica
+            if node == 0:
+                self.spawn(replicas[rc.replica], name, rank_main, rank)
         ready = await self.wait_ready({n for ns in names.values() for n in ns})
+        for rc in replicas:  # the tcp endpoints of ranks on other nodes (none on one host)
+            rc.remote_plans = [ready[n].endpoints["plans"] for n in names[rc.replica] if ready[n].endpoints]
+            rc.remote_events = ready[names[rc.replica][cfg.reporting_rank]].endpoints.get("events", "")
+            if rc.remote_events:
+                self.server.engine.clients[rc.replica].follow_events(rc.remote_events)
         # every rank sized its own cache; a replica's scheduler plans for its smallest, and one context
         # window holds for every replica
         for rc in replicas:
@@ -149,10 +162,19 @@ class Launcher:
         for rc in replicas:
             rc.max_model_len = cfg.max_model_len
             if cfg.dp > 1:
-                gpus = f"GPUs {rc.first_gpu}-{rc.first_gpu + cfg.ranks - 1}" if cfg.device == "cuda" else "cpu"
-                log.info("replica %d: %s, %d KV tokens", rc.replica, gpus, rc.kv_cache_tokens)
+                log.info("replica %d: %s, %d KV tokens", rc.replica, self.devices(rc), rc.kv_cache_tokens)
             self.spawn(rc, rc.process_name("scheduler"), scheduler_main)
         await self.wait_ready({rc.process_name("scheduler") for rc in replicas})
+
+    def devices(self, rc: EngineConfig) -> str:
+        """Where a replica's ranks run: "GPUs 2-3", "cpu"; with --nnodes "node 1 GPUs 0-1", "node 1 cpu"."""
+        nodes = sorted({rc.node_of(r) for r in range(rc.ranks)})
+        parts = []
+        for node in nodes:
+            gpus = [rc.gpu(r) for r in range(rc.ranks) if rc.node_of(r) == node]
+            where = f"GPUs {gpus[0]}-{gpus[-1]}" if rc.device == "cuda" else "cpu"
+            parts.append(f"node {node} {where}" if rc.nnodes > 1 else where)
+        return ", ".join(parts)
 
     # ---- supervision and shutdown --------------------------------------------------------------
     async def watch(self) -> None:
@@ -178,7 +200,8 @@ class Launcher:
             failed: dict[int, str] = {}
             if fatal.done():
                 msg = decoder.decode(fatal.result())
-                failed[self.replica_of.get(msg.name, 0)] = f"{msg.name} failed: {getattr(msg, 'message', '')}"
+                for k in self.replicas_of(msg.name):
+                    failed[k] = f"{msg.name} failed: {getattr(msg, 'message', '')}"
                 fatal = asyncio.ensure_future(self.control.recv())
             if exited.done():
                 ended = [p for p in watched if p.sentinel in exited.result()]
@@ -197,6 +220,10 @@ class Launcher:
             for p in self.procs:  # a replica out of service stops: the rest of it cannot serve alone
                 if not engine.live[self.replica_of[p.name]] and p.is_alive():
                     p.kill()
+            if self.leader is not None:  # and so does its part on other nodes
+                for k, live in enumerate(engine.live):
+                    if not live:
+                        self.leader.stop_replica(k)
         fatal.cancel()
         log.error("engine dead: %s", engine.dead)
         self.exit_code = 1
@@ -206,6 +233,12 @@ class Launcher:
         self.kill_all()  # the rest cannot serve without the dead one
         await self.let_errors_out(at_least=0.5, at_most=5)  # health checks see 503 before the listener closes
         self.done.set()
+
+    def replicas_of(self, name: str) -> list[int]:
+        """The replicas a failure of `name` takes down: a process's own, or every one on a lost node."""
+        if name in self.replica_of:
+            return [self.replica_of[name]]
+        return self.leader.replicas_on(name) if self.leader is not None else [0]
 
     def on_signal(self, sig: int) -> None:
         if not self.stopping:
@@ -254,11 +287,13 @@ class Launcher:
         self.done.set()
 
     def kill_all(self) -> None:
-        for p in self.procs:
-            if p.is_alive():
-                p.kill()
-        for p in self.procs:
-            p.join(5)
+        if self.leader is not None:
+            self.leader.shutdown(self.exit_code)
+        fabric.kill_all(self.procs)
+
+    def close_link(self) -> None:
+        if self.leader is not None:
+            self.leader.close()
 
 
 def raise_open_files_limit() -> int:
@@ -320,11 +355,12 @@ def stop_before_start(cfg: EngineConfig, sig: int) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_args(argv)
-    setup_logging("launcher", cfg.log_level)
+    setup_logging("launcher" if cfg.node_rank == 0 else f"node{cfg.node_rank}", cfg.log_level)
     for sig in STOP_SIGNALS:  # until Launcher.run() hands them to the event loop
         signal.signal(sig, lambda sig, _: stop_before_start(cfg, sig))
     try:
-        check_listen_address(cfg.host, cfg.port)
+        if cfg.node_rank == 0:  # the others serve no HTTP
+            check_listen_address(cfg.host, cfg.port)
         cfg.resolve()
     except ConfigError as e:
         print(f"toka-launch: error: {e}", file=sys.stderr)
@@ -334,6 +370,10 @@ def main(argv: list[str] | None = None) -> None:
         # spinning while waiting (libgomp's default) then starves them all: steps get tens of times
         # slower. Sleeping waiters cost a little latency and avoid that. Set before ranks start.
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if cfg.nnodes > 1:
+        from toka.cluster import use_node_interface
+
+        use_node_interface(cfg)
     if warning := open_files_warning(raise_open_files_limit()):
         log.warning(warning)
     remove_stale_run_dirs()
@@ -341,8 +381,13 @@ def main(argv: list[str] | None = None) -> None:
     try:
         import uvloop
 
-        with profiled("server"):
-            code = uvloop.run(Launcher(cfg).run())
+        if cfg.node_rank == 0:
+            with profiled("server"):
+                code = uvloop.run(Launcher(cfg).run())
+        else:
+            from toka.nodes import NodeAgent
+
+            code = uvloop.run(NodeAgent(cfg).run())
     finally:
         remove_run_dir(cfg.run_dir)
     sys.exit(code)

@@ -6,6 +6,10 @@ Sockets and the union each carries (one typed decoder per socket, see `decoder`)
   events    rank 0  --PUB-->   scheduler, server  StepResult
   status    scheduler --PUSH-> server             Stats
   control   every child --PUSH-> launcher         Ready | Fatal
+  link      node r --DEALER--> node 0 (ROUTER)    Join | Heartbeat | Ready | Fatal (its ranks')
+            node 0 --ROUTER--> node r             Welcome | Refuse | Heartbeat | StopReplica | Shutdown
+
+With --nnodes, the sockets of a rank on another node than its scheduler are tcp (see toka/cluster.py).
 """
 
 from __future__ import annotations
@@ -188,6 +192,8 @@ class Stats(Struct, tag="stats", array_like=True):
 class Ready(Struct, tag="ready", array_like=True):
     name: str
     info: dict[str, int] = {}
+    # a rank on another node than its scheduler: the tcp endpoints it bound ("plans", "events")
+    endpoints: dict[str, str] = {}
 
 
 class Fatal(Struct, tag="fatal", array_like=True):
@@ -195,11 +201,48 @@ class Fatal(Struct, tag="fatal", array_like=True):
     message: str
 
 
+# ---- link between nodes ------------------------------------------------------------------------
+class Join(Struct, tag="join", array_like=True):
+    """A node's first message: its rank, address and the flags that must agree on every node."""
+
+    node: int
+    address: str
+    flags: dict[str, str]
+
+
+class Welcome(Struct, tag="welcome", array_like=True):
+    """Node 0 counts the node in: it starts its ranks."""
+
+
+class Refuse(Struct, tag="refuse", array_like=True):
+    reason: str
+
+
+class Heartbeat(Struct, tag="heartbeat", array_like=True):
+    """Sent both ways every fabric heartbeat interval; a side silent for longer than the timeout is gone."""
+
+    node: int
+
+
+class StopReplica(Struct, tag="stop_replica", array_like=True):
+    """Replica `replica` is out of service: its processes on the receiving node stop."""
+
+    replica: int
+
+
+class Shutdown(Struct, tag="shutdown", array_like=True):
+    """The engine ends: the receiving node stops its processes and exits with `code`."""
+
+    code: int
+
+
 RequestMsg = Submit | Abort | Drain
 PlanMsg = StepPlan | Stop
 EventMsg = StepResult
 StatusMsg = Stats
 ControlMsg = Ready | Fatal
+NodeMsg = Join | Heartbeat | Ready | Fatal
+LeaderMsg = Welcome | Refuse | Heartbeat | StopReplica | Shutdown
 
 _encoder = msgspec.msgpack.Encoder()
 

@@ -14,6 +14,7 @@ import torch
 import zmq
 
 from toka import protocol
+from toka.cluster import rank_channels, rendezvous
 from toka.config import EngineConfig
 from toka.fabric import Channel, leave_stop_signals_to_launcher, profiled, setup_logging, watch_parent
 from workers.step_trace import StepTrace
@@ -36,7 +37,7 @@ def build(cfg: EngineConfig, rank: int, pipe=None):
     from workers.runner import ModelRunner
     from workers.weights import init_random, load_checkpoint
 
-    gpu = cfg.first_gpu + (rank if pipe is None else 0)
+    gpu = cfg.gpu(rank if pipe is None else 0)
     device = torch.device(f"cuda:{gpu}" if cfg.device == "cuda" else "cpu")
     if cfg.device == "cuda":
         torch.cuda.set_device(device)
@@ -44,14 +45,13 @@ def build(cfg: EngineConfig, rank: int, pipe=None):
     hf = AutoConfig.from_pretrained(cfg.model)
     stage = PipelineStage.of(hf.num_hidden_layers, rank // cfg.tp, cfg.pp)
     if cfg.device == "cpu":  # ranks share the cores
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // (cfg.tp * cfg.pp * cfg.dp)))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // cfg.ranks_per_node))
     group = None
     if cfg.tp * cfg.pp > 1 and pipe is None:
         import torch.distributed as dist
 
         dist.init_process_group(
-            "nccl" if cfg.device == "cuda" else "gloo",
-            init_method=f"file://{cfg.run_path('dist-init')}",
+            "nccl" if cfg.device == "cuda" else "gloo", **rendezvous(cfg),
             rank=rank, world_size=cfg.tp * cfg.pp, device_id=device if cfg.device == "cuda" else None,
         )
         group = tp_group(stage, cfg.tp)  # every rank makes the groups in one order: these first
@@ -189,10 +189,8 @@ def rank_main(cfg: EngineConfig, rank: int) -> None:
     control = Channel(ctx, zmq.PUSH, cfg.endpoint("control"), None, bind=False)
     try:
         runner, num_pages = build(cfg, rank)
-        plans = Channel(ctx, zmq.SUB, cfg.endpoint("plans"), protocol.PlanMsg, bind=False)
-        reports = rank == (cfg.pp - 1) * cfg.tp  # the last stage's first rank
-        events = Channel(ctx, zmq.XPUB, cfg.endpoint("events"), None, bind=True) if reports else None
-        control.send(protocol.Ready(name, {"kv_pages": num_pages}))
+        plans, events, endpoints = rank_channels(ctx, cfg, rank)
+        control.send(protocol.Ready(name, {"kv_pages": num_pages}, endpoints))
         with profiled(name):
             serve(runner, plans, events, StepTrace(name))
     except Exception as e:

@@ -104,6 +104,8 @@ FAILURES = {
                                "lower --kv-cache-tokens"),
     "unknown decode kernel": (lambda m, tmp: ["--model", m["tiny-llama"], "--decode-attention", "fa3"],
                               "--decode-attention must be cuda-cores or tensor-cores"),
+    "several nodes without an address": (lambda m, tmp: ["--model", m["tiny-llama"], "--nnodes", "2", "--dp", "2"],
+                                         "--nnodes 2 needs --dist-init-addr HOST:PORT"),
 }
 
 

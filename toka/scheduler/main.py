@@ -10,6 +10,7 @@ import traceback
 import zmq
 
 from toka import protocol
+from toka.cluster import plan_publisher
 from toka.config import EngineConfig
 from toka.fabric import Channel, leave_stop_signals_to_launcher, profiled, setup_logging, watch_parent
 from toka.scheduler.batching import Scheduler
@@ -28,8 +29,8 @@ def scheduler_main(cfg: EngineConfig) -> None:
     control = Channel(ctx, zmq.PUSH, cfg.endpoint("control"), None, bind=False)
     try:
         requests = Channel(ctx, zmq.PULL, cfg.endpoint("requests"), protocol.RequestMsg, bind=True)
-        plans = Channel(ctx, zmq.XPUB, cfg.endpoint("plans"), None, bind=True)
-        events = Channel(ctx, zmq.SUB, cfg.endpoint("events"), protocol.EventMsg, bind=False)
+        plans = plan_publisher(ctx, cfg)
+        events = Channel(ctx, zmq.SUB, cfg.endpoint("events"), protocol.EventMsg, bind=False, key=cfg.cluster_key)
         status = Channel(ctx, zmq.PUSH, cfg.endpoint("status"), None, bind=False)
         plans.wait_subscribers(cfg.ranks, timeout=60, name="plans")
         control.send(protocol.Ready(name))

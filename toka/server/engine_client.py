@@ -11,6 +11,7 @@ import zmq
 import zmq.asyncio
 
 from toka import protocol
+from toka.fabric import secure
 from toka.protocol import SamplingParams, StepResult, TopLogprobs
 
 log = logging.getLogger("toka.server")
@@ -93,7 +94,8 @@ class EngineClient:
         self.events = self.ctx.socket(zmq.SUB)
         self.events.setsockopt(zmq.SUBSCRIBE, b"")
         self.events.setsockopt(zmq.RCVHWM, 1 << 14)
-        self.events.connect(cfg.endpoint("events"))
+        if events := cfg.endpoint("events"):  # else follow_events(), once a rank on another node is READY
+            self.events.connect(events)
         self.status = self.ctx.socket(zmq.PULL)
         self.status.bind(cfg.endpoint("status"))
         self.event_decoder = protocol.decoder(protocol.EventMsg)
@@ -108,6 +110,11 @@ class EngineClient:
         self._next_rid = 0
         self._next_step = 0
         self._tasks: list[asyncio.Task] = []
+
+    def follow_events(self, endpoint: str) -> None:
+        """The replica's token events come from a rank on another node, which bound them there."""
+        secure(self.events, self.cfg.cluster_key, server=False)
+        self.events.connect(endpoint)
 
     def start(self) -> None:
         self._tasks = [asyncio.create_task(self._follow_events()), asyncio.create_task(self._follow_status())]

@@ -6,8 +6,9 @@
     python tools/gpu.py OUT sharegpt-full prefix-full-hydragen tp --side-by-side    # a 4-GPU host
 
 Parts (their files under OUT/PART/; each run's log beside its result):
-  tests                  pytest tests/gpu; tests/test_logprobs.py on qwen3-0.6b and llama-3.2-1b written
-                         in bf16 with weights
+  tests                  pytest tests/gpu (--gpu-tests EXPR: those -k selects); tests/test_logprobs.py on
+                         qwen3-0.6b and llama-3.2-1b written in bf16 with weights, once per --logprob-flags
+                         set of launch flags (default: none)
   step                   bench_step.py on the llama-3.2-1b shape: decode steps (1..2,048 rows at 512
                          tokens) and mixed steps (1,024 and 2,048 rows + 2,048 prompt tokens at 384),
                          each with its host and kernel profile in the log

@@ -9,6 +9,7 @@ import re
 import socket
 
 import pytest
+import torch
 
 from toka.config import ConfigError, EngineConfig, make_parser, parse_args
 from toka.launch import check_listen_address, open_files_warning
@@ -105,3 +106,31 @@ def test_hydragen_is_on_where_the_prefix_cache_is_unless_forced(tiny_models):
     assert parse_args(["--model", model, "--device", "cpu", "--no-hydragen"]).resolve().hydragen_groups is None
     with pytest.raises(ConfigError, match="it needs --prefix-caching"):
         parse_args(["--model", model, "--device", "cpu", "--hydragen", "--no-prefix-caching"]).resolve()
+
+
+def test_fp8_options_are_refused_where_they_cannot_run(tiny_models, monkeypatch):
+    model = tiny_models["tiny-llama"]
+    for flags, says in ((["--kv-cache-dtype", "fp8"], "--kv-cache-dtype fp8_e4m3 needs a CUDA GPU"),
+                        (["--quantization", "fp8"], "--quantization fp8 needs a CUDA GPU"),
+                        (["--kv-cache-dtype", "int8"], "--kv-cache-dtype must be auto or fp8_e4m3"),
+                        (["--quantization", "awq"], "--quantization must be fp8")):
+        with pytest.raises(ConfigError, match=re.escape(says)):
+            parse_args(["--model", model, "--device", "cpu", *flags]).resolve()
+    cfg = parse_args(["--model", model, "--device", "cpu"]).resolve()
+    assert cfg.kv_cache_dtype == "auto" and cfg.quantization is None and cfg.kv_dtype == torch.float32
+    # on CUDA: the launcher checks the dtype; each rank checks its GPU's compute capability
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ConfigError, match="runs with --dtype bfloat16 or float16, not float32"):
+        parse_args(["--model", model, "--kv-cache-dtype", "fp8", "--dtype", "float32"]).resolve()
+    cfg = parse_args(["--model", model, "--kv-cache-dtype", "fp8", "--quantization", "fp8"]).resolve()
+    assert cfg.kv_cache_dtype == "fp8_e4m3" and cfg.kv_dtype == torch.float8_e4m3fn
+    from workers import rank
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (8, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "NVIDIA A100")
+    with pytest.raises(RuntimeError, match=re.escape("--kv-cache-dtype fp8_e4m3 and --quantization fp8 need FP8 "
+                                                     "tensor cores (compute capability 8.9 or later); NVIDIA A100")):
+        rank.check_fp8(cfg, torch.device("cuda:0"))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (9, 0))
+    rank.check_fp8(cfg, torch.device("cuda:0"))

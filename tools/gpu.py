@@ -25,6 +25,8 @@ Parts (their files under OUT/PART/; each run's log beside its result):
   dp                     sharegpt-like full at --dp 1 and --dp N (default: every GPU)
   batch                  sharegpt-like quick sent live, then the same requests as one batch job
                          (bench.py --via batch), and their ratio
+  attention              bench_attention.py: decode kernels over a served-size cache (16 layers, 100 GiB)
+                         and over one layer's pages, each layout and element type
   pp                     Llama-3.1-8B shape sharegpt-like quick at --pp 1 and --pp N, and agreement of
                          --pp N and --tp N with one GPU on written weights
 
@@ -61,6 +63,7 @@ from tools.gpu_jobs import TIMED_OUT, Job, Models, Runner, py, say
 from tools.gpu_results import (
     Row,
     agree_rows,
+    attention_rows,
     bench_rows,
     junit_row,
     logprob_rows,
@@ -90,7 +93,7 @@ WORKLOADS = {  # part -> (bench.py workload, quick, launch flags)
 TRACE_STEPS = "1200:40"  # compare's traced steps: past the ramp-up of either workload's quick run
 TIMEOUTS = {"models": 1200, "tests": 1800, "step": 600, "sharegpt-quick": 600, "sharegpt-full": 1200,
             "prefix-quick": 600, "prefix-full": 1500, "prefix-quick-hydragen": 600, "prefix-full-hydragen": 1200,
-            "compare": 600, "ab": 400, "tp": 900, "dp": 1200, "pp": 1200, "batch": 400}
+            "compare": 600, "ab": 400, "tp": 900, "dp": 1200, "pp": 1200, "batch": 400, "attention": 300}
 
 
 @dataclass
@@ -255,6 +258,21 @@ def batch(p: Part) -> list[Row]:
     return rows + ratio_row(p.name, "batch / live", p.dir / "batch.json", p.dir / "live.json")
 
 
+ATTENTION_RUNS = {  # bench_attention.py: 2,048 rows of sharegpt-like lengths, every layout and element type
+    "served": ["--layers", "16", "--cache-gib", "100"],  # a cache of the card's size, 16 layers in turn
+    "one-layer": ["--layers", "1"],  # one layer's pages read again and again (the H100 figure's setting)
+}
+
+
+def attention(p: Part) -> list[Row]:
+    """Decode attention alone, as served and over one layer's pages: which of the two explains the
+    served step's share of the copy bandwidth (docs/performance.md)."""
+    p.run([p.job(name, py("tools.bench_attention", "--batch", "2048", "--lengths", "sharegpt", *flags,
+                          "--out", p.dir / f"{name}.json"), (p.dir / f"{name}.json",))
+           for name, flags in ATTENTION_RUNS.items()])
+    return [row for name in ATTENTION_RUNS for row in attention_rows(p.name, name, p.dir / f"{name}.json")]
+
+
 def pp(p: Part) -> list[Row]:
     n = p.args.pp
     p.run([p.bench(f"pp{k}", "sharegpt-like", with_flags(f"--pp {k}", p.args.flags), True, LARGE) for k in (1, n)])
@@ -286,6 +304,7 @@ PARTS = {
     "tp": Spec(tp, ((LARGE, False), (LARGE, True)), lambda a, v: max(a.tp_sizes)),
     "dp": Spec(dp, ((SMALL, False),), lambda a, v: a.dp or len(v)),
     "batch": Spec(batch, ((SMALL, False),), _one),
+    "attention": Spec(attention, (), _one),
     "pp": Spec(pp, ((LARGE, False), (LARGE, True)), lambda a, v: a.pp),
 }
 

@@ -76,6 +76,15 @@ def mean_row(part: str, figure: str, paths: list[Path]) -> list[Row]:
                 sum(values) / len(values), throughput(results[0])[1])]
 
 
+def attention_rows(part: str, label: str, path: Path) -> list[Row]:
+    """bench_attention.py's kernels: time a layer against the KV bytes' floor."""
+    r = read_json(path)
+    if not isinstance(r, dict):
+        return [Row(part, label, NO_RESULT, file=str(path))]
+    return [Row(part, f"{label}: {k['kv']} {k['layout']} {k['kernel']}", k["ms_a_layer"], "ms a layer",
+                k["pct_of_floor"], str(path)) for k in r["results"]]
+
+
 def step_rows(part: str, label: str, path: Path) -> list[Row]:
     """bench_step.py's sweep: each batch's time per step (steps overlapped as on the rank)."""
     r = read_json(path)

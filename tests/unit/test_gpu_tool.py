@@ -233,3 +233,29 @@ def test_sigterm_stops_the_runs_under_way_and_still_writes_the_summary(tmp_path)
     assert not alive(child)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["interrupted"] and summary["parts"]["step"]["failed"]
+
+
+def test_tests_part_runs_the_logprob_test_once_per_flag_set(tmp_path):
+    p = part("tests", tmp_path, "--logprob-flags", "", "--logprob-flags", "--kv-cache-dtype fp8", "--gpu-tests", "fp8")
+    p.dir.mkdir(parents=True)
+    write(p.dir / "logprobs-llama-3.2-1b-1.json", dict(tokens=240, token_match=0.967, mean_rel_diff=0.05,
+                                                       max_abs_diff=0.149))
+    rows = gpu.tests(p)
+    jobs = [b[0] for b in p.runner.batches]
+    assert jobs[0].argv[-3:-1] == ["-k", "fp8"]
+    assert [j.env["TOKA_ARGS"] for j in jobs[1:]] == ["", "", "--kv-cache-dtype fp8", "--kv-cache-dtype fp8"]
+    values = {r.figure: r.value for r in rows}
+    assert values["logprobs llama-3.2-1b --kv-cache-dtype fp8: token match"] == 96.7
+    assert values["logprobs qwen3-0.6b bf16 --kv-cache-dtype fp8"] == NO_RESULT
+
+
+def test_attention_part_tables_every_kernel_of_both_runs(tmp_path):
+    p = part("attention", tmp_path)
+    p.dir.mkdir(parents=True)
+    write(p.dir / "served.json", dict(results=[dict(kv="bf16", layout="NHD", kernel="cuda-cores", ms_a_layer=0.585,
+                                                    pct_of_floor=65.0)]))
+    rows = gpu.attention(p)
+    argv = [b[0].argv for b in p.runner.batches]
+    assert "--cache-gib" in argv[0] and argv[1][argv[1].index("--layers") + 1] == "1"
+    assert [(r.figure, r.value, r.share) for r in rows] == [("served: bf16 NHD cuda-cores", 0.585, 65.0),
+                                                            ("one-layer", NO_RESULT, None)]

@@ -1,5 +1,6 @@
 """Decode attention over the paged KV cache, kernel by kernel: FlashInfer's decode kernel (CUDA
-cores) against its tensor-core path (prefill kernels with one query a row, FA2 and FA3), for each
+cores) against its tensor-core path (prefill kernels with one query a row, FA2 and FA3) and its XQA
+kernel (TensorRT-LLM's decode kernel, with a Hopper path for FP8 pages), for each
 page layout (NHD: a page's tokens outermost, as toka stores them; HND: its heads outermost) and
 element type (bf16, fp8 e4m3), at a batch of rows whose cached lengths follow a workload, against
 the copy bandwidth (the floor: every cached K and V byte read once).
@@ -45,7 +46,7 @@ def main() -> None:
                    help="the whole cache's size (default: just the pages the batch reads; a served one fills the card)")
     p.add_argument("--layouts", default="NHD,HND")
     p.add_argument("--kv-dtypes", default="bf16,fp8")
-    p.add_argument("--kernels", default="cuda-cores,fa2", help="of cuda-cores, fa2, fa3")
+    p.add_argument("--kernels", default="cuda-cores,fa2,xqa", help="of cuda-cores, fa2, fa3, xqa")
     p.add_argument("--out", help="JSON of the results")
     args = p.parse_args()
     dev, dt = torch.device("cuda"), torch.bfloat16
@@ -82,11 +83,15 @@ def main() -> None:
             ref = None
             for kernel in args.kernels.split(","):
                 try:
-                    w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(ws, layout, **kernels[kernel])
-                    w.plan(torch.from_numpy(indptr), indices, torch.from_numpy(last), *heads,
-                           q_data_type=dt, kv_data_type=kv_dt)
-                    out = w.run(q, cache[0])
-                    ms = time_ms(lambda w=w, c=cache: [w.run(q, layer) for layer in c]) / args.layers
+                    if kernel == "xqa":
+                        run = xqa_decode(indptr, indices, kv_len, q, layout, ps, dev)
+                    else:
+                        w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(ws, layout, **kernels[kernel])
+                        w.plan(torch.from_numpy(indptr), indices, torch.from_numpy(last), *heads,
+                               q_data_type=dt, kv_data_type=kv_dt)
+                        run = w.run
+                    out = run(q, cache[0])
+                    ms = time_ms(lambda run=run, c=cache: [run(q, layer) for layer in c]) / args.layers
                 except Exception as e:  # a kernel this FlashInfer build lacks
                     print(f"  {kv_name} {layout} {kernel}: {type(e).__name__}: {str(e)[:200]}")
                     continue
@@ -101,6 +106,26 @@ def main() -> None:
     if args.out:
         with open(args.out, "w") as f:
             json.dump(dict(bandwidth=bandwidth, batch=args.batch, lengths=args.lengths, results=results), f, indent=2)
+
+
+def xqa_decode(indptr: np.ndarray, indices: torch.Tensor, kv_len: np.ndarray, q: torch.Tensor, layout: str,
+               page_size: int, dev):
+    """FlashInfer's XQA decode kernel (TensorRT-LLM's; on sm90 a Hopper kernel for FP8 pages) over the
+    same rows: a dense page table a row, uint32 lengths, a zeroed workspace. Returns run(q, layer)."""
+    from flashinfer.decode import xqa_batch_decode_with_kv_cache
+
+    rows, width = len(kv_len), int(np.diff(indptr).max())
+    table = np.zeros((rows, width), dtype=np.int32)
+    flat = indices.cpu().numpy()
+    for r in range(rows):
+        table[r, : indptr[r + 1] - indptr[r]] = flat[indptr[r] : indptr[r + 1]]
+    table = torch.from_numpy(table).to(dev)
+    lens = torch.from_numpy(kv_len.astype(np.uint32)).to(dev)
+    workspace = torch.zeros(256 << 20, dtype=torch.uint8, device=dev)
+    out = torch.empty_like(q)
+    scale = q.shape[-1] ** -0.5
+    return lambda q, layer: xqa_batch_decode_with_kv_cache(q, layer, workspace, table, lens, width * page_size,
+                                                           bmm1_scale=scale, out=out, kv_layout=layout)
 
 
 def copy_bandwidth(dev) -> float:

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import torch
 
-FP8 = torch.float8_e4m3fn
-FP8_MAX = 448.0  # e4m3fn's largest finite value: casts beyond it give NaN, so stores saturate first
+from workers.layers.fp8 import FP8, FP8_MAX  # casts beyond e4m3's largest value give NaN: stores saturate first
 
 
 class KVCache:

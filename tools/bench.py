@@ -31,8 +31,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import os
+import queue
 import random
 import shlex
 import socket
@@ -144,7 +146,10 @@ async def run(url: str, reqs: list[dict], clients: int = 1) -> dict:
         proc.start()
     loop = asyncio.get_running_loop()
     for _ in procs:  # each has imported, connected nothing yet, and waits for `go`
-        await loop.run_in_executor(None, ready.get)
+        try:
+            await loop.run_in_executor(None, functools.partial(ready.get, timeout=120))
+        except queue.Empty:
+            raise RuntimeError("a client process did not start in 120 s") from None
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None)) as session:
         running: list[float] = []
         stop = asyncio.Event()

@@ -164,9 +164,9 @@ def tests(p: Part) -> list[Row]:
     rows = [junit_row(p.name, "tests/gpu" + (f" -k {p.args.gpu_tests}" if p.args.gpu_tests else ""),
                       p.dir / "gpu.xml")]
     for name, shape, flags in runs:
-        label = f"logprobs {shape}{f' {flags}' if flags else ''}"
-        rows.append(junit_row(p.name, label.replace(shape, f"{shape} bf16"), p.dir / f"logprobs-{name}.xml"))
-        rows += logprob_rows(p.name, label, p.dir / f"logprobs-{name}.json")
+        suffix = f" {flags}" if flags else ""
+        rows.append(junit_row(p.name, f"logprobs {shape} bf16{suffix}", p.dir / f"logprobs-{name}.xml"))
+        rows += logprob_rows(p.name, f"logprobs {shape}{suffix}", p.dir / f"logprobs-{name}.json")
     return rows
 
 

@@ -116,8 +116,10 @@ def check_fp8(cfg: EngineConfig, device: torch.device) -> None:
     """FP8 cache and matmuls need FP8 tensor cores: Ada (sm89), Hopper (sm90) and later."""
     asked = [name for name, on in (("--kv-cache-dtype fp8_e4m3", cfg.kv_cache_dtype == "fp8_e4m3"),
                                    ("--quantization fp8", cfg.quantization == "fp8")) if on]
+    if not asked:
+        return
     cap = torch.cuda.get_device_capability(device)
-    if asked and cap < (8, 9):
+    if cap < (8, 9):
         raise RuntimeError(f"{' and '.join(asked)} need FP8 tensor cores (compute capability 8.9 or later); "
                            f"{torch.cuda.get_device_name(device)} on {device} has {cap[0]}.{cap[1]}")
 

@@ -18,6 +18,7 @@ class ConfigError(ValueError):
 
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+DECODE_KERNELS = ("cuda-cores", "tensor-cores", "xqa")  # --decode-attention's kernels (workers/attention)
 
 
 def _flag(help: str, choices: tuple[str, ...] | None = None, **kw):
@@ -83,12 +84,16 @@ class EngineConfig:
         "--hydragen-min-prefix cached tokens, so other steps run as without it)", default=None)
     hydragen_min_group: int = _flag("fewest sequences that share a prefix to form a Hydragen group", default=16)
     hydragen_min_prefix: int = _flag("shortest shared prefix, in tokens, for a Hydragen group", default=256)
-    # measured (docs/performance.md): tensor cores +6 % on shared-prefix (contexts 800-1,056 tokens),
-    # -4 % on sharegpt-like (a few hundred)
-    decode_attention: str = _flag("kernel of decode rows on cuda: cuda-cores (FlashInfer's decode kernel) or "
+    # measured (docs/performance.md, docs/fp8.md): tensor cores +6 % on shared-prefix (contexts 800-1,056
+    # tokens), -4 % on sharegpt-like (a few hundred); XQA reads FP8 pages at 2.6x the CUDA-core kernel's
+    # speed but rounds queries and probabilities to FP8 too, and reads bf16 pages at 0.7x
+    decode_attention: str = _flag("kernel of decode rows on cuda: cuda-cores (FlashInfer's decode kernel), "
                                   "tensor-cores (its prefill kernel, a query a row: faster for contexts near "
-                                  "1,000 tokens and beyond, slower for a few hundred)", default="cuda-cores")
-    cuda_graph_max_batch: int = _flag("largest decode batch captured in a CUDA graph", default=1024)
+                                  "1,000 tokens and beyond, slower for a few hundred) or xqa (TensorRT-LLM's "
+                                  "decode kernel, sm90 and later: the fastest over an fp8 KV cache, at some "
+                                  "precision)", default="cuda-cores")
+    # 2,048: a full batch of Hydragen steps is launch-bound when eager (docs/performance.md)
+    cuda_graph_max_batch: int = _flag("largest decode batch captured in a CUDA graph", default=2048)
     load_format: str = _flag("safetensors, or random for benchmarks", default="safetensors")
     logprobs_mode: str = _flag("what logprobs report: raw (the model's own log-softmax, as OpenAI and vLLM) or "
                                "processed (the distribution sampled from: after penalties, temperature, "
@@ -246,8 +251,10 @@ class EngineConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ConfigError("--gpu-memory-utilization must be in (0, 1]")
-        if self.decode_attention not in ("cuda-cores", "tensor-cores"):
-            raise ConfigError(f"--decode-attention must be cuda-cores or tensor-cores, not {self.decode_attention!r}")
+        if self.decode_attention not in DECODE_KERNELS:
+            raise ConfigError(f"--decode-attention must be {', '.join(DECODE_KERNELS)}, not {self.decode_attention!r}")
+        if self.decode_attention == "xqa" and not gpu:
+            raise ConfigError("--decode-attention xqa is a CUDA kernel: it needs --device cuda")
         if self.logprobs_mode not in ("raw", "processed"):
             raise ConfigError(f"--logprobs-mode must be raw or processed, not {self.logprobs_mode!r}")
         self.api_key = self.api_key or os.environ.get("TOKA_API_KEY") or None

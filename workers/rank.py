@@ -41,7 +41,7 @@ def build(cfg: EngineConfig, rank: int, pipe=None):
     device = torch.device(f"cuda:{gpu}" if cfg.device == "cuda" else "cpu")
     if cfg.device == "cuda":
         torch.cuda.set_device(device)
-        check_fp8(cfg, device)
+        check_capability(cfg, device)
     hf = AutoConfig.from_pretrained(cfg.model)
     stage = PipelineStage.of(hf.num_hidden_layers, rank // cfg.tp, cfg.pp)
     if cfg.device == "cpu":  # ranks share the cores
@@ -83,7 +83,7 @@ def build(cfg: EngineConfig, rank: int, pipe=None):
         cache = KVCache(shape[0], num_pages + 1, cfg.page_size, shape[1], shape[2], cfg.kv_dtype, device,
                         scales=kv_scales)
         backend = make_backend(backend_name, cache, attn0.num_heads, attn0.head_dim,
-                               tensor_core_decode=cfg.decode_attention == "tensor-cores", dtype=dtype)
+                               decode_kernel=cfg.decode_attention, dtype=dtype)
         max_pages_per_seq = min(-(-cfg.max_model_len // cfg.page_size), num_pages)
         return ModelRunner(model, backend, cfg.max_seqs, cfg.page_size, device, scratch_page=num_pages,
                            max_pages_per_seq=max_pages_per_seq, raw_logprobs=cfg.logprobs_mode == "raw", pipe=pipe)
@@ -103,8 +103,9 @@ def build(cfg: EngineConfig, rank: int, pipe=None):
     warm_up(runner, cfg, hf.vocab_size, num_pages)
     if cfg.device == "cuda" and cfg.cuda_graphs:
         sizes = graph_sizes(min(cfg.cuda_graph_max_batch, cfg.max_seqs))
-        runner.capture_graphs(sizes)
-        log.info("captured CUDA graphs for decode batches %s", sizes)
+        runner.capture_graphs(sizes, min_group=cfg.hydragen_min_group if cfg.hydragen else 0)
+        log.info("captured CUDA graphs for decode batches %s%s", sizes,
+                 f", and with Hydragen groups for those of {cfg.hydragen_min_group} rows or more" if cfg.hydragen else "")
     layers = f", stage {stage.index} of {stage.count}: layers {stage.layers.start}-{stage.layers.stop - 1}" \
         if stage.count > 1 else ""
     log.info("rank %d: %s on %s, %s, %d KV pages of %d tokens (%s)%s", rank, hf.model_type, device, cfg.dtype,
@@ -112,15 +113,19 @@ def build(cfg: EngineConfig, rank: int, pipe=None):
     return runner, num_pages
 
 
-def check_fp8(cfg: EngineConfig, device: torch.device) -> None:
-    """FP8 cache and matmuls need FP8 tensor cores: Ada (sm89), Hopper (sm90) and later."""
+def check_capability(cfg: EngineConfig, device: torch.device) -> None:
+    """FP8 cache and matmuls need FP8 tensor cores: Ada (sm89), Hopper (sm90) and later. XQA is
+    built for sm90, sm100 and sm120."""
     asked = [name for name, on in (("--kv-cache-dtype fp8_e4m3", cfg.kv_cache_dtype == "fp8_e4m3"),
                                    ("--quantization fp8", cfg.quantization == "fp8")) if on]
-    if not asked:
+    if not asked and cfg.decode_attention != "xqa":
         return
     cap = torch.cuda.get_device_capability(device)
-    if cap < (8, 9):
+    if asked and cap < (8, 9):
         raise RuntimeError(f"{' and '.join(asked)} need FP8 tensor cores (compute capability 8.9 or later); "
+                           f"{torch.cuda.get_device_name(device)} on {device} has {cap[0]}.{cap[1]}")
+    if cfg.decode_attention == "xqa" and cap[0] not in (9, 10, 12):
+        raise RuntimeError(f"--decode-attention xqa runs on sm90, sm100 and sm120 GPUs; "
                            f"{torch.cuda.get_device_name(device)} on {device} has {cap[0]}.{cap[1]}")
 
 

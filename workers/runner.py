@@ -76,7 +76,10 @@ class ModelRunner:
         self.filtered = np.zeros(n, dtype=bool)  # min-p, top-p or top-k
         self.uses_min_p = np.zeros(n, dtype=bool)
         self.sampled = np.zeros(n, dtype=bool)  # temperature > 0
+        # captured decode steps by batch size (capture_graphs), without and with Hydragen groups
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.grouped_graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.min_group = 0
 
     def to_device(self, values, dtype=torch.int64) -> torch.Tensor:
         """Host values (list or numpy) as a device tensor; one pinned, asynchronous copy on CUDA."""
@@ -156,6 +159,8 @@ class ModelRunner:
             last_page_len_host=last_page_len,
             num_prefill=num_prefill,
             groups=groups,
+            page_table=self.page_table,
+            slots=slots_d,
         ), slots_d
 
     def _prefix_groups(self, slots_d, dec_pages: np.ndarray, num_prefill: int, group_rows, group_pages) -> PrefixGroups:
@@ -184,9 +189,9 @@ class ModelRunner:
     def forward(self, plan: StepPlan) -> tuple[torch.Tensor, np.ndarray]:
         """Hidden states of every token of the plan, and qo_indptr (host) to find each row's."""
         self._write_pages(plan)
-        n_dec = len(plan.slots) - plan.num_prefill
-        if plan.num_prefill == 0 and not plan.group_rows and self.graphs and n_dec <= max(self.graphs):
-            return self._replay(plan)
+        graph = self._graph_for(plan)
+        if graph is not None:
+            return self._replay(plan, *graph)
         batch, slots = self._attention_batch(plan.slots, plan.q_lens, plan.kv_lens, plan.num_prefill,
                                              plan.group_rows, plan.group_pages)
         self.attn.plan(batch)
@@ -213,9 +218,11 @@ class ModelRunner:
         return self.attn.cache.data.dtype
 
     # ---- CUDA graphs ---------------------------------------------------------------------------
-    def capture_graphs(self, sizes: list[int]) -> None:
+    def capture_graphs(self, sizes: list[int], min_group: int = 0) -> None:
         """Captures the forward of decode-only steps of each batch size (padding rows use the
-        scratch slot and page). Call once, after the KV cache exists and before serving."""
+        scratch slot and page); with `min_group` (Hydragen groups have at least that many rows)
+        also of decode steps with groups, for each size that holds one. Call once, after the KV
+        cache exists and before serving."""
         max_bs = max(sizes)
         if self.model.stage.first:
             self.g_ids = torch.zeros(max_bs, dtype=torch.int64, device=self.device)
@@ -223,35 +230,59 @@ class ModelRunner:
             self.g_ids = torch.zeros(max_bs, self.model.config.hidden_size, dtype=self.dtype, device=self.device)
         self.g_pos = torch.zeros(max_bs, dtype=torch.int64, device=self.device)
         self.g_seq = torch.ones(max_bs, dtype=torch.int64, device=self.device)
+        # a padding row of a grouped capture shares one page and has one of its own: both the scratch page
+        self.page_table[self.scratch_slot, 1] = self.scratch_page
+        self.min_group = min_group
         pool = torch.cuda.graph_pool_handle()
         for bs in sorted(sizes, reverse=True):
-            self.attn.add_graph_size(bs, max_pages=bs * 64 + 4096)
+            groups = bs // min_group if min_group else 0
+            # the most pages a step reads: every page of the cache, and the padding rows' scratch page
+            max_pages = min(bs * self.page_table.shape[1], self.scratch_page) + bs
+            self.attn.add_graph_size(bs, max_pages, groups)
             self._plan_graph(bs, [self.scratch_slot] * bs, [1] * bs)
-            ctx = ForwardContext(self.attn, self.g_pos[:bs], self.g_seq[:bs])
-            self.model(self.g_ids[:bs], ctx)  # warm-up outside the graph
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                out = self.model(self.g_ids[:bs], ctx)
-            self.graphs[bs] = (graph, out)
+            self.graphs[bs] = self._capture(bs, pool)
+            if groups:
+                self._plan_graph(bs, [self.scratch_slot] * bs, [self.page_size + 1] * bs, [min_group] * groups,
+                                 [1] * groups)
+                self.grouped_graphs[bs] = self._capture(bs, pool)
         torch.cuda.synchronize()
 
-    def _plan_graph(self, bs: int, slots: list[int], kv_lens: list[int]) -> torch.Tensor:
-        batch, slots_d = self._attention_batch(slots, [1] * bs, kv_lens, 0)
+    def _capture(self, bs: int, pool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        """The forward of the step just planned into size bs's buffers, as a graph and its output."""
+        ctx = ForwardContext(self.attn, self.g_pos[:bs], self.g_seq[:bs])
+        self.model(self.g_ids[:bs], ctx)  # warm-up outside the graph
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            out = self.model(self.g_ids[:bs], ctx)
+        return graph, out
+
+    def _plan_graph(self, bs: int, slots: list[int], kv_lens: list[int], group_rows=(), group_pages=()) -> torch.Tensor:
+        batch, slots_d = self._attention_batch(slots, [1] * bs, kv_lens, 0, group_rows, group_pages)
         self.g_pos[:bs].copy_(batch.positions)
         self.g_seq[:bs].copy_(batch.seq_lens)
         self.attn.plan(batch, graph_size=bs)
         return slots_d
 
-    def _replay(self, plan: StepPlan):
+    def _graph_for(self, plan: StepPlan) -> tuple[int, dict] | None:
+        """The captured size a decode-only plan replays in (the smallest that holds its rows and
+        its groups), with the graphs it is one of; None to run it eagerly."""
+        if plan.num_prefill:
+            return None
+        n, groups = len(plan.slots), len(plan.group_rows)
+        graphs = self.grouped_graphs if groups else self.graphs
+        fits = [s for s in graphs if s >= n and (not groups or groups <= s // self.min_group)]
+        return (min(fits), graphs) if fits else None
+
+    def _replay(self, plan: StepPlan, bs: int, graphs: dict):
         n = len(plan.slots)
-        bs = min(s for s in self.graphs if s >= n)
         pad = bs - n
-        slots = self._plan_graph(bs, plan.slots + [self.scratch_slot] * pad, plan.kv_lens + [1] * pad)
+        slots = self._plan_graph(bs, plan.slots + [self.scratch_slot] * pad, plan.kv_lens + [1] * pad,
+                                 plan.group_rows, plan.group_pages)
         if self.model.stage.first:
             torch.index_select(self.last_token, 0, slots, out=self.g_ids[:bs])
         else:  # padding rows keep earlier (finite) values
             self.pipe.recv_hidden(self.g_ids[:n])
-        graph, out = self.graphs[bs]
+        graph, out = graphs[bs]
         graph.replay()
         # a copy: the next replay overwrites the graph's output while a send may still read it
         return (out[:n] if self.model.stage.last else out[:n].clone()), np.arange(n + 1)  # qo_indptr: a token a row

@@ -15,7 +15,7 @@ from workers.kv_cache import KVCache  # noqa: E402
 from workers.runner import ModelRunner  # noqa: E402
 
 PAGE = 16
-both_decode_kernels = pytest.mark.parametrize("tensor_cores", [False, True], ids=["cuda-core-decode", "tensor-core-decode"])
+both_decode_kernels = pytest.mark.parametrize("decode_kernel", ["cuda-cores", "tensor-cores", "xqa"])
 
 
 def make_batch(runner, rows, page_size):
@@ -36,7 +36,7 @@ kv_types = pytest.mark.parametrize("kv_dtype", [torch.bfloat16, FP8], ids=["bf16
 @pytest.mark.parametrize("kind", ["prefill", "decode", "mixed"])
 @both_decode_kernels
 @kv_types
-def test_flashinfer_equals_torch(heads, kv_heads, head_dim, kind, tensor_cores, kv_dtype):
+def test_flashinfer_equals_torch(heads, kv_heads, head_dim, kind, decode_kernel, kv_dtype):
     """Both backends read what the cache holds (an FP8 one scaled back), so FlashInfer matches the
     float32 reference to bf16 rounding whatever the cache's type; scales 0.5 / 2 on FP8 check that
     the kernels apply K's and V's."""
@@ -56,7 +56,7 @@ def test_flashinfer_equals_torch(heads, kv_heads, head_dim, kind, tensor_cores, 
         torch.manual_seed(1)
         caches[name].data.copy_(torch.randn(caches[name].data.shape, device=dev).to(kv_dtype))
     for name, cache in caches.items():
-        backend = make_backend(name, cache, heads, head_dim, tensor_core_decode=tensor_cores, dtype=torch.bfloat16)
+        backend = make_backend(name, cache, heads, head_dim, decode_kernel=decode_kernel, dtype=torch.bfloat16)
         runner = ModelRunner(None, backend, 8, PAGE, dev, scratch_page=127, max_pages_per_seq=128)
         batch = make_batch(runner, rows, PAGE)
         torch.manual_seed(2)
@@ -69,7 +69,9 @@ def test_flashinfer_equals_torch(heads, kv_heads, head_dim, kind, tensor_cores, 
     ref, got = outs["torch"], outs["flashinfer"]
     assert torch.isfinite(got).all()
     rel = ((got - ref).norm() / ref.norm()).item()
-    assert rel <= 1e-2, rel
+    # XQA's Hopper kernel for FP8 pages multiplies in e4m3: it rounds the queries and the softmax
+    # probabilities to FP8 too (measured on an H200: 1.0-1.7 % here, the others under 1 %)
+    assert rel <= (0.025 if decode_kernel == "xqa" and kv_dtype == FP8 else 1e-2), rel
     assert torch.equal(caches["torch"].data.view(torch.uint8), caches["flashinfer"].data.view(torch.uint8)), \
         "appended K/V differ"
 
@@ -102,7 +104,21 @@ def test_fp8_cache_against_a_bf16_one(kind):
     assert 0 < rel <= 0.05, rel
 
 
-@pytest.mark.parametrize("decode_attention", ["cuda-cores", "tensor-cores"])
+def next_decode_step(kv_lens: list[int], num_pages: list[int], nxt: int) -> tuple[list[int], tuple, int]:
+    """Row r (slot r) decodes a token: its new kv length, the table writes of the rows that need a
+    page (the next unused page, nxt), and the next unused page after them. Updates num_pages."""
+    kv_lens = [n + 1 for n in kv_lens]
+    writes = ([], [], [])
+    for r, n in enumerate(kv_lens):
+        if num_pages[r] * PAGE < n:
+            for part, value in zip(writes, (r, num_pages[r], nxt)):
+                part.append(value)
+            num_pages[r] += 1
+            nxt += 1
+    return kv_lens, writes, nxt
+
+
+@pytest.mark.parametrize("decode_attention", ["cuda-cores", "tensor-cores", "xqa"])
 def test_cuda_graph_and_eager_give_the_same_tokens(tmp_path, decode_attention):
     from tests.helpers import local_runner, prefill_plan
     from toka.protocol import StepPlan
@@ -121,27 +137,67 @@ def test_cuda_graph_and_eager_give_the_same_tokens(tmp_path, decode_attention):
         num_pages = [-(-n // PAGE) for n in kv_lens]
         nxt = max(plan.table_pages) + 1
         for step in range(1, 20):
-            kv_lens = [n + 1 for n in kv_lens]
-            writes = ([], [], [])
-            for r in range(5):
-                if num_pages[r] * PAGE < kv_lens[r]:
-                    for part, value in zip(writes, (r, num_pages[r], nxt)):
-                        part.append(value)
-                    num_pages[r] += 1
-                    nxt += 1
+            kv_lens, writes, nxt = next_decode_step(kv_lens, num_pages, nxt)
             plan = StepPlan(step, list(range(5)), list(range(5)), [1] * 5, kv_lens, [True] * 5, 0, [], *writes)
             tokens.append(runner.step(plan).tokens)
         outputs.append(tokens)
     assert outputs[0] == outputs[1]
 
 
+def test_hydragen_steps_in_cuda_graphs_give_the_eager_tokens(tmp_path):
+    """Two groups of five rows, each group's rows sharing a prompt of two pages and having their own
+    suffix, and two rows alone: twenty greedy decode steps with the groups, eager and replayed."""
+    from tests.helpers import local_runner
+    from toka.protocol import SeqParams, StepPlan
+    from tools.make_model import make_model
+
+    path = make_model("small-llama", tmp_path / "m", dtype="bfloat16")
+    shared = [[(11 * g + i) % 500 for i in range(2 * PAGE)] for g in range(2)]
+    own = [[(5 * r + i) % 500 for i in range(3 + 2 * r)] for r in range(12)]
+    outputs = []
+    for graphs in (False, True):
+        runner = local_runner(str(path), dtype="bfloat16", device="cuda", kv_tokens=4096, max_seqs=16,
+                              cuda_graphs=graphs, hydragen_min_group=4)
+        assert bool(runner.grouped_graphs) == graphs
+        group_pages = [[0, 1], [2, 3]]  # the first row of each group computes its group's shared pages
+        step0 = StepPlan(0, [0, 5], [0, 5], [2 * PAGE] * 2, [2 * PAGE] * 2, [False] * 2, 2, shared[0] + shared[1],
+                         [0, 0, 5, 5], [0, 1, 0, 1], [0, 1, 2, 3], [SeqParams(slot=s) for s in (0, 5)])
+        runner.step(step0)
+        nxt, writes, kv_lens, q_lens, tokens, num_pages = 4, ([], [], []), [], [], [], []
+        for r in range(12):
+            prefix = [] if r >= 10 else group_pages[r // 5]
+            tokens += own[r]
+            kv = len(prefix) * PAGE + len(own[r])
+            pages = prefix + list(range(nxt, nxt + -(-kv // PAGE) - len(prefix)))
+            nxt += len(pages) - len(prefix)
+            start = 2 if r in (0, 5) else 0  # the groups' first rows have their shared pages already
+            for c in range(start, len(pages)):
+                for part, value in zip(writes, (r, c, pages[c])):
+                    part.append(value)
+            num_pages.append(len(pages))
+            kv_lens.append(kv)
+            q_lens.append(len(own[r]))
+        admit = [SeqParams(slot=r) for r in range(12) if r not in (0, 5)]
+        step1 = StepPlan(1, list(range(12)), list(range(12)), q_lens, kv_lens, [True] * 12, 12, tokens, *writes, admit)
+        steps = [runner.step(step1).tokens]
+        for step in range(2, 22):
+            kv_lens, writes, nxt = next_decode_step(kv_lens, num_pages, nxt)
+            plan = StepPlan(step, list(range(12)), list(range(12)), [1] * 12, kv_lens, [True] * 12, 0, [], *writes,
+                            group_rows=[5, 5], group_pages=[2, 2])
+            assert (runner._graph_for(plan) is not None) == graphs
+            steps.append(runner.step(plan).tokens)
+        outputs.append(steps)
+    assert outputs[0] == outputs[1]
+
+
+@pytest.mark.parametrize("graph", [False, True], ids=["eager", "cuda-graph"])
 @both_decode_kernels
 @kv_types
-def test_flashinfer_hydragen_groups_equal_torch_without_them(tensor_cores, kv_dtype):
+def test_flashinfer_hydragen_groups_equal_torch_without_them(decode_kernel, kv_dtype, graph):
     from tests.unit.test_hydragen import grouped_attention_case
 
-    plain, grouped = grouped_attention_case("cuda", torch.bfloat16, "flashinfer", tensor_core_decode=tensor_cores,
-                                            kv_dtype=kv_dtype)
+    plain, grouped = grouped_attention_case("cuda", torch.bfloat16, "flashinfer", decode_kernel=decode_kernel,
+                                            kv_dtype=kv_dtype, graph=graph)
     assert torch.isfinite(grouped).all()
     rel = ((grouped - plain).norm() / plain.norm()).item()
     assert rel <= 1e-2, rel

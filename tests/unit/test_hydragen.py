@@ -33,11 +33,12 @@ def test_group_by_prefix_orders_groups_first_and_finds_the_shared_length():
     assert group_by_prefix(a, min_group=3, min_pages=4)[1] == []  # prefix too short
 
 
-def grouped_attention_case(device, dtype, backend: str, seed: int = 0, tensor_core_decode: bool = False,
-                           kv_dtype=None):
+def grouped_attention_case(device, dtype, backend: str, seed: int = 0, decode_kernel: str = "cuda-cores",
+                           kv_dtype=None, graph: bool = False):
     """Decode rows in two groups (4 rows x 5 shared pages, 3 rows x 2) and 2 rows alone, each with
     1..3 own pages: `backend`'s output with the groups and the torch backend's without them, over a
-    cache of `kv_dtype` (default `dtype`)."""
+    cache of `kv_dtype` (default `dtype`). With `graph`, the grouped output is a CUDA graph's replay,
+    captured with other groups (three of two rows and one page) in buffers for up to four."""
     kv_dtype = kv_dtype or dtype
     rng = random.Random(seed)
     torch.manual_seed(seed)
@@ -60,7 +61,7 @@ def grouped_attention_case(device, dtype, backend: str, seed: int = 0, tensor_co
     for name, groups in (("plain", ((), ())), ("grouped", ([4, 3], [5, 2]))):
         cache = KVCache(1, num_pages, PAGE, kv_heads, dim, kv_dtype, torch.device(device))
         cache.data.copy_(history)
-        attn = make_backend("torch" if name == "plain" else backend, cache, heads, dim, tensor_core_decode, dtype)
+        attn = make_backend("torch" if name == "plain" else backend, cache, heads, dim, decode_kernel, dtype)
         runner = ModelRunner(None, attn, n, PAGE, torch.device(device), scratch_page=num_pages - 1, max_pages_per_seq=8)
         for r, pages in enumerate(row_pages):
             runner.page_table[r, : len(pages)] = torch.tensor(pages, dtype=torch.int32)
@@ -68,6 +69,18 @@ def grouped_attention_case(device, dtype, backend: str, seed: int = 0, tensor_co
         if name == "grouped":
             g = batch.groups
             assert g.suffix_indptr_host[-1] == sum(len(p) for p in row_pages) - 4 * 5 - 3 * 2
+        if name == "grouped" and graph:
+            attn.add_graph_size(n, max_pages=num_pages + n, groups=4)
+            other, _ = runner._attention_batch(list(range(n)), [1] * n, kv_lens, 0, [2, 2, 2], [1, 1, 1])
+            attn.plan(other, graph_size=n)
+            attn.forward(0, q, k, v)  # warm-up; it appends the same k, v at the same places
+            captured = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(captured):
+                out = attn.forward(0, q, k, v)
+            attn.plan(batch, graph_size=n)
+            captured.replay()
+            outs[name] = out.float()
+            continue
         attn.plan(batch)
         outs[name] = attn.forward(0, q, k, v).float()
     return outs["plain"], outs["grouped"]

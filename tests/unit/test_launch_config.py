@@ -131,6 +131,24 @@ def test_fp8_options_are_refused_where_they_cannot_run(tiny_models, monkeypatch)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "NVIDIA A100")
     with pytest.raises(RuntimeError, match=re.escape("--kv-cache-dtype fp8_e4m3 and --quantization fp8 need FP8 "
                                                      "tensor cores (compute capability 8.9 or later); NVIDIA A100")):
-        rank.check_fp8(cfg, torch.device("cuda:0"))
+        rank.check_capability(cfg, torch.device("cuda:0"))
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (9, 0))
-    rank.check_fp8(cfg, torch.device("cuda:0"))
+    rank.check_capability(cfg, torch.device("cuda:0"))
+
+
+def test_xqa_decode_is_refused_where_it_cannot_run(tiny_models, monkeypatch):
+    from workers import rank
+
+    model = tiny_models["tiny-llama"]
+    with pytest.raises(ConfigError, match="--decode-attention xqa is a CUDA kernel: it needs --device cuda"):
+        parse_args(["--model", model, "--device", "cpu", "--decode-attention", "xqa"]).resolve()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "NVIDIA A100")
+    cfg = parse_args(["--model", model, "--dtype", "bfloat16", "--decode-attention", "xqa"]).resolve()
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (8, 0))
+    with pytest.raises(RuntimeError, match=re.escape("--decode-attention xqa runs on sm90, sm100 and sm120 GPUs; "
+                                                     "NVIDIA A100 on cuda:0 has 8.0")):
+        rank.check_capability(cfg, torch.device("cuda:0"))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (9, 0))
+    rank.check_capability(cfg, torch.device("cuda:0"))

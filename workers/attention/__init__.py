@@ -56,6 +56,10 @@ class AttentionBatch:
     last_page_len_host: np.ndarray  # [rows]
     num_prefill: int
     groups: PrefixGroups | None = None
+    # the runner's page table (slot -> pages, int32 [slots, max pages a sequence]) and each row's
+    # slot (int64 [rows]): for kernels that read a dense table a row (XQA)
+    page_table: torch.Tensor | None = None
+    slots: torch.Tensor | None = None
 
 
 class AttentionBackend(abc.ABC):
@@ -67,13 +71,15 @@ class AttentionBackend(abc.ABC):
     cache: object  # workers.kv_cache.KVCache
 
     @abc.abstractmethod
-    def add_graph_size(self, bs: int, max_pages: int) -> None:
-        """Fixed buffers for replaying decode steps of `bs` rows reading up to `max_pages` pages."""
+    def add_graph_size(self, bs: int, max_pages: int, groups: int = 0) -> None:
+        """Fixed buffers for replaying decode steps of `bs` rows reading up to `max_pages` pages;
+        with `groups`, also for such steps with up to that many Hydragen groups."""
 
     @abc.abstractmethod
     def plan(self, batch: AttentionBatch, graph_size: int | None = None) -> None:
         """Plans the step. With `graph_size` (a size add_graph_size() made), the batch is decode-only,
-        padded to that size, and its metadata goes into that size's buffers for a graph replay."""
+        padded to that size, and its metadata goes into that size's buffers for a graph replay (the
+        grouped graph's when the batch has groups)."""
 
     @abc.abstractmethod
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -83,10 +89,11 @@ class AttentionBackend(abc.ABC):
         admitted together share the pages the first of them computes)."""
 
 
-def make_backend(name: str, cache, num_heads: int, head_dim: int, tensor_core_decode: bool = False,
+def make_backend(name: str, cache, num_heads: int, head_dim: int, decode_kernel: str = "cuda-cores",
                  dtype: torch.dtype | None = None) -> AttentionBackend:
-    """tensor_core_decode: FlashInfer runs decode rows on tensor cores (the torch reference has one path).
-    dtype: of the queries and outputs, the model's (default: the cache's; needed with an FP8 cache)."""
+    """decode_kernel: FlashInfer's kernel for decode rows, one of toka.config.DECODE_KERNELS (the torch reference
+    has one path). dtype: of the queries and outputs, the model's (default: the cache's; needed
+    with an FP8 cache)."""
     if name == "torch":
         from workers.attention.torch_ref import TorchAttention
 
@@ -94,5 +101,5 @@ def make_backend(name: str, cache, num_heads: int, head_dim: int, tensor_core_de
     if name == "flashinfer":
         from workers.attention.flashinfer_backend import FlashInferAttention
 
-        return FlashInferAttention(cache, num_heads, head_dim, tensor_core_decode, dtype)
+        return FlashInferAttention(cache, num_heads, head_dim, decode_kernel, dtype)
     raise ValueError(f"unknown attention backend {name!r}")

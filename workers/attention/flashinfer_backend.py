@@ -2,12 +2,19 @@
 
 Per step, `plan()` runs FlashInfer's planners once (on host metadata, outside the layers and
 outside CUDA graphs); every layer then appends its new K/V into the cache and runs the prefill
-rows through the paged prefill wrapper and the decode rows through the paged decode wrapper
-(FlashInfer's decode kernel on CUDA cores, or with `tensor_core_decode` its FA2 tensor-core path).
+rows through the paged prefill wrapper and the decode rows through the `decode_kernel`:
+FlashInfer's decode kernel on CUDA cores, its FA2 tensor-core path, or XQA (TensorRT-LLM's
+decode kernel: on Hopper it reads FP8 pages at 2.6x the CUDA-core kernel's speed, and bf16 ones
+slower; tools/bench_attention.py). XQA gives no log-sum-exp, so Hydragen steps decode their rows'
+own pages with the CUDA-core kernel.
 
 CUDA graphs: a decode-only step of `bs` rows can run inside a captured graph. Each captured size
 has its own decode wrapper whose metadata lives in fixed device buffers (FlashInfer's
 use_cuda_graph mode) and fixed buffers for the append; `plan()` refills them before a replay.
+A size captured with Hydragen groups also has a prefix wrapper of `groups + 1` fixed entries:
+the step's groups, empty ones after them, and a last one holding every row in no group, so the
+planner always sees the same number of groups and of query rows (its tile sizes and work lists
+then fit the captured kernels); the merge skips the rows of that last entry by a mask.
 """
 
 from __future__ import annotations
@@ -21,16 +28,49 @@ from workers.attention import AttentionBackend, AttentionBatch, cumsum0
 WORKSPACE_BYTES = 256 * 1024 * 1024
 
 
-def _decode_args(tensor_cores: bool) -> dict:
+def _decode_args(kernel: str) -> dict:
     # FlashInfer's tensor-core decode runs its FA2 prefill kernel with one query a row; its FA3 one
     # reads the cache at a seventh of the copy bandwidth there (tools/bench_attention.py)
-    return dict(use_tensor_cores=True, backend="fa2") if tensor_cores else {}
+    return dict(use_tensor_cores=True, backend="fa2") if kernel == "tensor-cores" else {}
+
+
+class _Xqa:
+    """XQA's inputs for the decode rows of a step: a dense page table a row (the runner's table's
+    rows, as many columns as the longest row needs, or all of them in a graph) and uint32 lengths."""
+
+    def __init__(self, device, head_dim: int):
+        self.workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=device)  # its semaphores start at 0
+        self.sm_scale = head_dim**-0.5
+        self.table: torch.Tensor | None = None  # the planned step's
+        self.lens: torch.Tensor | None = None
+        self.graph_table: torch.Tensor | None = None  # the graph sizes' table (the largest's rows; one at a time)
+
+    def plan(self, batch: AttentionBatch, graph_lens: torch.Tensor | None = None) -> None:
+        n_pre = batch.num_prefill
+        slots = batch.slots[n_pre:]
+        if graph_lens is None:
+            width = int(np.diff(batch.page_indptr_host[n_pre:]).max())
+            self.table = batch.page_table[slots, :width]
+            self.lens = batch.kv_lens[n_pre:].view(torch.uint32)
+            return
+        if self.graph_table is None:  # sizes are added largest first
+            self.graph_table = torch.zeros(len(slots), batch.page_table.shape[1], dtype=torch.int32, device=slots.device)
+        self.table = self.graph_table[: len(slots)]
+        torch.index_select(batch.page_table, 0, slots, out=self.table)
+        graph_lens.copy_(batch.kv_lens)
+        self.lens = graph_lens.view(torch.uint32)
+
+    def run(self, q, kv, k_scale: float, v_scale: float):
+        # q is a view of the fused projection's output; XQA reads its rows packed
+        return flashinfer.decode.xqa_batch_decode_with_kv_cache(
+            q.contiguous(), kv, self.workspace, self.table, self.lens, self.table.shape[1] * kv.shape[2],
+            bmm1_scale=self.sm_scale * k_scale, bmm2_scale=v_scale)
 
 
 class _GraphSlot:
     """Fixed buffers of one captured decode batch size."""
 
-    def __init__(self, bs: int, max_pages: int, device, workspace, tensor_cores: bool):
+    def __init__(self, bs: int, max_pages: int, device, workspace, decode_kernel: str):
         i32 = dict(dtype=torch.int32, device=device)
         self.indptr = torch.zeros(bs + 1, **i32)
         self.indices = torch.zeros(max_pages, **i32)
@@ -40,15 +80,35 @@ class _GraphSlot:
         self.wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
             workspace, "NHD", use_cuda_graph=True, paged_kv_indptr_buffer=self.indptr,
             paged_kv_indices_buffer=self.indices, paged_kv_last_page_len_buffer=self.last_len,
-            **_decode_args(tensor_cores),
+            **_decode_args(decode_kernel),
+        )
+        self.lens = torch.ones(bs, **i32)  # XQA's
+        self.prefix: _PrefixSlot | None = None  # with Hydragen groups
+
+
+class _PrefixSlot:
+    """Fixed buffers of a captured size's Hydragen prefix attention: `groups` groups and the entry
+    of the rows in none."""
+
+    def __init__(self, bs: int, groups: int, max_pages: int, page_size: int, device, workspace):
+        i32 = dict(dtype=torch.int32, device=device)
+        self.groups = groups
+        self.qo_indptr = torch.zeros(groups + 2, **i32)
+        self.indptr = torch.zeros(groups + 2, **i32)
+        self.indices = torch.zeros(max_pages, **i32)
+        self.last_len = torch.full((groups + 1,), page_size, **i32)
+        self.grouped = torch.zeros(bs, dtype=torch.bool, device=device)  # the rows merged with a prefix
+        self.wrapper = flashinfer.BatchPrefillWithPagedKVCacheWrapper(
+            workspace, "NHD", use_cuda_graph=True, qo_indptr_buf=self.qo_indptr, paged_kv_indptr_buf=self.indptr,
+            paged_kv_indices_buf=self.indices, paged_kv_last_page_len_buf=self.last_len,
         )
 
 
 class FlashInferAttention(AttentionBackend):
-    def __init__(self, cache, num_heads: int, head_dim: int, tensor_core_decode: bool = False,
+    def __init__(self, cache, num_heads: int, head_dim: int, decode_kernel: str = "cuda-cores",
                  dtype: torch.dtype | None = None):
         self.cache = cache
-        self.tensor_core_decode = tensor_core_decode
+        self.decode_kernel = decode_kernel
         self.num_heads = num_heads
         self.num_kv_heads = cache.layers[0].shape[3]
         self.head_dim = head_dim
@@ -59,22 +119,27 @@ class FlashInferAttention(AttentionBackend):
         self.decode_ws = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
         self.prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.prefill_ws, "NHD")
         self.decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(self.decode_ws, "NHD",
-                                                                  **_decode_args(tensor_core_decode))
+                                                                  **_decode_args(decode_kernel))
+        self.xqa = _Xqa(device, head_dim) if decode_kernel == "xqa" else None
         # Hydragen: each group's queries against its shared pages, a non-causal prefill-shaped problem
         # (a group's many queries share each key read); runs after `prefill` in the same stream
         self.prefix = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.prefill_ws, "NHD")
         self.grouped = 0  # decode rows in Hydragen groups this step
         self.graph_slots: dict[int, _GraphSlot] = {}
         self.graph: _GraphSlot | None = None  # the planned step's graph buffers, or None when eager
+        self.graph_grouped = False  # whether that graph step has Hydragen groups
         # the planned step's append_paged_kv_cache arguments (rows, positions, page indices, indptr,
         # last page lengths) and how many of its tokens are prefill tokens (plan() sets them)
         self.append_args: tuple = ()
         self.num_prefill_tokens = 0
         self._planned: dict[int, torch.cuda.Event] = {}  # id(wrapper) -> recorded after its last plan
 
-    def add_graph_size(self, bs: int, max_pages: int) -> None:
-        self.graph_slots[bs] = _GraphSlot(bs, max_pages, self.cache.data.device, self.decode_ws,
-                                          self.tensor_core_decode)
+    def add_graph_size(self, bs: int, max_pages: int, groups: int = 0) -> None:
+        device = self.cache.data.device
+        slot = self.graph_slots.get(bs) or _GraphSlot(bs, max_pages, device, self.decode_ws, self.decode_kernel)
+        if groups:
+            slot.prefix = _PrefixSlot(bs, groups, max_pages, self.cache.page_size, device, self.prefill_ws)
+        self.graph_slots[bs] = slot
 
     def plan(self, batch: AttentionBatch, graph_size: int | None = None) -> None:
         n_pre = batch.num_prefill
@@ -83,8 +148,20 @@ class FlashInferAttention(AttentionBackend):
         indptr, last_len = batch.page_indptr_host, batch.last_page_len_host
         if graph_size is not None:
             slot = self.graph = self.graph_slots[graph_size]
-            slot.positions.copy_(batch.positions)
-            self._plan(slot.wrapper, _pinned(indptr), batch.page_indices, _pinned(last_len), *heads, **common)
+            g = batch.groups
+            self.graph_grouped = g is not None
+            if g is None and self.xqa is not None:
+                slot.positions.copy_(batch.positions)
+                self.xqa.plan(batch, graph_lens=slot.lens)
+                # the append's page lists, which the decode wrapper's plan fills otherwise
+                slot.indptr.copy_(batch.page_indptr)
+                slot.indices[: len(batch.page_indices)].copy_(batch.page_indices)
+                slot.last_len.copy_(batch.last_page_len)
+            elif g is None:
+                slot.positions.copy_(batch.positions)
+                self._plan(slot.wrapper, _pinned(indptr), batch.page_indices, _pinned(last_len), *heads, **common)
+            else:
+                self._plan_graph_groups(slot, batch, heads, common)
             # the graph reads these fixed buffers, which plan() just refilled
             self.append_args = (slot.rows, slot.positions, slot.indices, slot.indptr, slot.last_len)
             self.num_prefill_tokens = 0
@@ -104,10 +181,35 @@ class FlashInferAttention(AttentionBackend):
                        _pinned(full), *heads, causal=False, **common)
             self._plan(self.decode, _pinned(g.suffix_indptr_host), g.suffix_indices, _pinned(last_len[n_pre:]),
                        *heads, **common)
+        elif n_pre < len(last_len) and self.xqa is not None:
+            self.xqa.plan(batch)
         elif n_pre < len(last_len):
             base = indptr[n_pre]
             self._plan(self.decode, _pinned(indptr[n_pre:] - base), batch.page_indices[base:],
                        _pinned(last_len[n_pre:]), *heads, **common)
+
+    def _plan_graph_groups(self, slot: _GraphSlot, batch: AttentionBatch, heads: tuple, common: dict) -> None:
+        """A grouped step into a slot's fixed buffers. The decode wrapper holds each row's own pages,
+        so the append writes at positions counted from a row's first own page."""
+        g, p, ps = batch.groups, slot.prefix, self.cache.page_size
+        real, bs = len(g.rows_host), len(batch.kv_lens_host)
+        if real > p.groups:
+            raise ValueError(f"{real} Hydragen groups in a step of {bs} rows; its graph holds {p.groups}")
+        rows = np.zeros(p.groups + 1, dtype=np.int64)
+        rows[:real] = g.rows_host
+        rows[-1] = bs - g.rows_host.sum()
+        # empty groups and the last entry read the first group's first page (never written)
+        pages = np.ones(p.groups + 1, dtype=np.int64)
+        pages[:real] = np.diff(g.prefix_indptr_host)
+        filler = g.prefix_indices[:1].expand(p.groups + 1 - real)
+        self._plan(p.wrapper, _pinned(cumsum0(rows)), _pinned(cumsum0(pages)),
+                   torch.cat([g.prefix_indices, filler]), _pinned(np.full(p.groups + 1, ps)), *heads,
+                   causal=False, **common)
+        self._plan(slot.wrapper, _pinned(g.suffix_indptr_host), g.suffix_indices, _pinned(batch.last_page_len_host),
+                   *heads, **common)
+        own_positions = batch.kv_lens_host - 1 - g.suffix_start_host * ps
+        slot.positions.copy_(_pinned(own_positions), non_blocking=True)
+        slot.prefix.grouped.copy_(torch.from_numpy(np.arange(bs) < rows[:real].sum()).pin_memory(), non_blocking=True)
 
     def _plan(self, wrapper, *args, **kwargs) -> None:
         # A wrapper's plan() fills its pinned buffer and enqueues a copy from it to the device. The
@@ -127,12 +229,18 @@ class FlashInferAttention(AttentionBackend):
         k, v = self.cache.quantize(layer, k, v)
         flashinfer.append_paged_kv_cache(k, v, rows, positions, kv, indices, indptr, last_len, "NHD")
         scales = self._scales(layer)
-        if self.graph is not None:
-            return self.graph.wrapper.run(q, kv, **scales)
+        slot = self.graph
+        if slot is not None and self.graph_grouped:
+            out, lse = slot.wrapper.run(q, kv, return_lse=True, **scales)
+            shared, shared_lse = slot.prefix.wrapper.run(q, kv, return_lse=True, **scales)
+            flashinfer.merge_state_in_place(out, lse, shared, shared_lse, mask=slot.prefix.grouped)
+            return out
+        if slot is not None:
+            return self.xqa.run(q, kv, *self.cache.scales[layer]) if self.xqa else slot.wrapper.run(q, kv, **scales)
         t = self.num_prefill_tokens
         if t == q.shape[0]:
             return self.prefill.run(q, kv, **scales)
-        decode = self._decode(q[t:], kv, scales)
+        decode = self._decode(layer, q[t:], kv, scales)
         return decode if t == 0 else torch.cat([self.prefill.run(q[:t], kv, **scales), decode])
 
     def _scales(self, layer: int) -> dict:
@@ -140,9 +248,9 @@ class FlashInferAttention(AttentionBackend):
         k_scale, v_scale = self.cache.scales[layer]
         return {name: s for name, s in (("k_scale", k_scale), ("v_scale", v_scale)) if s != 1.0}
 
-    def _decode(self, q, kv, scales: dict):
+    def _decode(self, layer: int, q, kv, scales: dict):
         if not self.grouped:
-            return self.decode.run(q, kv, **scales)
+            return self.xqa.run(q, kv, *self.cache.scales[layer]) if self.xqa else self.decode.run(q, kv, **scales)
         # Hydragen: own pages per row, shared pages per group, merged by their log-sum-exps (both
         # computed with the same k_scale folded into the softmax scale, so they merge as they are)
         out, lse = self.decode.run(q, kv, return_lse=True, **scales)

@@ -20,7 +20,7 @@ class TorchAttention(AttentionBackend):
         self.dec_valid = self.dec_page = self.dec_off = None
         self.kv_scales = (1.0, 1.0)  # the layer forward() runs: an FP8 cache's (k_scale, v_scale)
 
-    def add_graph_size(self, bs: int, max_pages: int) -> None:
+    def add_graph_size(self, bs: int, max_pages: int, groups: int = 0) -> None:
         raise RuntimeError("the torch attention backend does not run CUDA graphs: launch with --no-cuda-graphs")
 
     def plan(self, batch: AttentionBatch, graph_size: int | None = None) -> None:

@@ -33,9 +33,10 @@ Parts (their files under OUT/PART/; each run's log beside its result):
 Models are written once into --models (random weights of real shapes, tools/make_model.py) and
 reused. Parts run one after another on every visible GPU, or with --side-by-side at once, each on
 GPUs of its own. Each tool run has the part's timeout (--timeout); its process group (the server
-and everything it started) is stopped when it ends, at its timeout and on an interrupt. The table
+and everything it started) is stopped when it ends, at its timeout and on an interrupt (SIGTERM,
+SIGINT: no other run starts, and the parts still table what their finished runs wrote). The table
 (part, figure, value, unit, % of the floor) is also written to OUT/summary.json; the exit code is
-1 when a run failed.
+1 when a run failed, 130 when interrupted.
 
 A flag set of one flag takes "=" (--compare-flags=--hydragen): argparse reads a lone value that
 starts with "-" as an option; one with a space in it ("--max-seqs 4096") or "" passes either way.
@@ -59,7 +60,7 @@ from typing import Callable
 if __package__ in (None, ""):  # run as a script: the repository root on the path, as -m from it has
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tools.gpu_jobs import TIMED_OUT, Job, Models, Runner, py, say
+from tools.gpu_jobs import STOPPED, TIMED_OUT, Job, Models, Runner, py, say
 from tools.gpu_results import (
     Row,
     agree_rows,
@@ -119,7 +120,8 @@ class Part:
         for batch in [jobs] if together else [[j] for j in jobs]:
             for job, rc in zip(batch, self.runner.run(batch)):
                 if rc:
-                    self.failed.append(f"{job.name}: {'timed out' if rc == TIMED_OUT else f'exit {rc}'}, log {job.log}")
+                    why = {TIMED_OUT: "timed out", STOPPED: "stopped by the interrupt"}.get(rc, f"exit {rc}")
+                    self.failed.append(f"{job.name}: {why}, log {job.log}")
 
     def bench(self, name: str, workload: str, flags: str, quick: bool, model: str = SMALL, extra: tuple = (),
               env: dict | None = None, gpus: list[str] | None = None, results: tuple[Path, ...] = ()) -> Job:
@@ -409,7 +411,7 @@ def run_part(name: str, gpus: list[str], args, runner: Runner, models: Models, r
         part.failed.append(f"{type(e).__name__}: {e}")
         rows = []
     finally:  # an interrupt is recorded too, then passes on
-        if rows is None:
+        if rows is None or runner.stopping:
             part.failed.append("interrupted: the runs under way were stopped")
         rows = (rows or []) + [Row(name, "failed", f) for f in part.failed]
         record[name] = dict(rows=rows, failed=part.failed, seconds=time.monotonic() - start, gpus=gpus)
@@ -451,15 +453,21 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         sys.exit(f"gpu.py: {e}")
     runner, models = Runner(args.dry_run), Models(args.models)
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))  # unwinds into the groups' stops
+
+    def interrupt(signum, frame):
+        # the runs under way stop and no other starts; each part still tables what its finished
+        # runs wrote (a timeout around the whole command keeps the figures measured before it)
+        if not runner.stopping:
+            say("gpu.py: interrupted; every run under way is stopped, the parts report what finished")
+        runner.stop_all()
+
+    signal.signal(signal.SIGTERM, interrupt)
+    signal.signal(signal.SIGINT, interrupt)
     record: dict[str, dict] = {}
-    interrupted = False
     try:
         run_parts(args, gpus, runner, models, record)
-    except (KeyboardInterrupt, SystemExit):
-        interrupted = True
-        say("gpu.py: interrupted; every run under way was stopped")
     finally:
+        interrupted = runner.stopping
         runner.stop_all()
     rows = [r for name in ["models", *args.parts] if name in record for r in record[name]["rows"]]
     print(table(rows))

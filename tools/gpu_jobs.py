@@ -60,7 +60,8 @@ class Runner:
         self.asked: list[Job] = []  # every job asked for, in order
         self._live: dict[int, subprocess.Popen] = {}  # process group id -> its leader
         self._stopping = False  # set by stop_all: nothing starts after it
-        self._lock = threading.Lock()
+        # re-entrant: stop_all also runs in gpu.py's signal handler, on the thread that may hold it
+        self._lock = threading.RLock()
 
     def run(self, jobs: list[Job]) -> list[int]:
         """Runs `jobs` at once and returns their exit codes (TIMED_OUT for one stopped at its
@@ -80,6 +81,10 @@ class Runner:
         finally:
             for _, proc, _ in started:
                 self._stop(proc)
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
 
     def stop_all(self) -> None:
         """Stops every group still running and refuses new jobs (on an interrupt of tools/gpu.py)."""
@@ -114,6 +119,8 @@ class Runner:
         except subprocess.TimeoutExpired:
             self._stop(proc)
             rc = TIMED_OUT
+        if self._stopping and rc != 0:
+            rc = STOPPED
         took = time.monotonic() - start
         say(f"  {job.name}: " + (f"timed out after {job.timeout:.0f} s" if rc == TIMED_OUT else
                                  f"exit {rc} after {took:.0f} s"))

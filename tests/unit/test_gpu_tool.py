@@ -206,17 +206,19 @@ import sys
 from tools import gpu
 from tools.gpu_jobs import py
 
-def sleeper(p):  # a run that leaves a child, then waits far past the test
+def sleeper(p):  # a run that writes its figure, then one that leaves a child and waits far past the test
+    figure = p.dir / "figure.txt"
+    p.run([p.job("quick", [sys.executable, "-c", f"open({str(figure)!r}, 'w').write('42')"], (figure,))])
     script = "import subprocess, time; p = subprocess.Popen(['sleep', '60']); print(p.pid, flush=True); time.sleep(60)"
     p.run([p.job("sleeper", [sys.executable, "-c", script], ())])
-    return []
+    return [gpu.Row(p.name, "quick figure", float(figure.read_text()))]
 
 gpu.PARTS["step"] = gpu.Spec(sleeper, (), lambda a, v: 1)
 sys.exit(gpu.main(sys.argv[1:]))
 """
 
 
-def test_sigterm_stops_the_runs_under_way_and_still_writes_the_summary(tmp_path):
+def test_sigterm_stops_the_runs_under_way_and_still_tables_what_finished(tmp_path):
     import signal
     import subprocess
 
@@ -232,7 +234,10 @@ def test_sigterm_stops_the_runs_under_way_and_still_writes_the_summary(tmp_path)
     assert proc.wait(20) == 130
     assert not alive(child)
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["interrupted"] and summary["parts"]["step"]["failed"]
+    assert summary["interrupted"]
+    assert [r["value"] for r in summary["rows"] if r["figure"] == "quick figure"] == [42.0]
+    failed = summary["parts"]["step"]["failed"]
+    assert any("sleeper: stopped by the interrupt" in f for f in failed) and "interrupted" in failed[-1]
 
 
 def test_tests_part_runs_the_logprob_test_once_per_flag_set(tmp_path):

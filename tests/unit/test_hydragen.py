@@ -90,3 +90,30 @@ def grouped_attention_case(device, dtype, backend: str, seed: int = 0, decode_ke
 def test_grouped_attention_equals_plain_attention(kv_dtype):
     plain, grouped = grouped_attention_case("cpu", torch.float32, "torch", kv_dtype=kv_dtype)
     torch.testing.assert_close(grouped, plain, atol=1e-5, rtol=1e-5)
+
+
+def test_decode_steps_replay_the_smallest_graph_that_holds_their_rows_and_groups():
+    from toka.protocol import StepPlan
+
+    runner = ModelRunner(None, None, 64, PAGE, torch.device("cpu"), scratch_page=0, max_pages_per_seq=4)
+    runner.graphs = {s: None for s in (8, 16, 32)}
+    runner.grouped_graphs = {s: None for s in (16, 32)}  # groups of 4 rows or more: 4 and 8 groups
+    runner.min_group = 4
+
+    def plan(rows: int, groups: list[int] = (), prefill: int = 0) -> StepPlan:
+        return StepPlan(1, list(range(rows)), list(range(rows)), [1] * rows, [5] * rows, [True] * rows, prefill,
+                        [], [], [], [], group_rows=list(groups), group_pages=[1] * len(groups))
+
+    def size(p: StepPlan):
+        chosen = runner._graph_for(p)
+        return None if chosen is None else (chosen[0], chosen[1] is runner.grouped_graphs)
+
+    assert size(plan(5)) == (8, False)
+    assert size(plan(9)) == (16, False)
+    assert size(plan(33)) is None  # beyond the largest capture: eager
+    assert size(plan(9, prefill=1)) is None  # mixed steps run eagerly
+    assert size(plan(9, [4, 5])) == (16, True)
+    assert size(plan(12, [4, 4, 4])) == (16, True)
+    assert size(plan(16, [4] * 4)) == (16, True)
+    assert size(plan(20, [4] * 5)) == (32, True)  # 16 rows would hold only 4 groups
+    assert size(plan(33, [4] * 5)) is None

@@ -172,7 +172,10 @@ def _pages_from_memory(cfg, make_runner, bytes_per_token: int, device) -> int:
     del probe
     torch.cuda.empty_cache()
     free, total = torch.cuda.mem_get_info(device)
-    reserve = 1 << 30  # CUDA graphs, FlashInfer workspaces, allocator slack
+    # CUDA graphs and their buffers (by count, ~1.2 GiB for the 92 captures up to 2,048 rows with and
+    # without Hydragen groups: a FlashInfer wrapper each, 8 MiB of plan space apiece, page lists and
+    # the graphs' activations), workspaces, allocator slack
+    reserve = 2 << 30
     others = total - free - torch.cuda.memory_reserved(device)  # CUDA context, other processes
     budget = total * cfg.gpu_memory_utilization - (peak - probe_cache) - reserve - others
     pages = int(budget // (bytes_per_token * cfg.page_size))
@@ -182,7 +185,7 @@ def _pages_from_memory(cfg, make_runner, bytes_per_token: int, device) -> int:
             f"{total / 2**30:.1f} GiB; lower --max-tokens-per-forward/--max-seqs or raise --gpu-memory-utilization")
     log.info(
         "KV cache: %d tokens (%.1f GiB) = %.2f x %.1f GiB card - %.1f GiB peak of weights and warm-up "
-        "activations - 1 GiB reserve", pages * cfg.page_size, pages * cfg.page_size * bytes_per_token / 2**30,
+        "activations - 2 GiB reserve", pages * cfg.page_size, pages * cfg.page_size * bytes_per_token / 2**30,
         cfg.gpu_memory_utilization, total / 2**30, (peak - probe_cache) / 2**30)
     return pages
 

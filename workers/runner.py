@@ -268,10 +268,10 @@ class ModelRunner:
         its groups), with the graphs it is one of; None to run it eagerly."""
         if plan.num_prefill:
             return None
-        n, groups = len(plan.slots), len(plan.group_rows)
-        graphs = self.grouped_graphs if groups else self.graphs
-        fits = [s for s in graphs if s >= n and (not groups or groups <= s // self.min_group)]
-        return (min(fits), graphs) if fits else None
+        graphs = self.grouped_graphs if plan.group_rows else self.graphs
+        need = max(len(plan.slots), len(plan.group_rows) * self.min_group)  # size s holds s // min_group groups
+        size = min((s for s in graphs if s >= need), default=None)
+        return None if size is None else (size, graphs)
 
     def _replay(self, plan: StepPlan, bs: int, graphs: dict):
         n = len(plan.slots)

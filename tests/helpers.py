@@ -30,7 +30,7 @@ def free_port() -> int:
 
 
 def local_runner(model: str, dtype: str = "float32", device: str = "cpu", kv_tokens: int = 8192, max_seqs: int = 16,
-                 cuda_graphs: bool = False, max_model_len: int | None = None, decode_attention: str = "cuda-cores",
+                 cuda_graphs: bool = False, max_model_len: int | None = None, decode_attention: str = "auto",
                  stages: int = 1, stage: int = 0, pipe=None, hydragen_min_group: int = 16):
     """A rank's ModelRunner in this process, for driving step plans directly. `max_model_len` may
     exceed the model's context window, for rope extrapolation tests that plan longer sequences.

@@ -18,7 +18,8 @@ class ConfigError(ValueError):
 
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-DECODE_KERNELS = ("cuda-cores", "tensor-cores", "xqa")  # --decode-attention's kernels (workers/attention)
+# --decode-attention's kernels (workers/attention); auto: triton where it builds for the model's shape
+DECODE_KERNELS = ("auto", "triton", "cuda-cores", "tensor-cores", "xqa")
 
 
 def _flag(help: str, choices: tuple[str, ...] | None = None, **kw):
@@ -84,14 +85,15 @@ class EngineConfig:
         "--hydragen-min-prefix cached tokens, so other steps run as without it)", default=None)
     hydragen_min_group: int = _flag("fewest sequences that share a prefix to form a Hydragen group", default=16)
     hydragen_min_prefix: int = _flag("shortest shared prefix, in tokens, for a Hydragen group", default=256)
-    # measured (docs/performance.md, docs/fp8.md): tensor cores +6 % on shared-prefix (contexts 800-1,056
-    # tokens), -4 % on sharegpt-like (a few hundred); XQA reads FP8 pages at 2.6x the CUDA-core kernel's
-    # speed but rounds queries and probabilities to FP8 too, and reads bf16 pages at 0.7x
-    decode_attention: str = _flag("kernel of decode rows on cuda: cuda-cores (FlashInfer's decode kernel), "
-                                  "tensor-cores (its prefill kernel, a query a row: faster for contexts near "
-                                  "1,000 tokens and beyond, slower for a few hundred) or xqa (TensorRT-LLM's "
-                                  "decode kernel, sm90 and later: the fastest over an fp8 KV cache, at some "
-                                  "precision)", default="cuda-cores")
+    # measured on the H200 (docs/performance.md, docs/fp8.md), a layer of 2,048 sharegpt-like rows:
+    # bf16 pages triton 0.43 ms, cuda-cores 0.58, tensor-cores 0.67, xqa 0.82; FP8 pages xqa 0.31 (it
+    # rounds queries and probabilities to FP8 too), triton 0.56, cuda-cores 0.78
+    decode_attention: str = _flag("kernel of decode rows on cuda: triton (toka's, whole pages of every kv head "
+                                  "at once), cuda-cores (FlashInfer's decode kernel), tensor-cores (its "
+                                  "prefill kernel, a query a row) or xqa (TensorRT-LLM's decode kernel, sm90 "
+                                  "and later: the fastest over an fp8 KV cache, at some precision); auto: "
+                                  "triton where it builds for the model (power-of-two kv heads, head size "
+                                  "and page size), else cuda-cores", default="auto")
     # 2,048: a full batch of Hydragen steps is launch-bound when eager (docs/performance.md)
     cuda_graph_max_batch: int = _flag("largest decode batch captured in a CUDA graph", default=2048)
     load_format: str = _flag("safetensors, or random for benchmarks", default="safetensors")
@@ -253,8 +255,8 @@ class EngineConfig:
             raise ConfigError("--gpu-memory-utilization must be in (0, 1]")
         if self.decode_attention not in DECODE_KERNELS:
             raise ConfigError(f"--decode-attention must be {', '.join(DECODE_KERNELS)}, not {self.decode_attention!r}")
-        if self.decode_attention == "xqa" and not gpu:
-            raise ConfigError("--decode-attention xqa is a CUDA kernel: it needs --device cuda")
+        if self.decode_attention in ("xqa", "triton") and not gpu:
+            raise ConfigError(f"--decode-attention {self.decode_attention} is a CUDA kernel: it needs --device cuda")
         if self.logprobs_mode not in ("raw", "processed"):
             raise ConfigError(f"--logprobs-mode must be raw or processed, not {self.logprobs_mode!r}")
         self.api_key = self.api_key or os.environ.get("TOKA_API_KEY") or None

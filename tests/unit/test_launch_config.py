@@ -152,3 +152,29 @@ def test_xqa_decode_is_refused_where_it_cannot_run(tiny_models, monkeypatch):
         rank.check_capability(cfg, torch.device("cuda:0"))
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (9, 0))
     rank.check_capability(cfg, torch.device("cuda:0"))
+
+
+def test_triton_decode_is_chosen_where_it_builds_and_refused_elsewhere(tiny_models, monkeypatch):
+    """auto takes toka's Triton decode kernel for shapes of powers of two, FlashInfer's CUDA-core
+    kernel for others (or without Triton); asked for by name, it names what it lacks."""
+    from workers import rank
+    from workers.attention import triton_decode
+
+    model = tiny_models["tiny-llama"]
+    with pytest.raises(ConfigError, match="--decode-attention triton is a CUDA kernel: it needs --device cuda"):
+        parse_args(["--model", model, "--device", "cpu", "--decode-attention", "triton"]).resolve()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    auto = parse_args(["--model", model, "--dtype", "bfloat16"]).resolve()
+    asked = parse_args(["--model", model, "--dtype", "bfloat16", "--decode-attention", "triton"]).resolve()
+    monkeypatch.setattr(triton_decode, "triton", object())  # as if installed
+    assert rank.decode_kernel(auto, 8, 64) == "triton"
+    assert rank.decode_kernel(auto, 8, 80) == "cuda-cores"
+    assert rank.decode_kernel(asked, 8, 128) == "triton"
+    with pytest.raises(RuntimeError, match=re.escape("this rank has 5 kv heads of size 64 on pages of 16 tokens in "
+                                                     "bfloat16: choose --decode-attention cuda-cores")):
+        rank.decode_kernel(asked, 5, 64)
+    float32 = parse_args(["--model", model, "--dtype", "float32"]).resolve()
+    assert rank.decode_kernel(float32, 8, 64) == "cuda-cores"
+    monkeypatch.setattr(triton_decode, "triton", None)
+    assert rank.decode_kernel(auto, 8, 64) == "cuda-cores"

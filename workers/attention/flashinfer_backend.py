@@ -2,11 +2,12 @@
 
 Per step, `plan()` runs FlashInfer's planners once (on host metadata, outside the layers and
 outside CUDA graphs); every layer then appends its new K/V into the cache and runs the prefill
-rows through the paged prefill wrapper and the decode rows through the `decode_kernel`:
-FlashInfer's decode kernel on CUDA cores, its FA2 tensor-core path, or XQA (TensorRT-LLM's
-decode kernel: on Hopper it reads FP8 pages at 2.6x the CUDA-core kernel's speed, and bf16 ones
-slower; tools/bench_attention.py). XQA gives no log-sum-exp, so Hydragen steps decode their rows'
-own pages with the CUDA-core kernel.
+rows through the paged prefill wrapper and the decode rows through the `decode_kernel`: toka's
+Triton kernel (workers/attention/triton_decode.py: at ~90 % of the copy bandwidth on bf16 pages
+where FlashInfer's CUDA-core kernel reaches ~65 %), FlashInfer's decode kernel on CUDA cores, its
+FA2 tensor-core path, or XQA (TensorRT-LLM's decode kernel: on Hopper it reads FP8 pages at 2.6x
+the CUDA-core kernel's speed, and bf16 ones slower; tools/bench_attention.py). XQA gives no
+log-sum-exp, so Hydragen steps decode their rows' own pages with the CUDA-core kernel.
 
 CUDA graphs: a decode-only step of `bs` rows can run inside a captured graph. Each captured size
 has its own decode wrapper whose metadata lives in fixed device buffers (FlashInfer's
@@ -24,6 +25,8 @@ import numpy as np
 import torch
 
 from workers.attention import AttentionBackend, AttentionBatch, cumsum0
+from workers.attention.triton_decode import WorkList
+from workers.attention.triton_decode import decode as triton_decode
 
 WORKSPACE_BYTES = 256 * 1024 * 1024
 
@@ -72,6 +75,8 @@ class _GraphSlot:
 
     def __init__(self, bs: int, max_pages: int, device, workspace, decode_kernel: str):
         i32 = dict(dtype=torch.int32, device=device)
+        # the Triton kernel's work list: at most an item a row and one more a chunk of the pages
+        self.work = WorkList(bs, WorkList.bound_for(bs, max_pages), device) if decode_kernel == "triton" else None
         self.indptr = torch.zeros(bs + 1, **i32)
         self.indices = torch.zeros(max_pages, **i32)
         self.last_len = torch.ones(bs, **i32)
@@ -121,6 +126,10 @@ class FlashInferAttention(AttentionBackend):
         self.decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(self.decode_ws, "NHD",
                                                                   **_decode_args(decode_kernel))
         self.xqa = _Xqa(device, head_dim) if decode_kernel == "xqa" else None
+        # the Triton kernel's planned work (eager: the step's; in a graph: the slot's) and the page
+        # list its offsets index
+        self.work: WorkList | None = None
+        self.work_pages: torch.Tensor | None = None
         # Hydragen: each group's queries against its shared pages, a non-causal prefill-shaped problem
         # (a group's many queries share each key read); runs after `prefill` in the same stream
         self.prefix = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.prefill_ws, "NHD")
@@ -150,13 +159,18 @@ class FlashInferAttention(AttentionBackend):
             slot = self.graph = self.graph_slots[graph_size]
             g = batch.groups
             self.graph_grouped = g is not None
-            if g is None and self.xqa is not None:
+            self.work = slot.work
+            self.work_pages = slot.indices
+            if g is None and self.decode_kernel in ("xqa", "triton"):
                 slot.positions.copy_(batch.positions)
-                self.xqa.plan(batch, graph_lens=slot.lens)
                 # the append's page lists, which the decode wrapper's plan fills otherwise
                 slot.indptr.copy_(batch.page_indptr)
                 slot.indices[: len(batch.page_indices)].copy_(batch.page_indices)
                 slot.last_len.copy_(batch.last_page_len)
+                if self.xqa is not None:
+                    self.xqa.plan(batch, graph_lens=slot.lens)
+                else:
+                    WorkList.of(np.diff(indptr), batch.kv_lens_host, None, into=slot.work)
             elif g is None:
                 slot.positions.copy_(batch.positions)
                 self._plan(slot.wrapper, _pinned(indptr), batch.page_indices, _pinned(last_len), *heads, **common)
@@ -167,6 +181,7 @@ class FlashInferAttention(AttentionBackend):
             self.num_prefill_tokens = 0
             return
         self.graph = None
+        self.work = None
         self.append_args = (batch.token_rows, batch.positions.to(torch.int32), batch.page_indices,
                             batch.page_indptr, batch.last_page_len)
         self.num_prefill_tokens = int(batch.qo_indptr_host[n_pre])
@@ -179,8 +194,16 @@ class FlashInferAttention(AttentionBackend):
             full = np.full(len(g.rows_host), self.cache.page_size)
             self._plan(self.prefix, _pinned(cumsum0(g.rows_host)), _pinned(g.prefix_indptr_host), g.prefix_indices,
                        _pinned(full), *heads, causal=False, **common)
-            self._plan(self.decode, _pinned(g.suffix_indptr_host), g.suffix_indices, _pinned(last_len[n_pre:]),
-                       *heads, **common)
+            if self.decode_kernel == "triton":
+                own_lens = batch.kv_lens_host[n_pre:] - g.suffix_start_host * self.cache.page_size
+                self.work = WorkList.of(np.diff(g.suffix_indptr_host), own_lens, self.cache.data.device)
+                self.work_pages = g.suffix_indices
+            else:
+                self._plan(self.decode, _pinned(g.suffix_indptr_host), g.suffix_indices, _pinned(last_len[n_pre:]),
+                           *heads, **common)
+        elif n_pre < len(last_len) and self.decode_kernel == "triton":
+            self.work = WorkList.of(np.diff(indptr[n_pre:]), batch.kv_lens_host[n_pre:], self.cache.data.device)
+            self.work_pages = batch.page_indices[indptr[n_pre] :]
         elif n_pre < len(last_len) and self.xqa is not None:
             self.xqa.plan(batch)
         elif n_pre < len(last_len):
@@ -205,9 +228,15 @@ class FlashInferAttention(AttentionBackend):
         self._plan(p.wrapper, _pinned(cumsum0(rows)), _pinned(cumsum0(pages)),
                    torch.cat([g.prefix_indices, filler]), _pinned(np.full(p.groups + 1, ps)), *heads,
                    causal=False, **common)
-        self._plan(slot.wrapper, _pinned(g.suffix_indptr_host), g.suffix_indices, _pinned(batch.last_page_len_host),
-                   *heads, **common)
         own_positions = batch.kv_lens_host - 1 - g.suffix_start_host * ps
+        if slot.work is not None:  # the Triton kernel reads the append's page lists
+            slot.indptr.copy_(_pinned(g.suffix_indptr_host), non_blocking=True)
+            slot.indices[: len(g.suffix_indices)].copy_(g.suffix_indices)
+            slot.last_len.copy_(batch.last_page_len)
+            WorkList.of(np.diff(g.suffix_indptr_host), own_positions + 1, None, into=slot.work)
+        else:
+            self._plan(slot.wrapper, _pinned(g.suffix_indptr_host), g.suffix_indices,
+                       _pinned(batch.last_page_len_host), *heads, **common)
         slot.positions.copy_(_pinned(own_positions), non_blocking=True)
         slot.prefix.grouped.copy_(torch.from_numpy(np.arange(bs) < rows[:real].sum()).pin_memory(), non_blocking=True)
 
@@ -231,12 +260,12 @@ class FlashInferAttention(AttentionBackend):
         scales = self._scales(layer)
         slot = self.graph
         if slot is not None and self.graph_grouped:
-            out, lse = slot.wrapper.run(q, kv, return_lse=True, **scales)
+            out, lse = self._rows(layer, q, kv, slot.wrapper, return_lse=True)
             shared, shared_lse = slot.prefix.wrapper.run(q, kv, return_lse=True, **scales)
             flashinfer.merge_state_in_place(out, lse, shared, shared_lse, mask=slot.prefix.grouped)
             return out
         if slot is not None:
-            return self.xqa.run(q, kv, *self.cache.scales[layer]) if self.xqa else slot.wrapper.run(q, kv, **scales)
+            return self._rows(layer, q, kv, slot.wrapper)
         t = self.num_prefill_tokens
         if t == q.shape[0]:
             return self.prefill.run(q, kv, **scales)
@@ -248,12 +277,21 @@ class FlashInferAttention(AttentionBackend):
         k_scale, v_scale = self.cache.scales[layer]
         return {name: s for name, s in (("k_scale", k_scale), ("v_scale", v_scale)) if s != 1.0}
 
+    def _rows(self, layer: int, q, kv, wrapper, return_lse: bool = False):
+        """Decode rows over the pages planned for them: by the Triton kernel, XQA (no log-sum-exp:
+        it plans only steps without Hydragen groups), or FlashInfer's decode wrapper."""
+        if self.work is not None:
+            return triton_decode(q, kv, self.work, self.work_pages, *self.cache.scales[layer], return_lse=return_lse)
+        if self.xqa is not None and not return_lse:
+            return self.xqa.run(q, kv, *self.cache.scales[layer])
+        return wrapper.run(q, kv, return_lse=return_lse, **self._scales(layer))
+
     def _decode(self, layer: int, q, kv, scales: dict):
         if not self.grouped:
-            return self.xqa.run(q, kv, *self.cache.scales[layer]) if self.xqa else self.decode.run(q, kv, **scales)
+            return self._rows(layer, q, kv, self.decode)
         # Hydragen: own pages per row, shared pages per group, merged by their log-sum-exps (both
         # computed with the same k_scale folded into the softmax scale, so they merge as they are)
-        out, lse = self.decode.run(q, kv, return_lse=True, **scales)
+        out, lse = self._rows(layer, q, kv, self.decode, return_lse=True)
         n = self.grouped
         shared, shared_lse = self.prefix.run(q[:n], kv, return_lse=True, **scales)
         flashinfer.merge_state_in_place(out[:n], lse[:n], shared, shared_lse)

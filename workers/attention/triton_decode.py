@@ -1,0 +1,208 @@
+"""Decode attention over the paged KV cache in Triton: one query token a row, every query head of a
+row in one program.
+
+Why its own kernel: decode attention only streams the cache, so its speed is the bytes in flight.
+A page of toka's NHD cache holds K (then V) of all its tokens and kv heads contiguously (16 tokens x
+8 heads x 64 dims of bf16 = 16 KiB on the Llama-3.2-1B shape), so a program that takes a whole row
+loads whole pages: each K tile is [pages x tokens x kv heads, head_dim] read straight from memory,
+multiplied by all the row's query heads at once ([heads, head_dim] @ tile^T on tensor cores) with
+the pairs of a query head and another kv head masked out. The masked products cost kv_heads times
+the useful multiplies, which stays far below the bandwidth's time (64 FLOPs a byte on that shape
+against the H200's ~180).
+
+A row's pages are split in chunks of CHUNK_PAGES (a work item each, so long rows spread over the
+SMs); rows of one chunk write their output directly, others write a float32 partial and its
+log-sum-exp, which a second kernel merges. The work list (item -> row, chunk) is built on the host
+with the step's other metadata. For CUDA graphs the grid is a fixed bound and items past the
+step's count return at once.
+
+An FP8 cache is read as it is: pages are converted to the query type in registers, K's scale folds
+into the softmax scale and V's into the output. Log-sum-exps are base 2, as FlashInfer's are, so
+Hydragen can merge them with its prefix attention's.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from workers.attention import cumsum0
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU builds of torch: the work list below still builds, the kernels do not
+    triton = None
+
+CHUNK_PAGES = 32  # pages of one work item (512 tokens at 16 a page; tools/bench_attention.py)
+PAGES_A_TILE = 1  # pages loaded and multiplied at once
+
+
+def supports(kv_heads: int, head_dim: int, page_size: int) -> bool:
+    """Whether the kernel builds for this shape: its tiles are powers of two."""
+    return triton is not None and all(n & (n - 1) == 0 for n in (kv_heads, head_dim, page_size)) and head_dim >= 16
+
+
+if triton is not None:
+
+    @triton.jit
+    def _chunk_kernel(Q, KV, Out, Lse, PartO, PartLse, work_row, work_chunk, n_work, page_indptr, page_indices, kv_lens,
+                      qk_scale, v_scale, q_row_stride, q_head_stride, o_row_stride, o_head_stride, page_stride, v_offset,
+                      HQ: tl.constexpr, HQ_PAD: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, PS: tl.constexpr,
+                      PB: tl.constexpr, CHUNK: tl.constexpr, WRITE_LSE: tl.constexpr):
+        w = tl.program_id(0)
+        if w >= tl.load(n_work):
+            return
+        row = tl.load(work_row + w).to(tl.int64)
+        lo = tl.load(page_indptr + row)
+        hi = tl.load(page_indptr + row + 1)
+        kv_len = tl.load(kv_lens + row)
+        first = lo + tl.load(work_chunk + w) * CHUNK
+        end = tl.minimum(first + CHUNK, hi)
+        h = tl.arange(0, HQ_PAD)
+        d = tl.arange(0, D)
+        q = tl.load(Q + row * q_row_stride + h[:, None] * q_head_stride + d[None, :], mask=(h < HQ)[:, None], other=0.0)
+        # tile row i: page i // (PS * HKV) of the tile, then token and kv head in NHD order
+        N: tl.constexpr = PB * PS * HKV
+        i = tl.arange(0, N)
+        tile_page = i // (PS * HKV)
+        within = i % (PS * HKV)
+        # padding query heads read kv head 0, so that their (unused) softmax stays finite
+        kv_head = tl.where(h < HQ, h // (HQ // HKV), 0)
+        pair = kv_head[:, None] == (within % HKV)[None, :]
+        m = tl.full([HQ_PAD], float("-inf"), tl.float32)
+        s_sum = tl.zeros([HQ_PAD], tl.float32)
+        acc = tl.zeros([HQ_PAD, D], tl.float32)
+        for p in range(first, end, PB):
+            idx = p + tile_page
+            live = idx < end
+            page = tl.load(page_indices + idx, mask=live, other=0).to(tl.int64)
+            at = page * page_stride + within * D
+            k = tl.load(KV + at[:, None] + d[None, :], mask=live[:, None], other=0.0).to(q.dtype)
+            v = tl.load(KV + v_offset + at[:, None] + d[None, :], mask=live[:, None], other=0.0).to(q.dtype)
+            s = tl.dot(q, tl.trans(k))
+            pos = (idx - lo) * PS + within // HKV
+            s = tl.where(pair & (pos < kv_len)[None, :], s * qk_scale, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, 1))  # finite: a chunk's first page has a token for every head
+            alpha = tl.exp2(m - m_new)
+            prob = tl.exp2(s - m_new[:, None])
+            s_sum = s_sum * alpha + tl.sum(prob, 1)
+            acc = acc * alpha[:, None] + tl.dot(prob.to(q.dtype), v)
+            m = m_new
+        if tl.cdiv(hi - lo, CHUNK) == 1:
+            out = acc / s_sum[:, None] * v_scale
+            tl.store(Out + row * o_row_stride + h[:, None] * o_head_stride + d[None, :], out.to(Out.dtype.element_ty),
+                     mask=(h < HQ)[:, None])
+            if WRITE_LSE:
+                tl.store(Lse + row * HQ + h, m + tl.log2(s_sum), mask=h < HQ)
+        else:
+            tl.store(PartO + w * HQ_PAD * D + h[:, None] * D + d[None, :], acc / s_sum[:, None])
+            tl.store(PartLse + w * HQ_PAD + h, m + tl.log2(s_sum))
+
+
+    @triton.jit
+    def _merge_kernel(Out, Lse, PartO, PartLse, work_start, page_indptr, v_scale, o_row_stride, o_head_stride,
+                      HQ: tl.constexpr, HQ_PAD: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr,
+                      WRITE_LSE: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        n = tl.cdiv(tl.load(page_indptr + row + 1) - tl.load(page_indptr + row), CHUNK)
+        if n == 1:
+            return
+        start = tl.load(work_start + row)
+        h = tl.arange(0, HQ_PAD)
+        d = tl.arange(0, D)
+        m = tl.full([HQ_PAD], float("-inf"), tl.float32)
+        s_sum = tl.zeros([HQ_PAD], tl.float32)
+        acc = tl.zeros([HQ_PAD, D], tl.float32)
+        for c in range(n):
+            w = start + c
+            lse = tl.load(PartLse + w * HQ_PAD + h)
+            part = tl.load(PartO + w * HQ_PAD * D + h[:, None] * D + d[None, :])
+            m_new = tl.maximum(m, lse)
+            alpha = tl.exp2(m - m_new)
+            beta = tl.exp2(lse - m_new)
+            acc = acc * alpha[:, None] + part * beta[:, None]
+            s_sum = s_sum * alpha + beta
+            m = m_new
+        out = acc / s_sum[:, None] * v_scale
+        tl.store(Out + row * o_row_stride + h[:, None] * o_head_stride + d[None, :], out.to(Out.dtype.element_ty),
+                 mask=(h < HQ)[:, None])
+        if WRITE_LSE:
+            tl.store(Lse + row * HQ + h, m + tl.log2(s_sum), mask=h < HQ)
+
+
+class WorkList:
+    """A step's decode rows as work items, in one int32 device buffer filled by one copy: each item's
+    row and chunk, each row's first item, the item count, and the rows' page offsets (into the page
+    list the kernel is given) and KV lengths. `bound` items (a graph's fixed grid) or the step's."""
+
+    def __init__(self, rows: int, bound: int, device, chunk: int = CHUNK_PAGES):
+        self.rows, self.bound, self.chunk = rows, bound, chunk
+        self.buffer = torch.zeros(2 * bound + 3 * rows + 3, dtype=torch.int32, device=device)
+        parts = torch.split(self.buffer, [bound, bound, rows + 1, 1, rows + 1, rows])
+        self.item_row, self.item_chunk, self.row_start, self.count, self.page_indptr, self.kv_lens = parts
+
+    @staticmethod
+    def host(pages: np.ndarray, kv_lens: np.ndarray, bound: int | None = None, chunk: int = CHUNK_PAGES) -> np.ndarray:
+        """The buffer's contents for rows of these page counts and KV lengths (int64 host)."""
+        chunks = (pages + chunk - 1) // chunk
+        start = cumsum0(chunks)
+        items, rows = int(start[-1]), len(pages)
+        bound = items if bound is None else bound
+        if items > bound:
+            raise ValueError(f"{items} decode work items; the buffer holds {bound}")
+        item_row = np.repeat(np.arange(rows), chunks)
+        out = np.zeros(2 * bound + 3 * rows + 3, dtype=np.int32)
+        out[:items] = item_row
+        out[bound : bound + items] = np.arange(items) - start[item_row]
+        at = 2 * bound
+        out[at : at + rows + 1] = start
+        out[at + rows + 1] = items
+        out[at + rows + 2 : at + 2 * rows + 3] = cumsum0(pages)
+        out[at + 2 * rows + 3 :] = kv_lens
+        return out
+
+    @classmethod
+    def of(cls, pages: np.ndarray, kv_lens: np.ndarray, device, into: WorkList | None = None) -> WorkList:
+        """The work list of these rows on the device: copied into `into` (a graph's, whose buffer the
+        replays read) or into a new one sized to the step."""
+        host = cls.host(pages, kv_lens, into.bound if into is not None else None)
+        if into is None:
+            into = cls(len(pages), (len(host) - 3 * len(pages) - 3) // 2, device)
+        into.buffer.copy_(torch.from_numpy(host).pin_memory(), non_blocking=True)
+        return into
+
+    @staticmethod
+    def bound_for(rows: int, pages: int, chunk: int = CHUNK_PAGES) -> int:
+        """The most items `rows` rows holding `pages` pages in all can make."""
+        return rows + pages // chunk
+
+
+def decode(q: torch.Tensor, kv: torch.Tensor, work: WorkList, page_indices: torch.Tensor, k_scale: float = 1.0,
+           v_scale: float = 1.0, return_lse: bool = False, pages_a_tile: int = PAGES_A_TILE, num_warps: int = 4,
+           num_stages: int = 2):
+    """Attention of q ([rows, heads, head_dim], one token a row; any strides but the last) over each
+    row's pages (the work list's offsets into page_indices, int32) of one layer's cache kv ([pages,
+    2, page_size, kv_heads, head_dim]), its K and V stored divided by k_scale and v_scale. Returns
+    out [rows, heads, head_dim] in q's type, and with return_lse the base-2 log-sum-exps [rows,
+    heads] (float32). Four warps and a two-stage pipeline measured best on the H200."""
+    rows, hq, dim = q.shape
+    _, _, ps, hkv, _ = kv.shape
+    hq_pad = max(16, triton.next_power_of_2(hq))  # tensor-core tiles have 16 rows or more
+    out = torch.empty(rows, hq, dim, dtype=q.dtype, device=q.device)
+    lse = torch.empty(rows, hq, dtype=torch.float32, device=q.device) if return_lse else out
+    part_o = torch.empty(work.bound, hq_pad, dim, dtype=torch.float32, device=q.device)
+    part_lse = torch.empty(work.bound, hq_pad, dtype=torch.float32, device=q.device)
+    qk_scale = dim**-0.5 * k_scale * math.log2(math.e)
+    pages_a_tile = max(pages_a_tile, triton.cdiv(16, ps * hkv))  # a tile of 16 tokens x heads at least (tl.dot's)
+    shape = dict(HQ=hq, HQ_PAD=hq_pad, D=dim, WRITE_LSE=return_lse)
+    _chunk_kernel[(work.bound,)](
+        q, kv, out, lse, part_o, part_lse, work.item_row, work.item_chunk, work.count, work.page_indptr,
+        page_indices, work.kv_lens, qk_scale, v_scale, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        kv.stride(0), kv.stride(1), HKV=hkv, PS=ps, PB=pages_a_tile, CHUNK=work.chunk, num_warps=num_warps,
+        num_stages=num_stages, **shape)
+    _merge_kernel[(rows,)](out, lse, part_o, part_lse, work.row_start, work.page_indptr, v_scale, out.stride(0),
+                           out.stride(1), CHUNK=work.chunk, **shape)
+    return (out, lse) if return_lse else out

@@ -37,7 +37,7 @@ MIN_KEY_BYTES = 16
 # flags whose values every node must share: they decide what each rank computes and how the
 # scheduler plans for it. The others (addresses, files, logging) may differ from node to node.
 SHARED_FLAGS = ("nnodes", "dp", "pp", "tp", "device", "dtype", "kv_cache_dtype", "quantization", "load_format", "seed",
-                "page_size", "max_seqs", "max_tokens_per_forward", "max_model_len", "steps_ahead", "cuda_graphs",
+                "page_size", "max_seqs", "max_tokens_per_forward", "max_model_len", "steps_ahead", "cuda_graphs", "piecewise_graphs",
                 "cuda_graph_max_batch", "decode_attention", "logprobs_mode", "prefix_caching", "hydragen")
 
 

@@ -78,6 +78,11 @@ class EngineConfig:
     drain_timeout: float = _flag("seconds SIGTERM or SIGINT waits for in-flight requests", default=30.0)
     step_timeout: float = _flag("seconds a step may take before the engine counts as hung", default=600.0)
     cuda_graphs: bool = _flag("capture decode steps in CUDA graphs", default=True)
+    piecewise_graphs: bool = _flag("with --cuda-graphs, also capture the other steps (mixed, prefill) by their "
+                                   "token count, in sizes of 128 up to --max-tokens-per-forward, as CUDA graphs "
+                                   "cut at each layer's attention (which runs eagerly between them); one "
+                                   "pipeline stage only; off by default until measured against eager steps "
+                                   "on one card (docs/performance.md)", default=False)
     prefix_caching: bool = _flag("reuse the KV cache pages of prompt prefixes computed before", default=True)
     hydragen: bool | None = _flag(
         "attend to a prefix shared by many decoding sequences once for all of them (default: on with "

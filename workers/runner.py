@@ -44,6 +44,44 @@ class Launched:
     prompt: list[PromptLogprobs]
 
 
+class Pieces:
+    """Stands in for the attention backend while a forward is captured: each layer's call copies its
+    q, k, v into fixed buffers, ends the graph being captured and begins the next, which reads the
+    attention output from a fixed buffer too. `replay()` then runs the graphs with the real
+    backend's attention between them. Without a pool (a warm-up) it only copies."""
+
+    def __init__(self, buffers: list[torch.Tensor], pool=None):
+        self.buffers = buffers  # q, k, v, out: [tokens, heads, head_dim] each, the largest size's
+        self.pool = pool
+        self.graphs: list[torch.cuda.CUDAGraph] = []
+        self.layers: list[int] = []
+
+    def begin(self) -> None:
+        self.graphs.append(torch.cuda.CUDAGraph())
+        self.graphs[-1].capture_begin(pool=self.pool)
+
+    def end(self) -> None:
+        self.graphs[-1].capture_end()
+
+    def forward(self, layer: int, q, k, v) -> torch.Tensor:
+        n = q.shape[0]
+        for buffer, x in zip(self.buffers, (q, k, v)):
+            buffer[:n].copy_(x)
+        self.layers.append(layer)
+        if self.pool is not None:
+            self.end()
+            self.begin()
+        return self.buffers[3][:n]
+
+    def replay(self, attn: AttentionBackend, tokens: int) -> None:
+        """The captured forward, attention for the first `tokens` tokens (attn planned for them)."""
+        q, k, v, out = (b[:tokens] for b in self.buffers)
+        for graph, layer in zip(self.graphs, self.layers):
+            graph.replay()
+            out.copy_(attn.forward(layer, q, k, v))
+        self.graphs[-1].replay()
+
+
 class ModelRunner:
     def __init__(self, model, attn: AttentionBackend, max_seqs: int, page_size: int, device: torch.device,
                  scratch_page: int, max_pages_per_seq: int, raw_logprobs: bool = True, pipe: Pipe | None = None):
@@ -80,6 +118,8 @@ class ModelRunner:
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.grouped_graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.min_group = 0
+        # other steps' forwards by token count, captured in pieces between attention calls (capture_pieces)
+        self.pieces: dict[int, Pieces] = {}
 
     def to_device(self, values, dtype=torch.int64) -> torch.Tensor:
         """Host values (list or numpy) as a device tensor; one pinned, asynchronous copy on CUDA."""
@@ -195,7 +235,16 @@ class ModelRunner:
         batch, slots = self._attention_batch(plan.slots, plan.q_lens, plan.kv_lens, plan.num_prefill,
                                              plan.group_rows, plan.group_pages)
         self.attn.plan(batch)
-        hidden = self.model(self._inputs(plan, slots), ForwardContext(self.attn, batch.positions, batch.seq_lens))
+        inputs = self._inputs(plan, slots)
+        tokens = len(batch.positions)
+        size = min((s for s in self.pieces if s >= tokens), default=None)
+        if size is not None:
+            self.p_ids[:tokens].copy_(inputs)
+            self.p_pos[:tokens].copy_(batch.positions)
+            self.p_seq[:tokens].copy_(batch.seq_lens)
+            self.pieces[size].replay(self.attn, tokens)
+            return self.p_out[:tokens], batch.qo_indptr_host
+        hidden = self.model(inputs, ForwardContext(self.attn, batch.positions, batch.seq_lens))
         return hidden, batch.qo_indptr_host
 
     def _inputs(self, plan: StepPlan, slots: torch.Tensor) -> torch.Tensor:
@@ -215,7 +264,8 @@ class ModelRunner:
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.attn.cache.data.dtype
+        """Of the hidden states and queries: the model's (an FP8 cache's pages are not)."""
+        return getattr(self.attn, "dtype", self.attn.cache.data.dtype)
 
     # ---- CUDA graphs ---------------------------------------------------------------------------
     def capture_graphs(self, sizes: list[int], min_group: int = 0) -> None:
@@ -255,6 +305,36 @@ class ModelRunner:
         with torch.cuda.graph(graph, pool=pool):
             out = self.model(self.g_ids[:bs], ctx)
         return graph, out
+
+    def capture_pieces(self, sizes: list[int]) -> None:
+        """Captures the forward of steps of each token count in `sizes` as CUDA graphs cut at every
+        layer's attention, which runs eagerly between them on the step's own plan: mixed and prefill
+        steps then launch a graph a layer instead of a dozen kernels, and a step of fewer tokens runs
+        in the next size up (the padding tokens' rows are computed and dropped; attention and the
+        KV append see only the real ones). One stage only: a pipeline's stages run eagerly."""
+        layer = next(iter(self.model.model.layers.values())).self_attn
+        n = max(sizes)
+        i64 = dict(dtype=torch.int64, device=self.device)
+        self.p_ids, self.p_pos, self.p_seq = torch.zeros(n, **i64), torch.zeros(n, **i64), torch.ones(n, **i64)
+        heads = (layer.num_heads, layer.num_kv_heads, layer.num_kv_heads, layer.num_heads)
+        buffers = [torch.zeros(n, h, layer.head_dim, dtype=self.dtype, device=self.device) for h in heads]
+        # every size's output goes to this one buffer (a graph's own output would stay allocated per size)
+        self.p_out = torch.zeros(n, self.model.config.hidden_size, dtype=self.dtype, device=self.device)
+        pool = torch.cuda.graph_pool_handle()
+        stream = torch.cuda.Stream()
+        for size in sorted(sizes, reverse=True):
+            ctx = lambda attn, size=size: ForwardContext(attn, self.p_pos[:size], self.p_seq[:size])  # noqa: E731
+            self.model(self.p_ids[:size], ctx(Pieces(buffers)))  # warm-up outside the graphs
+            pieces = Pieces(buffers, pool)
+            torch.cuda.synchronize()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                pieces.begin()
+                self.p_out[:size].copy_(self.model(self.p_ids[:size], ctx(pieces)))
+                pieces.end()
+            torch.cuda.current_stream().wait_stream(stream)
+            self.pieces[size] = pieces
+        torch.cuda.synchronize()
 
     def _plan_graph(self, bs: int, slots: list[int], kv_lens: list[int], group_rows=(), group_pages=()) -> torch.Tensor:
         batch, slots_d = self._attention_batch(slots, [1] * bs, kv_lens, 0, group_rows, group_pages)

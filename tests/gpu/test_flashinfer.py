@@ -146,6 +146,48 @@ def test_cuda_graph_and_eager_give_the_same_tokens(tmp_path, decode_attention):
     assert outputs[0] == outputs[1]
 
 
+def test_prefill_and_mixed_steps_in_pieces_give_the_eager_tokens(tmp_path):
+    """Three prompts prefilled, three decode steps, a fourth prompt prefilled beside the three
+    decoding rows (a mixed step), four decode steps: with CUDA graphs (the prefill and mixed steps
+    replay pieces of 256 tokens, cut at each attention) and without, the same tokens, and logprobs
+    to rounding (cuBLAS may pick other kernels for the padded row count)."""
+    from tests.helpers import local_runner, prefill_plan
+    from toka.protocol import SeqParams, StepPlan
+    from tools.make_model import make_model
+
+    path = make_model("small-llama", tmp_path / "m", dtype="bfloat16")
+    outputs = []
+    for graphs in (False, True):
+        runner = local_runner(str(path), dtype="bfloat16", device="cuda", kv_tokens=4096, max_seqs=16,
+                              cuda_graphs=graphs)
+        assert bool(runner.pieces) == graphs
+        plan = prefill_plan(0, [[(7 * r + i) % 500 for i in range(5 + 40 * r)] for r in range(3)], PAGE)
+        results = [runner.step(plan)]
+        kv_lens = list(plan.kv_lens)
+        num_pages = [-(-n // PAGE) for n in kv_lens]
+        nxt = max(plan.table_pages) + 1
+        for step in range(1, 9):
+            if step == 4:  # slot 3 prefills 150 tokens (the first row) while slots 0-2 decode
+                kv_lens, (slots, cols, pages), nxt = next_decode_step(kv_lens, num_pages, nxt)
+                own = -(-150 // PAGE)
+                writes = ([3] * own + slots, list(range(own)) + cols, list(range(nxt, nxt + own)) + pages)
+                nxt += own
+                plan = StepPlan(step, [3, 0, 1, 2], [3, 0, 1, 2], [150, 1, 1, 1], [150, *kv_lens], [True] * 4, 1,
+                                [(3 * i + 1) % 500 for i in range(150)], *writes, [SeqParams(slot=3)])
+                kv_lens.append(150)
+                num_pages.append(own)
+            else:
+                kv_lens, writes, nxt = next_decode_step(kv_lens, num_pages, nxt)
+                rows = list(range(len(kv_lens)))
+                plan = StepPlan(step, rows, rows, [1] * len(rows), kv_lens, [True] * len(rows), 0, [], *writes)
+            results.append(runner.step(plan))
+        outputs.append(results)
+    eager, pieces = outputs
+    assert [r.tokens for r in eager] == [r.tokens for r in pieces]
+    diff = max(abs(a - b) for x, y in zip(eager, pieces) for a, b in zip(x.logprobs, y.logprobs))
+    assert diff <= 0.02, diff
+
+
 @pytest.mark.parametrize("decode_attention", ["triton", "cuda-cores"])
 def test_hydragen_steps_in_cuda_graphs_give_the_eager_tokens(tmp_path, decode_attention):
     """Two groups of five rows, each group's rows sharing a prompt of two pages and having their own

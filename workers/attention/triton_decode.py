@@ -47,7 +47,11 @@ def supports(kv_heads: int, head_dim: int, page_size: int) -> bool:
 
 if triton is not None:
 
-    @triton.jit
+    # The work list's parts and the page lists are views at offsets that change from step to step:
+    # specialized on their 16-byte alignment, each new combination would compile while serving
+    _VIEWS = ["work_row", "work_chunk", "n_work", "page_indptr", "page_indices", "kv_lens"]
+
+    @triton.jit(do_not_specialize=_VIEWS)
     def _chunk_kernel(Q, KV, Out, Lse, PartO, PartLse, work_row, work_chunk, n_work, page_indptr, page_indices, kv_lens,
                       qk_scale, v_scale, q_row_stride, q_head_stride, o_row_stride, o_head_stride, page_stride, v_offset,
                       HQ: tl.constexpr, HQ_PAD: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, PS: tl.constexpr,
@@ -102,7 +106,7 @@ if triton is not None:
             tl.store(PartLse + w * HQ_PAD + h, m + tl.log2(s_sum))
 
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["work_start", "page_indptr"])
     def _merge_kernel(Out, Lse, PartO, PartLse, work_start, page_indptr, v_scale, o_row_stride, o_head_stride,
                       HQ: tl.constexpr, HQ_PAD: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr,
                       WRITE_LSE: tl.constexpr):

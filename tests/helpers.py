@@ -31,7 +31,8 @@ def free_port() -> int:
 
 def local_runner(model: str, dtype: str = "float32", device: str = "cpu", kv_tokens: int = 8192, max_seqs: int = 16,
                  cuda_graphs: bool = False, max_model_len: int | None = None, decode_attention: str = "auto",
-                 stages: int = 1, stage: int = 0, pipe=None, hydragen_min_group: int = 16):
+                 stages: int = 1, stage: int = 0, pipe=None, hydragen_min_group: int = 16,
+                 piecewise_graphs: bool = False):
     """A rank's ModelRunner in this process, for driving step plans directly. `max_model_len` may
     exceed the model's context window, for rope extrapolation tests that plan longer sequences.
     `stages`, `stage`, `pipe`: one stage of a pipeline (see local_pipeline)."""
@@ -39,7 +40,7 @@ def local_runner(model: str, dtype: str = "float32", device: str = "cpu", kv_tok
 
     cfg = EngineConfig(model=model, device=device, dtype=dtype, kv_cache_tokens=kv_tokens, max_seqs=max_seqs,
                        cuda_graphs=cuda_graphs, cuda_graph_max_batch=max_seqs, decode_attention=decode_attention,
-                       hydragen_min_group=hydragen_min_group).resolve()
+                       hydragen_min_group=hydragen_min_group, piecewise_graphs=piecewise_graphs).resolve()
     cfg.max_model_len = max_model_len or cfg.max_model_len
     cfg.pp = stages  # after resolve(): the stages share this process and its device
     runner, _ = build(cfg, stage, pipe)

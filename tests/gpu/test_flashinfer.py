@@ -159,7 +159,7 @@ def test_prefill_and_mixed_steps_in_pieces_give_the_eager_tokens(tmp_path):
     outputs = []
     for graphs in (False, True):
         runner = local_runner(str(path), dtype="bfloat16", device="cuda", kv_tokens=4096, max_seqs=16,
-                              cuda_graphs=graphs)
+                              cuda_graphs=graphs, piecewise_graphs=graphs)
         assert bool(runner.pieces) == graphs
         plan = prefill_plan(0, [[(7 * r + i) % 500 for i in range(5 + 40 * r)] for r in range(3)], PAGE)
         results = [runner.step(plan)]

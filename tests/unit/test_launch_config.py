@@ -178,3 +178,19 @@ def test_triton_decode_is_chosen_where_it_builds_and_refused_elsewhere(tiny_mode
     assert rank.decode_kernel(float32, 8, 64) == "cuda-cores"
     monkeypatch.setattr(triton_decode, "triton", None)
     assert rank.decode_kernel(auto, 8, 64) == "cuda-cores"
+
+
+def test_pieces_are_captured_on_one_cuda_stage_in_sizes_of_128_tokens(tiny_models, monkeypatch):
+    from workers import rank
+
+    assert rank.piece_sizes(8192) == list(range(128, 8193, 128))
+    assert rank.piece_sizes(1000)[-2:] == [896, 1000]
+    model = tiny_models["tiny-llama"]
+    assert not rank.pieces_wanted(parse_args(["--model", model, "--device", "cpu", "--piecewise-graphs"]).resolve())
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    on = ["--model", model, "--dtype", "bfloat16", "--piecewise-graphs"]
+    assert rank.pieces_wanted(parse_args(on).resolve())
+    assert not rank.pieces_wanted(parse_args(on + ["--pp", "2"]).resolve())
+    assert not rank.pieces_wanted(parse_args(on + ["--no-cuda-graphs"]).resolve())
+    assert not rank.pieces_wanted(parse_args(on[:-1]).resolve())  # off by default

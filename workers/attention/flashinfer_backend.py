@@ -82,7 +82,9 @@ class _GraphSlot:
         self.last_len = torch.ones(bs, **i32)
         self.rows = torch.arange(bs, **i32)
         self.positions = torch.zeros(bs, **i32)
-        self.wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+        # the Triton kernel reads the buffers above itself; FlashInfer's wrapper (its plan space ~8 MiB)
+        # serves the other kernels, and XQA's Hydragen steps
+        self.wrapper = None if decode_kernel == "triton" else flashinfer.BatchDecodeWithPagedKVCacheWrapper(
             workspace, "NHD", use_cuda_graph=True, paged_kv_indptr_buffer=self.indptr,
             paged_kv_indices_buffer=self.indices, paged_kv_last_page_len_buffer=self.last_len,
             **_decode_args(decode_kernel),

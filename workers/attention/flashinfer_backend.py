@@ -10,8 +10,9 @@ the CUDA-core kernel's speed, and bf16 ones slower; tools/bench_attention.py). X
 log-sum-exp, so Hydragen steps decode their rows' own pages with the CUDA-core kernel.
 
 CUDA graphs: a decode-only step of `bs` rows can run inside a captured graph. Each captured size
-has its own decode wrapper whose metadata lives in fixed device buffers (FlashInfer's
-use_cuda_graph mode) and fixed buffers for the append; `plan()` refills them before a replay.
+has fixed buffers for the append's page lists and the decode kernel's inputs (the Triton
+kernel's work list, XQA's table, or a decode wrapper in FlashInfer's use_cuda_graph mode);
+`plan()` refills them before a replay.
 A size captured with Hydragen groups also has a prefix wrapper of `groups + 1` fixed entries:
 the step's groups, empty ones after them, and a last one holding every row in no group, so the
 planner always sees the same number of groups and of query rows (its tile sizes and work lists

@@ -323,14 +323,14 @@ class ModelRunner:
         pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream()
         for size in sorted(sizes, reverse=True):
-            ctx = lambda attn, size=size: ForwardContext(attn, self.p_pos[:size], self.p_seq[:size])  # noqa: E731
-            self.model(self.p_ids[:size], ctx(Pieces(buffers)))  # warm-up outside the graphs
+            ids, pos, seq = self.p_ids[:size], self.p_pos[:size], self.p_seq[:size]
+            self.model(ids, ForwardContext(Pieces(buffers), pos, seq))  # warm-up outside the graphs
             pieces = Pieces(buffers, pool)
             torch.cuda.synchronize()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
                 pieces.begin()
-                self.p_out[:size].copy_(self.model(self.p_ids[:size], ctx(pieces)))
+                self.p_out[:size].copy_(self.model(ids, ForwardContext(pieces, pos, seq)))
                 pieces.end()
             torch.cuda.current_stream().wait_stream(stream)
             self.pieces[size] = pieces

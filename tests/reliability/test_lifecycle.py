@@ -103,7 +103,7 @@ FAILURES = {
     "KV cache beyond memory": (lambda m, tmp: ["--model", m["tiny-llama"], "--kv-cache-tokens", str(10**13)],
                                "lower --kv-cache-tokens"),
     "unknown decode kernel": (lambda m, tmp: ["--model", m["tiny-llama"], "--decode-attention", "fa3"],
-                              "--decode-attention must be cuda-cores, tensor-cores, xqa"),
+                              "--decode-attention must be auto, triton, cuda-cores, tensor-cores, xqa"),
     "several nodes without an address": (lambda m, tmp: ["--model", m["tiny-llama"], "--nnodes", "2", "--dp", "2"],
                                          "--nnodes 2 needs --dist-init-addr HOST:PORT"),
 }

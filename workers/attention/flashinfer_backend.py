@@ -173,7 +173,7 @@ class FlashInferAttention(AttentionBackend):
                 if self.xqa is not None:
                     self.xqa.plan(batch, graph_lens=slot.lens)
                 else:
-                    WorkList.of(np.diff(indptr), batch.kv_lens_host, None, into=slot.work)
+                    WorkList.of(np.diff(indptr), batch.kv_lens_host, into=slot.work)
             elif g is None:
                 slot.positions.copy_(batch.positions)
                 self._plan(slot.wrapper, _pinned(indptr), batch.page_indices, _pinned(last_len), *heads, **common)
@@ -236,7 +236,7 @@ class FlashInferAttention(AttentionBackend):
             slot.indptr.copy_(_pinned(g.suffix_indptr_host), non_blocking=True)
             slot.indices[: len(g.suffix_indices)].copy_(g.suffix_indices)
             slot.last_len.copy_(batch.last_page_len)
-            WorkList.of(np.diff(g.suffix_indptr_host), own_positions + 1, None, into=slot.work)
+            WorkList.of(np.diff(g.suffix_indptr_host), own_positions + 1, into=slot.work)
         else:
             self._plan(slot.wrapper, _pinned(g.suffix_indptr_host), g.suffix_indices,
                        _pinned(batch.last_page_len_host), *heads, **common)

@@ -152,12 +152,16 @@ class WorkList:
         self.item_row, self.item_chunk, self.row_start, self.count, self.page_indptr, self.kv_lens = parts
 
     @staticmethod
-    def host(pages: np.ndarray, kv_lens: np.ndarray, bound: int | None = None, chunk: int = CHUNK_PAGES) -> np.ndarray:
+    def chunks_of(pages: np.ndarray, chunk: int = CHUNK_PAGES) -> np.ndarray:
+        """Work items a row for rows of these page counts."""
+        return (pages + chunk - 1) // chunk
+
+    @staticmethod
+    def host(pages: np.ndarray, kv_lens: np.ndarray, bound: int, chunk: int = CHUNK_PAGES) -> np.ndarray:
         """The buffer's contents for rows of these page counts and KV lengths (int64 host)."""
-        chunks = (pages + chunk - 1) // chunk
+        chunks = WorkList.chunks_of(pages, chunk)
         start = cumsum0(chunks)
         items, rows = int(start[-1]), len(pages)
-        bound = items if bound is None else bound
         if items > bound:
             raise ValueError(f"{items} decode work items; the buffer holds {bound}")
         item_row = np.repeat(np.arange(rows), chunks)
@@ -172,12 +176,12 @@ class WorkList:
         return out
 
     @classmethod
-    def of(cls, pages: np.ndarray, kv_lens: np.ndarray, device, into: WorkList | None = None) -> WorkList:
+    def of(cls, pages: np.ndarray, kv_lens: np.ndarray, device=None, into: WorkList | None = None) -> WorkList:
         """The work list of these rows on the device: copied into `into` (a graph's, whose buffer the
-        replays read) or into a new one sized to the step."""
-        host = cls.host(pages, kv_lens, into.bound if into is not None else None)
+        replays read) or into a new one on `device` sized to the step."""
         if into is None:
-            into = cls(len(pages), (len(host) - 3 * len(pages) - 3) // 2, device)
+            into = cls(len(pages), int(cls.chunks_of(pages).sum()), device)
+        host = cls.host(pages, kv_lens, into.bound, into.chunk)
         into.buffer.copy_(torch.from_numpy(host).pin_memory(), non_blocking=True)
         return into
 

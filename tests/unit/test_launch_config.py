@@ -15,6 +15,17 @@ from toka.config import ConfigError, EngineConfig, make_parser, parse_args
 from toka.launch import check_listen_address, open_files_warning
 
 
+def pretend_cuda(monkeypatch, gpus: int = 1) -> None:
+    """torch reports `gpus` CUDA devices, so the launcher's checks run as on a GPU host."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+
+
+def pretend_capability(monkeypatch, capability: tuple[int, int], name: str = "NVIDIA A100") -> None:
+    """The GPU a rank checks is `name` of this compute capability."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: name)
+
 def test_served_model_name_takes_aliases_and_responses_report_the_first(tiny_models):
     cfg = parse_args(["--model", tiny_models["tiny-llama"], "--device", "cpu",
                       "--served-model-name", "alpha", "beta", "gamma"]).resolve()
@@ -119,20 +130,18 @@ def test_fp8_options_are_refused_where_they_cannot_run(tiny_models, monkeypatch)
     cfg = parse_args(["--model", model, "--device", "cpu"]).resolve()
     assert cfg.kv_cache_dtype == "auto" and cfg.quantization is None and cfg.kv_dtype == torch.float32
     # on CUDA: the launcher checks the dtype; each rank checks its GPU's compute capability
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    pretend_cuda(monkeypatch)
     with pytest.raises(ConfigError, match="runs with --dtype bfloat16 or float16, not float32"):
         parse_args(["--model", model, "--kv-cache-dtype", "fp8", "--dtype", "float32"]).resolve()
     cfg = parse_args(["--model", model, "--kv-cache-dtype", "fp8", "--quantization", "fp8"]).resolve()
     assert cfg.kv_cache_dtype == "fp8_e4m3" and cfg.kv_dtype == torch.float8_e4m3fn
     from workers import rank
 
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (8, 0))
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "NVIDIA A100")
+    pretend_capability(monkeypatch, (8, 0))
     with pytest.raises(RuntimeError, match=re.escape("--kv-cache-dtype fp8_e4m3 and --quantization fp8 need FP8 "
                                                      "tensor cores (compute capability 8.9 or later); NVIDIA A100")):
         rank.check_capability(cfg, torch.device("cuda:0"))
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (9, 0))
+    pretend_capability(monkeypatch, (9, 0))
     rank.check_capability(cfg, torch.device("cuda:0"))
 
 
@@ -142,15 +151,13 @@ def test_xqa_decode_is_refused_where_it_cannot_run(tiny_models, monkeypatch):
     model = tiny_models["tiny-llama"]
     with pytest.raises(ConfigError, match="--decode-attention xqa is a CUDA kernel: it needs --device cuda"):
         parse_args(["--model", model, "--device", "cpu", "--decode-attention", "xqa"]).resolve()
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "NVIDIA A100")
+    pretend_cuda(monkeypatch)
     cfg = parse_args(["--model", model, "--dtype", "bfloat16", "--decode-attention", "xqa"]).resolve()
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (8, 0))
+    pretend_capability(monkeypatch, (8, 0))
     with pytest.raises(RuntimeError, match=re.escape("--decode-attention xqa runs on sm90, sm100 and sm120 GPUs; "
                                                      "NVIDIA A100 on cuda:0 has 8.0")):
         rank.check_capability(cfg, torch.device("cuda:0"))
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (9, 0))
+    pretend_capability(monkeypatch, (9, 0))
     rank.check_capability(cfg, torch.device("cuda:0"))
 
 
@@ -163,8 +170,7 @@ def test_triton_decode_is_chosen_where_it_builds_and_refused_elsewhere(tiny_mode
     model = tiny_models["tiny-llama"]
     with pytest.raises(ConfigError, match="--decode-attention triton is a CUDA kernel: it needs --device cuda"):
         parse_args(["--model", model, "--device", "cpu", "--decode-attention", "triton"]).resolve()
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    pretend_cuda(monkeypatch)
     auto = parse_args(["--model", model, "--dtype", "bfloat16"]).resolve()
     asked = parse_args(["--model", model, "--dtype", "bfloat16", "--decode-attention", "triton"]).resolve()
     monkeypatch.setattr(triton_decode, "triton", object())  # as if installed
@@ -187,8 +193,7 @@ def test_pieces_are_captured_on_one_cuda_stage_in_sizes_of_128_tokens(tiny_model
     assert rank.piece_sizes(1000)[-2:] == [896, 1000]
     model = tiny_models["tiny-llama"]
     assert not rank.pieces_wanted(parse_args(["--model", model, "--device", "cpu", "--piecewise-graphs"]).resolve())
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    pretend_cuda(monkeypatch, gpus=2)
     on = ["--model", model, "--dtype", "bfloat16", "--piecewise-graphs"]
     assert rank.pieces_wanted(parse_args(on).resolve())
     assert not rank.pieces_wanted(parse_args(on + ["--pp", "2"]).resolve())

@@ -14,6 +14,8 @@ The unfused torch code in workers/sampling.py is the reference: the noise is the
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from workers.sampling import MIN_LOGPROB
@@ -25,6 +27,8 @@ except ImportError:  # CPU-only installs: sampling.py uses the torch code
     triton = None
 
 BLOCK = 4096
+# the interpreter runs no inline PTX: there the noise takes tl.log
+FAST_LOG = os.environ.get("TRITON_INTERPRET") != "1"
 
 if triton is not None:
 
@@ -38,8 +42,40 @@ if triton is not None:
         return x ^ (x >> 16)
 
     @triton.jit
+    def _ln(x, FAST: tl.constexpr):
+        # lg2.approx (one special-function op, where libdevice's logf is ~25 instructions): within 2 ulp
+        # of the result where |log2 x| >= 1, within 2**-22 absolute for x in [0.5, 2]
+        if FAST:
+            return tl.inline_asm_elementwise("lg2.approx.f32 $0, $1;", "=f,f", [x], dtype=tl.float32,
+                                             is_pure=True, pack=1) * 0.6931471805599453
+        else:
+            return tl.log(x)
+
+    @triton.jit
+    def _gumbel(h, FAST: tl.constexpr):
+        # -log(-log(u)) of u = odd / 2**24 from the hash's top 23 bits, as sampling.gumbel. -log(u) is
+        # the approximate log where u < 1/2 (at least 0.69, so 2 ulp of it); for u >= 1/2, where an
+        # absolute error would swamp -log(u) (down to 2**-24), the series 2 atanh(z), z = v / (2 - v) <= 1/3
+        # of v = 1 - u (exact), to 1e-8 relative. The outer log's argument is at least 2**-24: its
+        # error is ~2**-22 absolute near 1 and 2 ulp elsewhere, a few 1e-6 at most in the noise.
+        k = h >> 9
+        u = (k * 2 + 1).to(tl.float32) * (1.0 / 16777216.0)
+        v = ((0x7FFFFF - k) * 2 + 1).to(tl.float32) * (1.0 / 16777216.0)
+        z = v / (2.0 - v)
+        z2 = z * z
+        series = 1.0 / 13.0
+        series = series * z2 + 1.0 / 11.0
+        series = series * z2 + 1.0 / 9.0
+        series = series * z2 + 1.0 / 7.0
+        series = series * z2 + 1.0 / 5.0
+        series = series * z2 + 1.0 / 3.0
+        series = series * z2 + 1.0
+        e = tl.where(k < 0x400000, -_ln(u, FAST), 2.0 * z * series)
+        return -_ln(e, FAST)
+
+    @triton.jit
     def _sample_rows(logits, stride, vocab, offset, temperature, keys, out,
-                     RANDOM: tl.constexpr, RAW: tl.constexpr, BLOCK: tl.constexpr):
+                     RANDOM: tl.constexpr, RAW: tl.constexpr, BLOCK: tl.constexpr, FAST: tl.constexpr):
         row = tl.program_id(0)
         t = tl.load(temperature + row)
         greedy = t <= 0
@@ -63,13 +99,12 @@ if triton is not None:
             score = x
             if RANDOM:
                 h = _mix32(key + (offset + ids).to(tl.uint32) * 0xC2B2AE3D)
-                u = ((h >> 9) * 2 + 1).to(tl.float32) * (1.0 / 16777216.0)
-                score = tl.where(greedy, x, x - tl.log(-tl.log(u)))
+                score = tl.where(greedy, x, x + _gumbel(h, FAST))
             score = tl.where(inside, score, -float("inf"))
-            block_best = tl.max(score, 0)
+            block_best, block_id = tl.max(score, 0, return_indices=True, return_indices_tie_break_left=True)
             if block_best > best:  # strictly greater: the first maximum wins, as torch.argmax
                 best = block_best
-                best_id = start + tl.argmax(score, 0)
+                best_id = start + block_id
         chosen = tl.load(base + best_id).to(tl.float32)
         if not RAW:
             chosen = chosen * inv_t
@@ -90,7 +125,7 @@ if triton is not None:
         out = torch.empty(rows, 4, dtype=torch.float32, device=logits.device)
         if rows:
             _sample_rows[(rows,)](logits, logits.stride(0), vocab, offset, temperature, keys, out,
-                                  RANDOM=random, RAW=raw, BLOCK=BLOCK)
+                                  RANDOM=random, RAW=raw, BLOCK=BLOCK, FAST=FAST_LOG)
         return out
 else:
     sample_partials = None

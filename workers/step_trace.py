@@ -72,25 +72,47 @@ class StepTrace:
         kernels = sorted((e["ts"], e["ts"] + e["dur"], e["name"]) for e in events
                          if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e)
         n = len(self.plans)
-        lines = [f"steps {self.first} .. {self.first + n - 1} ({self.name})"]
-        if kernels:
-            span = kernels[-1][1] - kernels[0][0]
-            busy, end = 0.0, kernels[0][0]
-            for lo, hi, _ in kernels:  # union of the kernels' intervals
-                busy += max(0.0, hi - max(lo, end))
-                end = max(end, hi)
-            lines.append(f"device: {span / n / 1e3:.2f} ms a step, busy {busy / n / 1e3:.2f}, "
-                         f"idle {(span - busy) / n / 1e3:.2f} ({100 * (span - busy) / span:.1f} %)")
-            by_name: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
-            for lo, hi, name in kernels:
-                by_name[name][0] += hi - lo
-                by_name[name][1] += 1
-            lines.append(f"{'ms a step':>10} {'calls':>6}  kernel")
-            for name, (t, calls) in sorted(by_name.items(), key=lambda kv: -kv[1][0])[:20]:
-                lines.append(f"{t / n / 1e3:10.3f} {calls / n:6.1f}  {name[:110]}")
+        lines = [f"steps {self.first} .. {self.first + n - 1} ({self.name})", *device_lines(kernels, n)]
         a = np.asarray(self.plans, dtype=np.float64).reshape(-1, 4)
         lines.append("a step (mean / max): decode rows %.0f / %.0f, prefill rows %.1f / %.0f, prompt tokens "
                      "%.0f / %.0f, cached tokens decode rows read %.0f / %.0f" %
                      tuple(v for col in a.T for v in (col.mean(), col.max())))
         with open(os.path.join(self.folder, f"{self.name}-steps.txt"), "w") as f:
             f.write("\n".join(lines) + "\n")
+
+
+def device_lines(kernels: list[tuple[float, float, str]], steps: int) -> list[str]:
+    """What the device did over `steps` steps, from its kernels' (start, end, name) in µs sorted by
+    start: busy and idle time a step, the kernels by total time, and where the idle time fell: each
+    gap is put down to the kernel that ended it (the one the device waited to start), so a wait for
+    the host shows as the first kernel of what the host had not yet launched."""
+    if not kernels:
+        return []
+    span = kernels[-1][1] - kernels[0][0]
+    busy, end = 0.0, kernels[0][0]
+    gaps: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    sizes = np.zeros(3)  # idle in gaps under 10 µs, 10-100 µs, over 100 µs
+    for lo, hi, name in kernels:  # union of the kernels' intervals
+        if lo > end:
+            gaps[name][0] += lo - end
+            gaps[name][1] += 1
+            sizes[np.searchsorted([10.0, 100.0], lo - end)] += lo - end
+        busy += max(0.0, hi - max(lo, end))
+        end = max(end, hi)
+    ms = 1e3 * steps
+    lines = [f"device: {span / ms:.2f} ms a step, busy {busy / ms:.2f}, idle {(span - busy) / ms:.2f} "
+             f"({100 * (span - busy) / span:.1f} %)"]
+    by_name: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    for lo, hi, name in kernels:
+        by_name[name][0] += hi - lo
+        by_name[name][1] += 1
+    lines.append(f"{'ms a step':>10} {'calls':>6}  kernel")
+    for name, (t, calls) in sorted(by_name.items(), key=lambda kv: -kv[1][0])[:20]:
+        lines.append(f"{t / ms:10.3f} {calls / steps:6.1f}  {name[:110]}")
+    if gaps:
+        lines.append("idle a step in gaps of < 10 µs, 10-100 µs, > 100 µs: " + ", ".join(f"{v / ms:.2f}" for v in sizes)
+                     + " ms; by the kernel that ended the gap:")
+        lines.append(f"{'ms a step':>10} {'gaps':>6}  kernel")
+        for name, (t, count) in sorted(gaps.items(), key=lambda kv: -kv[1][0])[:8]:
+            lines.append(f"{t / ms:10.3f} {count / steps:6.1f}  {name[:110]}")
+    return lines

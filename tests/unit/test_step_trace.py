@@ -1,7 +1,7 @@
 """TOKA_TRACE's step window: it records exactly the asked steps and writes what they held."""
 
 from toka.protocol import StepPlan
-from workers.step_trace import StepTrace
+from workers.step_trace import StepTrace, device_lines
 
 
 def plan(step: int, decode: int, prompt: int) -> StepPlan:
@@ -42,3 +42,19 @@ def test_off_without_spec(tmp_path):
         trace.before_launch(plan(step, decode=1, prompt=1))
     trace.close()
     assert not list(tmp_path.iterdir())
+
+
+def test_device_lines_put_idle_time_down_to_the_kernel_that_ended_it():
+    # two steps' kernels (µs): gaps of 4 µs before "b", 60 before "c" and 200 before "a" (the second
+    # step's first kernel); the overlapping "b" kernels count once in the busy time
+    kernels = [(0, 100, "a"), (104, 200, "b"), (150, 210, "b"), (270, 300, "c"), (500, 600, "a"), (600, 700, "b")]
+    lines = device_lines(kernels, steps=2)
+    assert lines[0] == "device: 0.35 ms a step, busy 0.22, idle 0.13 (37.7 %)"
+    at = next(i for i, line in enumerate(lines) if line.startswith("idle a step"))
+    assert lines[at].startswith("idle a step in gaps of < 10 µs, 10-100 µs, > 100 µs: 0.00, 0.03, 0.10 ms")
+    assert [line.split() for line in lines[at + 2:]] == [["0.100", "0.5", "a"], ["0.030", "0.5", "c"],
+                                                        ["0.002", "0.5", "b"]]
+
+
+def test_device_lines_of_no_kernels_are_none():
+    assert device_lines([], steps=3) == []

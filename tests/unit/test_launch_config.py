@@ -162,8 +162,9 @@ def test_xqa_decode_is_refused_where_it_cannot_run(tiny_models, monkeypatch):
 
 
 def test_triton_decode_is_chosen_where_it_builds_and_refused_elsewhere(tiny_models, monkeypatch):
-    """auto takes toka's Triton decode kernel for shapes of powers of two, FlashInfer's CUDA-core
-    kernel for others (or without Triton); asked for by name, it names what it lacks."""
+    """auto takes toka's Triton decode kernel for shapes of powers of two over a 16-bit cache,
+    FlashInfer's CUDA-core kernel for others, over FP8 pages, or without Triton; asked for by name,
+    it names what it lacks."""
     from workers import rank
     from workers.attention import triton_decode
 
@@ -182,6 +183,8 @@ def test_triton_decode_is_chosen_where_it_builds_and_refused_elsewhere(tiny_mode
         rank.decode_kernel(asked, 5, 64)
     float32 = parse_args(["--model", model, "--dtype", "float32"]).resolve()
     assert rank.decode_kernel(float32, 8, 64) == "cuda-cores"
+    fp8 = parse_args(["--model", model, "--dtype", "bfloat16", "--kv-cache-dtype", "fp8"]).resolve()
+    assert rank.decode_kernel(fp8, 8, 64) == "cuda-cores"  # FlashInfer's float32 probabilities over FP8 pages
     monkeypatch.setattr(triton_decode, "triton", None)
     assert rank.decode_kernel(auto, 8, 64) == "cuda-cores"
 

@@ -36,7 +36,8 @@ GPUs of its own. Each tool run has the part's timeout (--timeout); its process g
 and everything it started) is stopped when it ends, at its timeout and on an interrupt (SIGTERM,
 SIGINT: no other run starts, and the parts still table what their finished runs wrote). The table
 (part, figure, value, unit, % of the floor) is also written to OUT/summary.json; the exit code is
-1 when a run failed, 130 when interrupted.
+1 when a run failed, 130 when interrupted. A run that fails (not one an interrupt stopped) prints the
+last lines of its log among the progress lines, so its cause travels with stdout.
 
 A flag set of one flag takes "=" (--compare-flags=--hydragen): argparse reads a lone value that
 starts with "-" as an option; one with a space in it ("--max-seqs 4096") or "" passes either way.
@@ -91,6 +92,7 @@ WORKLOADS = {  # part -> (bench.py workload, quick, launch flags)
     "prefix-quick-hydragen": ("shared-prefix", True, "--hydragen"),
     "prefix-full-hydragen": ("shared-prefix", False, "--hydragen"),
 }
+TAIL_LINES = 30  # of a failed run's log, printed with the progress lines
 TRACE_STEPS = "1200:40"  # compare's traced steps: past the ramp-up of either workload's quick run
 TIMEOUTS = {"models": 1200, "tests": 1800, "step": 600, "sharegpt-quick": 600, "sharegpt-full": 1200,
             "prefix-quick": 600, "prefix-full": 1500, "prefix-quick-hydragen": 600, "prefix-full-hydragen": 1200,
@@ -122,6 +124,8 @@ class Part:
                 if rc:
                     why = {TIMED_OUT: "timed out", STOPPED: "stopped by the interrupt"}.get(rc, f"exit {rc}")
                     self.failed.append(f"{job.name}: {why}, log {job.log}")
+                    if rc != STOPPED:  # the log may stay on the GPU host: its end comes back with stdout
+                        say(log_tail(job.log, f"{job.name}: {why}; the end of its log:"))
 
     def bench(self, name: str, workload: str, flags: str, quick: bool, model: str = SMALL, extra: tuple = (),
               env: dict | None = None, gpus: list[str] | None = None, results: tuple[Path, ...] = ()) -> Job:
@@ -145,6 +149,15 @@ class Part:
         """bench_step.py on random weights of `model`'s shape, its result in NAME.json."""
         out = self.dir / f"{name}.json"
         return self.job(name, py("tools.bench_step", self.models.path(model), *flags, "--out", out), (out,))
+
+
+def log_tail(log: Path, heading: str, lines: int = TAIL_LINES) -> str:
+    """The heading, then the last `lines` lines of a run's log, indented."""
+    try:
+        tail = log.read_text(errors="replace").splitlines()[-lines:]
+    except OSError as e:
+        tail = [f"(unreadable: {e})"]
+    return "\n".join([heading, *(f"    {line}" for line in tail)])
 
 
 def with_flags(*flags: str) -> str:

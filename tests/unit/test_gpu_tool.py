@@ -264,3 +264,23 @@ def test_attention_part_tables_every_kernel_of_both_runs(tmp_path):
     assert "--cache-gib" in argv[0] and argv[1][argv[1].index("--layers") + 1] == "1"
     assert [(r.figure, r.value, r.share) for r in rows] == [("served: bf16 NHD cuda-cores", 0.585, 65.0),
                                                             ("one-layer", NO_RESULT, None)]
+
+
+class Failing(Recorder):
+    """Each job's log says why it failed; every job exits 1."""
+
+    def run(self, jobs):
+        for job in jobs:
+            job.log.parent.mkdir(parents=True, exist_ok=True)
+            job.log.write_text("".join(f"line {i}\n" for i in range(100)) + "Traceback: the cause\n")
+        return [1] * len(jobs)
+
+
+def test_a_failed_run_prints_the_end_of_its_log(tmp_path, capsys):
+    p = part("sharegpt-quick", tmp_path)
+    p.runner = Failing()
+    gpu.workload(p)
+    out = capsys.readouterr().out
+    assert "bench: exit 1; the end of its log:\n" in out and "    Traceback: the cause" in out
+    assert "    line 71" in out and "line 70" not in out  # the last 30 lines
+    assert p.failed == [f"bench: exit 1, log {p.dir / 'bench.log'}"]

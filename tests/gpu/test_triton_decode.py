@@ -1,0 +1,59 @@
+"""toka's Triton decode kernel called directly, against float64 attention over the same pages: rows
+of one page, of several pages and of several chunks (merged by the second kernel), log-sum-exps,
+K and V scales, bf16 and FP8 pages. CUDA, or with TRITON_INTERPRET=1 the CPU (float32 queries:
+the interpreter has no bf16 products)."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from workers.attention import triton_decode
+from workers.attention.triton_decode import CHUNK_PAGES, WorkList, decode
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.skipif(triton_decode.triton is None or not (torch.cuda.is_available() or INTERPRET),
+                                reason="needs CUDA and Triton")
+PS = 16
+
+
+def reference(q, kv, pages, lens, page_list, k_scale, v_scale):
+    """float64 attention of each row's query heads over its pages; out and base-2 log-sum-exps."""
+    rows, hq, d = q.shape
+    hkv = kv.shape[3]
+    outs, lses, at = [], [], 0
+    for r in range(rows):
+        idx = page_list[at : at + pages[r]].long().cpu()
+        at += pages[r]
+        k = kv[idx, 0].double().cpu().reshape(-1, hkv, d)[: lens[r]].repeat_interleave(hq // hkv, 1) * k_scale
+        v = kv[idx, 1].double().cpu().reshape(-1, hkv, d)[: lens[r]].repeat_interleave(hq // hkv, 1) * v_scale
+        s = torch.einsum("hd,thd->ht", q[r].double().cpu(), k) * d**-0.5
+        outs.append(torch.einsum("ht,thd->hd", s.softmax(-1), v))
+        lses.append(torch.logsumexp(s, -1) / np.log(2))
+    return torch.stack(outs), torch.stack(lses)
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.bfloat16, torch.float8_e4m3fn], ids=["bf16", "fp8"])
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(8, 2, 32), (32, 8, 64)])
+def test_decode_equals_float64_attention(kv_dtype, heads, kv_heads, head_dim):
+    torch.manual_seed(0)
+    lens = np.array([1, 5, 16, 40, CHUNK_PAGES * PS + 3, 2 * CHUNK_PAGES * PS + 100])  # the last two: 2 and 3 chunks
+    pages = (lens + PS - 1) // PS
+    total = int(pages.sum())
+    cache = torch.randn(total + 3, 2, PS, kv_heads, head_dim) * 2
+    cache = cache.to(torch.float32 if INTERPRET and kv_dtype == torch.bfloat16 else kv_dtype).to(DEVICE)
+    page_list = torch.randperm(total + 3)[:total].to(torch.int32).to(DEVICE)
+    q = torch.randn(len(lens), heads, head_dim).to(torch.float32 if INTERPRET else torch.bfloat16).to(DEVICE)
+    work = WorkList(len(lens), int(WorkList.chunks_of(pages).sum()), DEVICE)
+    work.buffer.copy_(torch.from_numpy(WorkList.host(pages, lens, work.bound)))
+    k_scale, v_scale = 0.5, 3.0
+    out, lse = decode(q, cache, work, page_list, k_scale, v_scale, return_lse=True)
+    want, want_lse = reference(q, cache, pages, lens, page_list, k_scale, v_scale)
+    # bf16 queries on the GPU: K in bf16 and probabilities rounded to bf16 (or float16 over FP8 pages)
+    rel = ((out.double().cpu() - want).norm() / want.norm()).item()
+    assert rel < (1e-4 if INTERPRET else 5e-3), rel
+    torch.testing.assert_close(lse.double().cpu(), want_lse, atol=1e-5 if INTERPRET else 1e-3, rtol=1e-5)

@@ -265,7 +265,7 @@ class ModelRunner:
     @property
     def dtype(self) -> torch.dtype:
         """Of the hidden states and queries: the model's (an FP8 cache's pages are not)."""
-        return getattr(self.attn, "dtype", self.attn.cache.data.dtype)
+        return self.attn.dtype
 
     # ---- CUDA graphs ---------------------------------------------------------------------------
     def capture_graphs(self, sizes: list[int], min_group: int = 0) -> None:

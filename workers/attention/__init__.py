@@ -69,6 +69,7 @@ class AttentionBackend(abc.ABC):
     writes (the runner sizes its probes by it)."""
 
     cache: object  # workers.kv_cache.KVCache
+    dtype: torch.dtype  # of queries and outputs: the model's, also over an FP8 cache
 
     @abc.abstractmethod
     def add_graph_size(self, bs: int, max_pages: int, groups: int = 0) -> None:
@@ -97,7 +98,7 @@ def make_backend(name: str, cache, num_heads: int, head_dim: int, decode_kernel:
     if name == "torch":
         from workers.attention.torch_ref import TorchAttention
 
-        return TorchAttention(cache, num_heads, head_dim)
+        return TorchAttention(cache, num_heads, head_dim, dtype)
     if name == "flashinfer":
         from workers.attention.flashinfer_backend import FlashInferAttention
 

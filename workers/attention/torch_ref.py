@@ -9,8 +9,9 @@ from workers.attention import AttentionBackend, AttentionBatch
 
 
 class TorchAttention(AttentionBackend):
-    def __init__(self, cache, num_heads: int, head_dim: int):
+    def __init__(self, cache, num_heads: int, head_dim: int, dtype: torch.dtype | None = None):
         self.cache = cache
+        self.dtype = dtype or cache.data.dtype
         self.num_heads = num_heads
         self.scale = head_dim**-0.5
         # the planned step (plan() sets them): the batch, where each new token's k/v goes, and the

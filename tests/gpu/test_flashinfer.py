@@ -106,6 +106,13 @@ def test_fp8_cache_against_a_bf16_one(kind):
     assert 0 < rel <= 0.05, rel
 
 
+def after_prefill(plan) -> tuple[list[int], list[int], int]:
+    """The rows' kv lengths and page counts after a prefill plan, and the first page it left unused:
+    next_decode_step's arguments."""
+    kv_lens = list(plan.kv_lens)
+    return kv_lens, [-(-n // PAGE) for n in kv_lens], max(plan.table_pages) + 1
+
+
 def next_decode_step(kv_lens: list[int], num_pages: list[int], nxt: int) -> tuple[list[int], tuple, int]:
     """Row r (slot r) decodes a token: its new kv length, the table writes of the rows that need a
     page (the next unused page, nxt), and the next unused page after them. Updates num_pages."""
@@ -135,9 +142,7 @@ def test_cuda_graph_and_eager_give_the_same_tokens(tmp_path, decode_attention):
         prompts = [[(7 * r + i) % 500 for i in range(5 + 3 * r)] for r in range(5)]
         plan = prefill_plan(0, prompts, PAGE)
         tokens = [runner.step(plan).tokens]
-        kv_lens = list(plan.kv_lens)
-        num_pages = [-(-n // PAGE) for n in kv_lens]
-        nxt = max(plan.table_pages) + 1
+        kv_lens, num_pages, nxt = after_prefill(plan)
         for step in range(1, 20):
             kv_lens, writes, nxt = next_decode_step(kv_lens, num_pages, nxt)
             plan = StepPlan(step, list(range(5)), list(range(5)), [1] * 5, kv_lens, [True] * 5, 0, [], *writes)
@@ -163,9 +168,7 @@ def test_prefill_and_mixed_steps_in_pieces_give_the_eager_tokens(tmp_path):
         assert bool(runner.pieces) == graphs
         plan = prefill_plan(0, [[(7 * r + i) % 500 for i in range(5 + 40 * r)] for r in range(3)], PAGE)
         results = [runner.step(plan)]
-        kv_lens = list(plan.kv_lens)
-        num_pages = [-(-n // PAGE) for n in kv_lens]
-        nxt = max(plan.table_pages) + 1
+        kv_lens, num_pages, nxt = after_prefill(plan)
         for step in range(1, 9):
             if step == 4:  # slot 3 prefills 150 tokens (the first row) while slots 0-2 decode
                 kv_lens, (slots, cols, pages), nxt = next_decode_step(kv_lens, num_pages, nxt)

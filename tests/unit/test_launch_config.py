@@ -26,6 +26,7 @@ def pretend_capability(monkeypatch, capability: tuple[int, int], name: str = "NV
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: capability)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: name)
 
+
 def test_served_model_name_takes_aliases_and_responses_report_the_first(tiny_models):
     cfg = parse_args(["--model", tiny_models["tiny-llama"], "--device", "cpu",
                       "--served-model-name", "alpha", "beta", "gamma"]).resolve()

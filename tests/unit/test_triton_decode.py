@@ -11,8 +11,8 @@ from workers.attention.triton_decode import WorkList
 def test_rows_split_into_chunks_of_pages_an_item_each():
     pages = np.array([1, 32, 33, 65])
     lens = np.array([3, 512, 520, 1030])
-    host = WorkList.host(pages, lens, bound=WorkList.bound_for(4, int(pages.sum()), chunk=32), chunk=32)
     bound = WorkList.bound_for(4, int(pages.sum()), chunk=32)
+    host = WorkList.host(pages, lens, bound, chunk=32)
     assert bound == 4 + 131 // 32
     rows = 4
     item_row, item_chunk = host[:bound], host[bound : 2 * bound]

@@ -151,10 +151,10 @@ class Part:
         return self.job(name, py("tools.bench_step", self.models.path(model), *flags, "--out", out), (out,))
 
 
-def log_tail(log: Path, heading: str, lines: int = TAIL_LINES) -> str:
-    """The heading, then the last `lines` lines of a run's log, indented."""
+def log_tail(log: Path, heading: str) -> str:
+    """The heading, then the last TAIL_LINES lines of a run's log, indented."""
     try:
-        tail = log.read_text(errors="replace").splitlines()[-lines:]
+        tail = log.read_text(errors="replace").splitlines()[-TAIL_LINES:]
     except OSError as e:
         tail = [f"(unreadable: {e})"]
     return "\n".join([heading, *(f"    {line}" for line in tail)])

@@ -158,7 +158,7 @@ class WorkList:
 
     @staticmethod
     def host(pages: np.ndarray, kv_lens: np.ndarray, bound: int, chunk: int = CHUNK_PAGES) -> np.ndarray:
-        """The buffer's contents for rows of these page counts and KV lengths (int64 host)."""
+        """The buffer's contents (int32, on the host) for rows of these page counts and KV lengths."""
         chunks = WorkList.chunks_of(pages, chunk)
         start = cumsum0(chunks)
         items, rows = int(start[-1]), len(pages)

@@ -25,9 +25,17 @@ from workers.layers.attention import ForwardContext
 from workers.logits_processor import LogitsProcessor
 from workers.pipeline import Pipe
 from workers.sampling import MIN_LOGPROB, SamplingBatch, fold_seed, sample_hidden
+from workers.sampling_kernel import sample_partials
+
+fused_sampling = sample_partials is not None  # Triton's there: sample_hidden takes the fused kernel where it can
 
 # Rows of logits materialized at once: bounds the float32 [rows, vocab] buffers of large batches.
 LOGIT_CHUNK = 512
+# The same for batches the fused kernel samples (no filters, processing or alternatives): their
+# logits stay bf16 and only they are materialized, so four times the rows take twice the bytes of
+# one float32 buffer of the chunk above, less than the warm-up's unfused peak (several of those).
+# One LM-head matmul and one kernel launch for up to 2,048 rows instead of four.
+FUSED_CHUNK = 4 * LOGIT_CHUNK
 
 
 @dataclass
@@ -389,8 +397,11 @@ class ModelRunner:
         positions = np.asarray(plan.kv_lens, dtype=np.int64)[rows]  # where its sampled token goes
         packed = torch.empty(len(rows), 2 + 2 * num_top, dtype=torch.float32, device=self.device)
         tokens = torch.empty(len(rows), dtype=torch.int64, device=self.device)
-        for lo in range(0, len(rows), LOGIT_CHUNK):
-            part = slice(lo, lo + LOGIT_CHUNK)
+        plain = (self.cuda and fused_sampling and num_top == 0 and not self.filtered[slots].any()
+                 and not self.processor.needed(slots))
+        chunk = FUSED_CHUNK if plain else LOGIT_CHUNK
+        for lo in range(0, len(rows), chunk):
+            part = slice(lo, lo + chunk)
             packed[part], tokens[part] = self._sample(slots[part], last[part], positions[part], hidden, num_top)
         if pipe is not None and len(rows):
             pipe.send_tokens(tokens)

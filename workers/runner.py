@@ -397,9 +397,7 @@ class ModelRunner:
         positions = np.asarray(plan.kv_lens, dtype=np.int64)[rows]  # where its sampled token goes
         packed = torch.empty(len(rows), 2 + 2 * num_top, dtype=torch.float32, device=self.device)
         tokens = torch.empty(len(rows), dtype=torch.int64, device=self.device)
-        plain = (self.cuda and fused_sampling and num_top == 0 and not self.filtered[slots].any()
-                 and not self.processor.needed(slots))
-        chunk = FUSED_CHUNK if plain else LOGIT_CHUNK
+        chunk = self._logit_chunk(slots, num_top)
         for lo in range(0, len(rows), chunk):
             part = slice(lo, lo + chunk)
             packed[part], tokens[part] = self._sample(slots[part], last[part], positions[part], hidden, num_top)
@@ -410,6 +408,13 @@ class ModelRunner:
         done = self._record()
         prompt = self._prompt_logprobs(plan, hidden, qo_indptr)
         return Launched(plan, rows, slots, num_top, host, done, prompt)
+
+    def _logit_chunk(self, slots: np.ndarray, num_top: int) -> int:
+        """Rows sampled at once: FUSED_CHUNK where the fused kernel takes them all (on CUDA, no
+        alternatives, filters or logits processing), else LOGIT_CHUNK."""
+        plain = (self.cuda and fused_sampling and num_top == 0 and not self.filtered[slots].any()
+                 and not self.processor.needed(slots))
+        return FUSED_CHUNK if plain else LOGIT_CHUNK
 
     def _record(self) -> torch.cuda.Event | None:
         if not self.cuda:

@@ -53,16 +53,26 @@ class Launched:
 
 
 class Pieces:
-    """Stands in for the attention backend while a forward is captured: each layer's call copies its
-    q, k, v into fixed buffers, ends the graph being captured and begins the next, which reads the
-    attention output from a fixed buffer too. `replay()` then runs the graphs with the real
-    backend's attention between them. Without a pool (a warm-up) it only copies."""
+    """Stands in for the attention backend while a forward is captured: each layer's call ends the
+    graph being captured and begins the next, which reads the attention output from a fixed buffer.
+    The layers' qkv projections write into one fixed buffer too (ForwardContext.qkv) and rotate q
+    and k there in place, so the graphs leave q, k and v where `replay()` runs the real backend's
+    attention between them, with no copies; a layer whose q or k comes elsewhere (a q/k norm, a
+    rotary kind done out of place) has them copied in. Without a pool (a warm-up) nothing is captured."""
 
-    def __init__(self, buffers: list[torch.Tensor], pool=None):
-        self.buffers = buffers  # q, k, v, out: [tokens, heads, head_dim] each, the largest size's
+    def __init__(self, qkv: torch.Tensor, out: torch.Tensor, heads: tuple[int, int, int], pool=None):
+        self.qkv = qkv  # [tokens, (heads + 2 kv_heads) x head_dim], the largest size's
+        self.out = out  # [tokens, heads, head_dim]
+        self.heads = heads  # heads, kv heads, head_dim
         self.pool = pool
         self.graphs: list[torch.cuda.CUDAGraph] = []
         self.layers: list[int] = []
+
+    def views(self, tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v of the first `tokens` tokens, as the qkv projection's split leaves them."""
+        hq, hkv, d = self.heads
+        q, k, v = self.qkv[:tokens].split([hq * d, hkv * d, hkv * d], dim=-1)
+        return q.view(tokens, hq, d), k.view(tokens, hkv, d), v.view(tokens, hkv, d)
 
     def begin(self) -> None:
         self.graphs.append(torch.cuda.CUDAGraph())
@@ -71,22 +81,24 @@ class Pieces:
     def end(self) -> None:
         self.graphs[-1].capture_end()
 
-    def forward(self, layer: int, q, k, v) -> torch.Tensor:
+    def forward(self, layer: int, q, k, v, out=None) -> torch.Tensor:
         n = q.shape[0]
-        for buffer, x in zip(self.buffers, (q, k, v)):
-            buffer[:n].copy_(x)
+        for fixed, x in zip(self.views(n), (q, k, v)):
+            if x.data_ptr() != fixed.data_ptr() or x.stride() != fixed.stride():
+                fixed.copy_(x)
         self.layers.append(layer)
         if self.pool is not None:
             self.end()
             self.begin()
-        return self.buffers[3][:n]
+        return self.out[:n]
 
     def replay(self, attn: AttentionBackend, tokens: int) -> None:
         """The captured forward, attention for the first `tokens` tokens (attn planned for them)."""
-        q, k, v, out = (b[:tokens] for b in self.buffers)
+        q, k, v = self.views(tokens)
+        out = self.out[:tokens]
         for graph, layer in zip(self.graphs, self.layers):
             graph.replay()
-            out.copy_(attn.forward(layer, q, k, v))
+            attn.forward(layer, q, k, v, out=out)
         self.graphs[-1].replay()
 
 
@@ -324,21 +336,23 @@ class ModelRunner:
         n = max(sizes)
         i64 = dict(dtype=torch.int64, device=self.device)
         self.p_ids, self.p_pos, self.p_seq = torch.zeros(n, **i64), torch.zeros(n, **i64), torch.ones(n, **i64)
-        heads = (layer.num_heads, layer.num_kv_heads, layer.num_kv_heads, layer.num_heads)
-        buffers = [torch.zeros(n, h, layer.head_dim, dtype=self.dtype, device=self.device) for h in heads]
+        heads = (layer.num_heads, layer.num_kv_heads, layer.head_dim)
+        qkv = torch.zeros(n, (layer.num_heads + 2 * layer.num_kv_heads) * layer.head_dim, dtype=self.dtype,
+                          device=self.device)
+        out = torch.zeros(n, layer.num_heads, layer.head_dim, dtype=self.dtype, device=self.device)
         # every size's output goes to this one buffer (a graph's own output would stay allocated per size)
         self.p_out = torch.zeros(n, self.model.config.hidden_size, dtype=self.dtype, device=self.device)
         pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream()
         for size in sorted(sizes, reverse=True):
             ids, pos, seq = self.p_ids[:size], self.p_pos[:size], self.p_seq[:size]
-            self.model(ids, ForwardContext(Pieces(buffers), pos, seq))  # warm-up outside the graphs
-            pieces = Pieces(buffers, pool)
+            self.model(ids, ForwardContext(Pieces(qkv, out, heads), pos, seq, qkv))  # warm-up outside the graphs
+            pieces = Pieces(qkv, out, heads, pool)
             torch.cuda.synchronize()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
                 pieces.begin()
-                self.p_out[:size].copy_(self.model(ids, ForwardContext(pieces, pos, seq)))
+                self.p_out[:size].copy_(self.model(ids, ForwardContext(pieces, pos, seq, qkv)))
                 pieces.end()
             torch.cuda.current_stream().wait_stream(stream)
             self.pieces[size] = pieces

@@ -83,11 +83,13 @@ class AttentionBackend(abc.ABC):
         grouped graph's when the batch has groups)."""
 
     @abc.abstractmethod
-    def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                out: torch.Tensor | None = None) -> torch.Tensor:
         """q: [tokens, heads, head_dim]; k, v: [tokens, kv_heads, head_dim]. Appends all of k, v to
         the cache at the batch's positions, then returns causal attention output [tokens, heads,
-        head_dim]; so a row may read pages another row of the same step writes (n > 1 sequences
-        admitted together share the pages the first of them computes)."""
+        head_dim] (written into `out`, contiguous, where given); so a row may read pages another
+        row of the same step writes (n > 1 sequences admitted together share the pages the first
+        of them computes)."""
 
 
 def make_backend(name: str, cache, num_heads: int, head_dim: int, decode_kernel: str = "cuda-cores",

@@ -64,11 +64,11 @@ class _Xqa:
         graph_lens.copy_(batch.kv_lens)
         self.lens = graph_lens.view(torch.uint32)
 
-    def run(self, q, kv, k_scale: float, v_scale: float):
+    def run(self, q, kv, k_scale: float, v_scale: float, out: torch.Tensor | None = None):
         # q is a view of the fused projection's output; XQA reads its rows packed
         return flashinfer.decode.xqa_batch_decode_with_kv_cache(
             q.contiguous(), kv, self.workspace, self.table, self.lens, self.table.shape[1] * kv.shape[2],
-            bmm1_scale=self.sm_scale * k_scale, bmm2_scale=v_scale)
+            bmm1_scale=self.sm_scale * k_scale, bmm2_scale=v_scale, out=out)
 
 
 class _GraphSlot:
@@ -254,7 +254,7 @@ class FlashInferAttention(AttentionBackend):
         done = self._planned[id(wrapper)] = torch.cuda.Event()
         done.record()
 
-    def forward(self, layer, q, k, v):
+    def forward(self, layer, q, k, v, out=None):
         kv = self.cache.layers[layer]
         rows, positions, indices, indptr, last_len = self.append_args
         # the append kernel reads k and v as the cache's type (it does not convert)
@@ -263,38 +263,46 @@ class FlashInferAttention(AttentionBackend):
         scales = self._scales(layer)
         slot = self.graph
         if slot is not None and self.graph_grouped:
-            out, lse = self._rows(layer, q, kv, slot.wrapper, return_lse=True)
+            out, lse = self._rows(layer, q, kv, slot.wrapper, return_lse=True, out=out)
             shared, shared_lse = slot.prefix.wrapper.run(q, kv, return_lse=True, **scales)
             flashinfer.merge_state_in_place(out, lse, shared, shared_lse, mask=slot.prefix.grouped)
             return out
         if slot is not None:
-            return self._rows(layer, q, kv, slot.wrapper)
+            return self._rows(layer, q, kv, slot.wrapper, out=out)
         t = self.num_prefill_tokens
         if t == q.shape[0]:
-            return self.prefill.run(q, kv, **scales)
-        decode = self._decode(layer, q[t:], kv, scales)
-        return decode if t == 0 else torch.cat([self.prefill.run(q[:t], kv, **scales), decode])
+            return self.prefill.run(q, kv, out=out, **scales)
+        if t == 0:
+            return self._decode(layer, q, kv, scales, out=out)
+        # both kernels write into one output: no copy of it a layer to join the two parts
+        if out is None:
+            out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        self.prefill.run(q[:t], kv, out=out[:t], **scales)
+        self._decode(layer, q[t:], kv, scales, out=out[t:])
+        return out
 
     def _scales(self, layer: int) -> dict:
         """An FP8 cache's scales for the kernels; none at 1.0 (a v_scale costs a pass over the output)."""
         k_scale, v_scale = self.cache.scales[layer]
         return {name: s for name, s in (("k_scale", k_scale), ("v_scale", v_scale)) if s != 1.0}
 
-    def _rows(self, layer: int, q, kv, wrapper, return_lse: bool = False):
+    def _rows(self, layer: int, q, kv, wrapper, return_lse: bool = False, out: torch.Tensor | None = None):
         """Decode rows over the pages planned for them: by the Triton kernel, XQA (no log-sum-exp:
-        it plans only steps without Hydragen groups), or FlashInfer's decode wrapper."""
+        it plans only steps without Hydragen groups), or FlashInfer's decode wrapper; into `out`
+        where given."""
         if self.work is not None:
-            return triton_decode(q, kv, self.work, self.work_pages, *self.cache.scales[layer], return_lse=return_lse)
+            return triton_decode(q, kv, self.work, self.work_pages, *self.cache.scales[layer], return_lse=return_lse,
+                                 out=out)
         if self.xqa is not None and not return_lse:
-            return self.xqa.run(q, kv, *self.cache.scales[layer])
-        return wrapper.run(q, kv, return_lse=return_lse, **self._scales(layer))
+            return self.xqa.run(q, kv, *self.cache.scales[layer], out=out)
+        return wrapper.run(q, kv, return_lse=return_lse, out=out, **self._scales(layer))
 
-    def _decode(self, layer: int, q, kv, scales: dict):
+    def _decode(self, layer: int, q, kv, scales: dict, out: torch.Tensor | None = None):
         if not self.grouped:
-            return self._rows(layer, q, kv, self.decode)
+            return self._rows(layer, q, kv, self.decode, out=out)
         # Hydragen: own pages per row, shared pages per group, merged by their log-sum-exps (both
         # computed with the same k_scale folded into the softmax scale, so they merge as they are)
-        out, lse = self._rows(layer, q, kv, self.decode, return_lse=True)
+        out, lse = self._rows(layer, q, kv, self.decode, return_lse=True, out=out)
         n = self.grouped
         shared, shared_lse = self.prefix.run(q[:n], kv, return_lse=True, **scales)
         flashinfer.merge_state_in_place(out[:n], lse[:n], shared, shared_lse)

@@ -49,13 +49,13 @@ class TorchAttention(AttentionBackend):
             self.dec_page = batch.page_indices[slot].long()
             self.dec_off = (j % ps)[None, :].expand_as(self.dec_page)
 
-    def forward(self, layer, q, k, v):
+    def forward(self, layer, q, k, v, out=None):
         kv = self.cache.layers[layer]
         kv[self.write_page, 0, self.write_off], kv[self.write_page, 1, self.write_off] = self.cache.quantize(layer, k, v)
         # the reference reads exactly what an FP8 cache holds, scaled back
         self.kv_scales = self.cache.scales[layer] if self.cache.fp8 else (1.0, 1.0)
         b = self.batch
-        out = torch.empty_like(q)
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device) if out is None else out
         start = 0
         for r in range(b.num_prefill):
             q_len, kv_len = int(b.q_lens_host[r]), int(b.kv_lens_host[r])

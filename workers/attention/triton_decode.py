@@ -145,9 +145,11 @@ class WorkList:
     row and chunk, each row's first item, the item count, and the rows' page offsets (into the page
     list the kernel is given) and KV lengths. `bound` items (a graph's fixed grid) or the step's."""
 
-    def __init__(self, rows: int, bound: int, device, chunk: int = CHUNK_PAGES):
+    def __init__(self, rows: int, bound: int, device, chunk: int = CHUNK_PAGES, filled: bool = False):
         self.rows, self.bound, self.chunk = rows, bound, chunk
-        self.buffer = torch.zeros(2 * bound + 3 * rows + 3, dtype=torch.int32, device=device)
+        # `filled`: a copy is about to write the whole buffer (no memset to wait on before it)
+        alloc = torch.empty if filled else torch.zeros
+        self.buffer = alloc(2 * bound + 3 * rows + 3, dtype=torch.int32, device=device)
         parts = torch.split(self.buffer, [bound, bound, rows + 1, 1, rows + 1, rows])
         self.item_row, self.item_chunk, self.row_start, self.count, self.page_indptr, self.kv_lens = parts
 
@@ -180,7 +182,7 @@ class WorkList:
         """The work list of these rows on the device: copied into `into` (a graph's, whose buffer the
         replays read) or into a new one on `device` sized to the step."""
         if into is None:
-            into = cls(len(pages), int(cls.chunks_of(pages).sum()), device)
+            into = cls(len(pages), int(cls.chunks_of(pages).sum()), device, filled=True)
         host = cls.host(pages, kv_lens, into.bound, into.chunk)
         into.buffer.copy_(torch.from_numpy(host).pin_memory(), non_blocking=True)
         return into
@@ -193,16 +195,18 @@ class WorkList:
 
 def decode(q: torch.Tensor, kv: torch.Tensor, work: WorkList, page_indices: torch.Tensor, k_scale: float = 1.0,
            v_scale: float = 1.0, return_lse: bool = False, pages_a_tile: int = PAGES_A_TILE, num_warps: int = 4,
-           num_stages: int = 2):
+           num_stages: int = 2, out: torch.Tensor | None = None):
     """Attention of q ([rows, heads, head_dim], one token a row; any strides but the last) over each
     row's pages (the work list's offsets into page_indices, int32) of one layer's cache kv ([pages,
     2, page_size, kv_heads, head_dim]), its K and V stored divided by k_scale and v_scale. Returns
-    out [rows, heads, head_dim] in q's type, and with return_lse the base-2 log-sum-exps [rows,
-    heads] (float32). Four warps and a two-stage pipeline measured best on the H200."""
+    out [rows, heads, head_dim] in q's type (written into `out` where given: any strides but the
+    last), and with return_lse the base-2 log-sum-exps [rows, heads] (float32). Four warps and a
+    two-stage pipeline measured best on the H200."""
     rows, hq, dim = q.shape
     _, _, ps, hkv, _ = kv.shape
     hq_pad = max(16, triton.next_power_of_2(hq))  # tensor-core tiles have 16 rows or more
-    out = torch.empty(rows, hq, dim, dtype=q.dtype, device=q.device)
+    if out is None:
+        out = torch.empty(rows, hq, dim, dtype=q.dtype, device=q.device)
     lse = torch.empty(rows, hq, dtype=torch.float32, device=q.device) if return_lse else out
     part_o = torch.empty(work.bound, hq_pad, dim, dtype=torch.float32, device=q.device)
     part_lse = torch.empty(work.bound, hq_pad, dtype=torch.float32, device=q.device)

@@ -23,6 +23,9 @@ class ForwardContext:
     attn: AttentionBackend
     positions: torch.Tensor
     seq_lens: torch.Tensor
+    # [tokens, q + k + v widths]: where the qkv projection writes while pieces are captured, so the
+    # graphs leave q, k and v where the attention between them reads (runner.Pieces); else None
+    qkv: torch.Tensor | None = None
 
 
 class SelfAttention(nn.Module):
@@ -52,7 +55,8 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
+        out = None if ctx.qkv is None else ctx.qkv[: x.shape[0]]
+        q, k, v = self.qkv_proj(x, out=out).split([q_size, kv_size, kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)

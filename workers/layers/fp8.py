@@ -45,16 +45,20 @@ def quantize_tokens(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
-               bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [..., K] through weight [N, K] (e4m3, row-major) with scale [N] (float32) -> [..., N] in x's type."""
+               bias: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., K] through weight [N, K] (e4m3, row-major) with scale [N] (float32) -> [..., N] in x's type
+    (into `out`, [tokens, N], where given)."""
     q, q_scale = quantize_tokens(x.reshape(-1, x.shape[-1]))
     # rowwise-scaled FP8 matmuls write bfloat16 only (CUTLASS's kernel on sm89, and sm90 before cuBLAS 12.9),
     # which also fuses a bfloat16 bias; a float16 model's output and bias are converted after
     fused = bias is not None and bias.dtype == torch.bfloat16
+    direct = out is not None and out.dtype == torch.bfloat16
     y = torch._scaled_mm(q, weight.t(), scale_a=q_scale, scale_b=scale.view(1, -1), bias=bias if fused else None,
-                         out_dtype=torch.bfloat16).to(x.dtype)
+                         out_dtype=torch.bfloat16, **({"out": out} if direct else {})).to(x.dtype)
     if bias is not None and not fused:
         y = y + bias
+    if out is not None and not direct:
+        y = out.copy_(y)
     return y.view(*x.shape[:-1], weight.shape[0])
 
 
@@ -108,8 +112,8 @@ class Fp8ColumnParallelLinear(_Fp8Weight, ColumnParallelLinear):
         _, rows, copies = self.layout[shard]
         self.weight_scale.data[local].copy_(per_channel(tensor, rows * self.tp.size // copies)[source])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return fp8_linear(x, self.weight, self.weight_scale, self.bias)
+    def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        return fp8_linear(x, self.weight, self.weight_scale, self.bias, out=out)
 
 
 class Fp8RowParallelLinear(_Fp8Weight, RowParallelLinear):

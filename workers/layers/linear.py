@@ -47,8 +47,13 @@ class ColumnParallelLinear(nn.Module):
         target = self.bias if is_bias else self.weight
         target.data[local].copy_(tensor[source])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+    def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """x [tokens, in] -> [tokens, local out], into `out` where given."""
+        if out is None:
+            return F.linear(x, self.weight, self.bias)
+        if self.bias is None:
+            return torch.mm(x, self.weight.t(), out=out)
+        return torch.addmm(self.bias, x, self.weight.t(), out=out)
 
 
 class RowParallelLinear(nn.Module):

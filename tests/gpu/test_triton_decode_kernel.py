@@ -1,7 +1,7 @@
 """toka's Triton decode kernel called directly, against float64 attention over the same pages: rows
-of one page, of several pages and of several chunks (merged by the second kernel), log-sum-exps,
-K and V scales, bf16 and FP8 pages. CUDA, or with TRITON_INTERPRET=1 the CPU (float32 queries:
-the interpreter has no bf16 products)."""
+of one page, of several pages and of several chunks (merged by the second kernel, which steps
+without such rows skip), log-sum-exps, K and V scales, bf16 and FP8 pages. CUDA, or with
+TRITON_INTERPRET=1 the CPU (float32 queries: the interpreter has no bf16 products)."""
 
 from __future__ import annotations
 
@@ -37,19 +37,24 @@ def reference(q, kv, pages, lens, page_list, k_scale, v_scale):
     return torch.stack(outs), torch.stack(lses)
 
 
+# the last two rows of the first set take 2 and 3 chunks (merged); the second's take one each (no merge runs)
+LENS = {"split": [1, 5, 16, 40, CHUNK_PAGES * PS + 3, 2 * CHUNK_PAGES * PS + 100], "whole": [1, 5, 16, 40, 300]}
+
+
 @pytest.mark.parametrize("kv_dtype", [torch.bfloat16, torch.float8_e4m3fn], ids=["bf16", "fp8"])
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(8, 2, 32), (32, 8, 64)])
-def test_decode_equals_float64_attention(kv_dtype, heads, kv_heads, head_dim):
+@pytest.mark.parametrize("rows", LENS)
+def test_decode_equals_float64_attention(kv_dtype, heads, kv_heads, head_dim, rows):
     torch.manual_seed(0)
-    lens = np.array([1, 5, 16, 40, CHUNK_PAGES * PS + 3, 2 * CHUNK_PAGES * PS + 100])  # the last two: 2 and 3 chunks
+    lens = np.array(LENS[rows])
     pages = (lens + PS - 1) // PS
     total = int(pages.sum())
     cache = torch.randn(total + 3, 2, PS, kv_heads, head_dim) * 2
     cache = cache.to(torch.float32 if INTERPRET and kv_dtype == torch.bfloat16 else kv_dtype).to(DEVICE)
     page_list = torch.randperm(total + 3)[:total].to(torch.int32).to(DEVICE)
     q = torch.randn(len(lens), heads, head_dim).to(torch.float32 if INTERPRET else torch.bfloat16).to(DEVICE)
-    work = WorkList(len(lens), int(WorkList.chunks_of(pages).sum()), DEVICE)
-    work.buffer.copy_(torch.from_numpy(WorkList.host(pages, lens, work.bound)))
+    work = WorkList.of(pages, lens, DEVICE)
+    assert work.split == (rows == "split")
     k_scale, v_scale = 0.5, 3.0
     out, lse = decode(q, cache, work, page_list, k_scale, v_scale, return_lse=True)
     want, want_lse = reference(q, cache, pages, lens, page_list, k_scale, v_scale)

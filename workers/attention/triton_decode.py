@@ -147,6 +147,8 @@ class WorkList:
 
     def __init__(self, rows: int, bound: int, device, chunk: int = CHUNK_PAGES, filled: bool = False):
         self.rows, self.bound, self.chunk = rows, bound, chunk
+        # whether a row may take more than one item (a merge to run); a graph's list always may
+        self.split = True
         # `filled`: a copy is about to write the whole buffer (no memset to wait on before it)
         alloc = torch.empty if filled else torch.zeros
         self.buffer = alloc(2 * bound + 3 * rows + 3, dtype=torch.int32, device=device)
@@ -183,8 +185,10 @@ class WorkList:
         replays read) or into a new one on `device` sized to the step."""
         if into is None:
             into = cls(len(pages), int(cls.chunks_of(pages).sum()), device, filled=True)
+            into.split = into.bound > len(pages)
         host = cls.host(pages, kv_lens, into.bound, into.chunk)
-        into.buffer.copy_(torch.from_numpy(host).pin_memory(), non_blocking=True)
+        host = torch.from_numpy(host)
+        into.buffer.copy_(host.pin_memory() if into.buffer.is_cuda else host, non_blocking=True)
         return into
 
     @staticmethod
@@ -208,8 +212,9 @@ def decode(q: torch.Tensor, kv: torch.Tensor, work: WorkList, page_indices: torc
     if out is None:
         out = torch.empty(rows, hq, dim, dtype=q.dtype, device=q.device)
     lse = torch.empty(rows, hq, dtype=torch.float32, device=q.device) if return_lse else out
-    part_o = torch.empty(work.bound, hq_pad, dim, dtype=torch.float32, device=q.device)
-    part_lse = torch.empty(work.bound, hq_pad, dtype=torch.float32, device=q.device)
+    # the partials of rows split over items (none written where no row is: then any tensor serves)
+    part_o = torch.empty(work.bound, hq_pad, dim, dtype=torch.float32, device=q.device) if work.split else out
+    part_lse = torch.empty(work.bound, hq_pad, dtype=torch.float32, device=q.device) if work.split else out
     qk_scale = dim**-0.5 * k_scale * math.log2(math.e)
     pages_a_tile = max(pages_a_tile, triton.cdiv(16, ps * hkv))  # a tile of 16 tokens x heads at least (tl.dot's)
     shape = dict(HQ=hq, HQ_PAD=hq_pad, D=dim, WRITE_LSE=return_lse)
@@ -218,6 +223,7 @@ def decode(q: torch.Tensor, kv: torch.Tensor, work: WorkList, page_indices: torc
         page_indices, work.kv_lens, qk_scale, v_scale, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         kv.stride(0), kv.stride(1), HKV=hkv, PS=ps, PB=pages_a_tile, CHUNK=work.chunk, num_warps=num_warps,
         num_stages=num_stages, **shape)
-    _merge_kernel[(rows,)](out, lse, part_o, part_lse, work.row_start, work.page_indptr, v_scale, out.stride(0),
-                           out.stride(1), CHUNK=work.chunk, **shape)
+    if work.split:  # a launch saved where every row fits one item (the host knows)
+        _merge_kernel[(rows,)](out, lse, part_o, part_lse, work.row_start, work.page_indptr, v_scale,
+                               out.stride(0), out.stride(1), CHUNK=work.chunk, **shape)
     return (out, lse) if return_lse else out

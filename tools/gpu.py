@@ -35,8 +35,9 @@ reused. Parts run one after another on every visible GPU, or with --side-by-side
 GPUs of its own. Each tool run has the part's timeout (--timeout); its process group (the server
 and everything it started) is stopped when it ends, at its timeout and on an interrupt (SIGTERM,
 SIGINT: no other run starts, and the parts still table what their finished runs wrote). The table
-(part, figure, value, unit, % of the floor) is also written to OUT/summary.json; the exit code is
-1 when a run failed, 130 when interrupted. A run that fails (not one an interrupt stopped) prints the
+(part, figure, value, unit, % of the floor) is also written to OUT/summary.json, and with the
+traces' summaries and the step runs' profiles to OUT/report.txt (one file to bring back); the exit
+code is 1 when a run failed, 130 when interrupted. A run that fails (not one an interrupt stopped) prints the
 last lines of its log among the progress lines, so its cause travels with stdout.
 
 A flag set of one flag takes "=" (--compare-flags=--hydragen): argparse reads a lone value that
@@ -486,7 +487,21 @@ def main(argv: list[str] | None = None) -> int:
     print(table(rows))
     if not args.dry_run:
         print(f"summary: {write_summary(args.out, record, rows, interrupted)}")
+        print(f"report: {write_report(args.out, table(rows))}")
     return 130 if interrupted else 1 if any(r["failed"] for r in record.values()) else 0
+
+
+def write_report(out: Path, text: str) -> Path:
+    """OUT/report.txt: the table, then every traced run's summary (compare's *-steps.txt) and every
+    step run's log (its host and kernel profiles) under OUT, in one file: what a GPU host that
+    brings back few files, and none deep in folders, needs to bring back."""
+    sections = [text]
+    for f in sorted(out.rglob("*-steps.txt")) + sorted((out / "step").glob("*.log")):
+        sections += ["", f"=== {f.relative_to(out)}", f.read_text(errors="replace").rstrip()]
+    path = out / "report.txt"
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(sections) + "\n")
+    return path
 
 
 def write_summary(out: Path, record: dict, rows: list[Row], interrupted: bool) -> Path:

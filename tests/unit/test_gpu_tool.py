@@ -161,6 +161,12 @@ def test_table_and_summary(tmp_path):
     summary = json.loads(gpu.write_summary(tmp_path / "out", record, rows, False).read_text())
     assert summary["parts"]["sharegpt-quick"] == dict(failed=[], seconds=1.0, gpus=["0"])
     assert summary["rows"][-1]["value"] == 135_700.0 and summary["rows"][-1]["share"] == 65.2
+    trace = tmp_path / "out" / "compare" / "trace0" / "rank0-steps.txt"
+    trace.parent.mkdir(parents=True)
+    trace.write_text("device: 24.64 ms a step\n")
+    report = gpu.write_report(tmp_path / "out", table(rows)).read_text().splitlines()
+    assert report[: len(text)] == text
+    assert report[-2:] == ["=== compare/trace0/rank0-steps.txt", "device: 24.64 ms a step"]
 
 
 @pytest.mark.parametrize("timeout", [30.0, 0.5])

@@ -125,6 +125,8 @@ WRONG_TYPES = [
     ({"prompt": "hi", "seed": 1.5}, "seed"),
     ({"prompt": 5}, "prompt"),
     ({"prompt": {"text": "hi"}}, "prompt"),
+    ({"prompt": [5, True]}, "prompt"),  # JSON true is no token id
+    ({"prompt": [[5, 6], [7, False]]}, "prompt"),
 ]
 
 

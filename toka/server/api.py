@@ -304,7 +304,9 @@ def completion_requests(req: CompletionRequest, tokenizer, limits: Limits, seed:
     if not prompts:
         raise APIError("prompt must not be empty", "prompt")
     for p in prompts:
-        if not isinstance(p, (str, list)) or (isinstance(p, list) and not all(isinstance(t, int) for t in p)):
+        # the decoder has checked each item's type (str, int or a list of ints): a list must not mix
+        # them; one C-level pass over its types, where a generator would run Python code per token
+        if not isinstance(p, (str, list)) or (isinstance(p, list) and not set(map(type, p)) <= {int}):
             raise APIError("prompt must be a string, a list of strings, a list of token ids or a list of those", "prompt")
     stop = _stop_strings(req.stop)
     logprobs = -1 if req.logprobs is None else req.logprobs

@@ -28,7 +28,8 @@ class Detokenizer:
         self.ids.extend(new_ids)
         if self.read == len(self.ids):
             return ""
-        before = self._decode(self.ids[self.prefix : self.read])
+        # an empty window (a sequence's first text, all of a non-streamed one) needs no decode
+        before = self._decode(self.ids[self.prefix : self.read]) if self.read > self.prefix else ""
         after = self._decode(self.ids[self.prefix :])
         if after.endswith("\ufffd") and not final:
             return ""

@@ -12,6 +12,10 @@ and one timed pass runs every layer in turn, as a step does.
 
     python tools/bench_attention.py --batch 2048 --lengths sharegpt   # lengths as sharegpt-like makes them
     python tools/bench_attention.py --batch 2048 --lengths 384        # every row 384 tokens
+    python tools/bench_attention.py --lengths 1-256 --kernels triton --triton-configs 4:2:32,4:3:16,8:2:32
+
+--triton-configs sweeps the Triton kernel's warps, pipeline stages and pages a work item (a chunk),
+each a row of its own, so that one run on a card finds the best setting for a workload's lengths.
 """
 
 from __future__ import annotations
@@ -25,10 +29,14 @@ import torch
 
 def lengths(spec: str, batch: int, rng) -> np.ndarray:
     """sharegpt: a prompt of U[1, 512] tokens plus t of its U[1, 512] output tokens, t uniform below
-    that (a running batch holds sequences at every point of their output); else one fixed length."""
+    that (a running batch holds sequences at every point of their output); LO-HI: uniform in [LO, HI]
+    (1-256: Hydragen's rows' own pages); else one fixed length."""
     if spec == "sharegpt":
         out = rng.integers(1, 513, batch)
         return rng.integers(1, 513, batch) + (rng.random(batch) * out).astype(np.int64) + 1
+    if "-" in spec:
+        lo, hi = (int(v) for v in spec.split("-"))
+        return rng.integers(lo, hi + 1, batch)
     return np.full(batch, int(spec))
 
 
@@ -48,6 +56,8 @@ def main() -> None:
     p.add_argument("--layouts", default="NHD,HND")
     p.add_argument("--kv-dtypes", default="bf16,fp8")
     p.add_argument("--kernels", default="triton,cuda-cores,fa2,xqa", help="of triton, cuda-cores, fa2, fa3, xqa")
+    p.add_argument("--triton-configs", default="4:2:32",
+                   help="the Triton kernel's settings to time, each WARPS:STAGES:CHUNK_PAGES (comma-separated)")
     p.add_argument("--out", help="JSON of the results")
     args = p.parse_args()
     dev, dt = torch.device("cuda"), torch.bfloat16
@@ -82,14 +92,17 @@ def main() -> None:
                 cache[i, :total].copy_(torch.randn(cache[i, :total].shape, device=dev).to(kv_dt))
             indices = torch.randperm(total, device=dev).int()
             ref = None
-            for kernel in args.kernels.split(","):
+            runs = [(k, c) for k in args.kernels.split(",") for c in (args.triton_configs.split(",") if k == "triton"
+                                                                       else [None])]
+            for kernel, config in runs:
+                label = kernel if config is None or "," not in args.triton_configs else f"{kernel} {config}"
                 try:
                     if kernel == "xqa":
                         run = xqa_decode(indptr, indices, kv_len, q, layout, ps, dev)
                     elif kernel == "triton":
                         if layout != "NHD":  # it reads toka's layout only
                             continue
-                        run = triton_decode(pages, kv_len, indices, dev)
+                        run = triton_decode(pages, kv_len, indices, dev, *(int(v) for v in config.split(":")))
                     else:
                         w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(ws, layout, **kernels[kernel])
                         w.plan(torch.from_numpy(indptr), indices, torch.from_numpy(last), *heads,
@@ -98,13 +111,13 @@ def main() -> None:
                     out = run(q, cache[0]).clone()  # xqa writes into one buffer that the timed layers overwrite
                     ms = time_ms(lambda run=run, c=cache: [run(q, layer) for layer in c]) / args.layers
                 except Exception as e:  # a kernel this FlashInfer build lacks
-                    print(f"  {kv_name} {layout} {kernel}: {type(e).__name__}: {str(e)[:200]}")
+                    print(f"  {kv_name} {layout} {label}: {type(e).__name__}: {str(e)[:200]}")
                     continue
                 ref = out if ref is None else ref
                 diff = (out.float() - ref.float()).abs().max().item()
-                results.append(dict(kv=kv_name, layout=layout, kernel=kernel, ms_a_layer=ms, floor_ms=floor_ms,
+                results.append(dict(kv=kv_name, layout=layout, kernel=label, ms_a_layer=ms, floor_ms=floor_ms,
                                     pct_of_floor=100 * floor_ms / ms, max_diff=diff))
-                print(f"  {kv_name:4s} {layout} {kernel:10s} {ms:7.3f} ms a layer  {100 * floor_ms / ms:5.1f} % of "
+                print(f"  {kv_name:4s} {layout} {label:10s} {ms:7.3f} ms a layer  {100 * floor_ms / ms:5.1f} % of "
                       f"floor ({floor_ms:.3f} ms, cache {cache.numel() * kv_dt.itemsize / 2**30:.1f} GiB)  "
                       f"max |diff| {diff:.1e}")
             del cache  # before the next cache of the card's size
@@ -133,12 +146,13 @@ def xqa_decode(indptr: np.ndarray, indices: torch.Tensor, kv_len: np.ndarray, q:
                                                            bmm1_scale=scale, out=out, kv_layout=layout)
 
 
-def triton_decode(pages: np.ndarray, kv_len: np.ndarray, indices: torch.Tensor, dev):
-    """toka's Triton decode kernel over the same rows. Returns run(q, layer)."""
+def triton_decode(pages: np.ndarray, kv_len: np.ndarray, indices: torch.Tensor, dev, warps: int = 4,
+                  stages: int = 2, chunk: int = 32):
+    """toka's Triton decode kernel over the same rows, with these settings. Returns run(q, layer)."""
     from workers.attention.triton_decode import WorkList, decode
 
-    work = WorkList.of(pages, kv_len, dev)
-    return lambda q, layer: decode(q, layer, work, indices)
+    work = WorkList.of(pages, kv_len, dev, chunk=chunk)
+    return lambda q, layer: decode(q, layer, work, indices, num_warps=warps, num_stages=stages)
 
 
 def copy_bandwidth(dev) -> float:

@@ -27,6 +27,9 @@ Parts (their files under OUT/PART/; each run's log beside its result):
                          (bench.py --via batch), and their ratio
   attention              bench_attention.py: decode kernels over a served-size cache (16 layers, 100 GiB)
                          and over one layer's pages, each layout and element type
+  tune                   bench_attention.py: the Triton decode kernel's warps, stages and chunk sizes
+                         (TRITON_CONFIGS) at sharegpt-like lengths, Hydragen's own pages (1-256) and
+                         shared-prefix rows without Hydragen (900-1,156), bf16 and FP8 pages
   pp                     Llama-3.1-8B shape sharegpt-like quick at --pp 1 and --pp N, and agreement of
                          --pp N and --tp N with one GPU on written weights
 
@@ -97,7 +100,8 @@ TAIL_LINES = 30  # of a failed run's log, printed with the progress lines
 TRACE_STEPS = "1200:40"  # compare's traced steps: past the ramp-up of either workload's quick run
 TIMEOUTS = {"models": 1200, "tests": 1800, "step": 600, "sharegpt-quick": 600, "sharegpt-full": 1200,
             "prefix-quick": 600, "prefix-full": 1500, "prefix-quick-hydragen": 600, "prefix-full-hydragen": 1200,
-            "compare": 600, "ab": 400, "tp": 900, "dp": 1200, "pp": 1200, "batch": 400, "attention": 900}
+            "compare": 600, "ab": 400, "tp": 900, "dp": 1200, "pp": 1200, "batch": 400, "attention": 900,
+            "tune": 600}
 
 
 @dataclass
@@ -289,6 +293,21 @@ def attention(p: Part) -> list[Row]:
     return [row for name in ATTENTION_RUNS for row in attention_rows(p.name, name, p.dir / f"{name}.json")]
 
 
+# the Triton decode kernel's settings (WARPS:STAGES:CHUNK_PAGES) timed by `tune`: the default first
+TRITON_CONFIGS = "4:2:32,4:3:32,4:2:16,4:3:16,4:2:64,8:2:32,8:3:16,2:2:16"
+TUNE_LENGTHS = {"sharegpt": "sharegpt", "own-pages": "1-256", "long": "900-1156"}  # the workloads' decode rows
+
+
+def tune(p: Part) -> list[Row]:
+    """The Triton decode kernel under each of TRITON_CONFIGS, over a served-size cache, at the decode
+    rows' lengths of sharegpt-like, of Hydragen's own pages and of shared-prefix without Hydragen."""
+    runs = {name: ["--lengths", spec, "--layers", "16", "--cache-gib", "100", "--kernels", "triton", "--layouts", "NHD",
+                   "--triton-configs", TRITON_CONFIGS] for name, spec in TUNE_LENGTHS.items()}
+    p.run([p.job(name, py("tools.bench_attention", "--batch", "2048", *flags, "--out", p.dir / f"{name}.json"),
+                 (p.dir / f"{name}.json",)) for name, flags in runs.items()])
+    return [row for name in runs for row in attention_rows(p.name, name, p.dir / f"{name}.json")]
+
+
 def pp(p: Part) -> list[Row]:
     n = p.args.pp
     p.run([p.bench(f"pp{k}", "sharegpt-like", with_flags(f"--pp {k}", p.args.flags), True, LARGE) for k in (1, n)])
@@ -321,6 +340,7 @@ PARTS = {
     "dp": Spec(dp, ((SMALL, False),), lambda a, v: a.dp or len(v)),
     "batch": Spec(batch, ((SMALL, False),), _one),
     "attention": Spec(attention, (), _one),
+    "tune": Spec(tune, (), _one),
     "pp": Spec(pp, ((LARGE, False), (LARGE, True)), lambda a, v: a.pp),
 }
 

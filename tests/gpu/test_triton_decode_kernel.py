@@ -44,7 +44,8 @@ LENS = {"split": [1, 5, 16, 40, CHUNK_PAGES * PS + 3, 2 * CHUNK_PAGES * PS + 100
 @pytest.mark.parametrize("kv_dtype", [torch.bfloat16, torch.float8_e4m3fn], ids=["bf16", "fp8"])
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(8, 2, 32), (32, 8, 64)])
 @pytest.mark.parametrize("rows", LENS)
-def test_decode_equals_float64_attention(kv_dtype, heads, kv_heads, head_dim, rows):
+@pytest.mark.parametrize("chunk", [CHUNK_PAGES, 8], ids=["chunks-default", "chunks-of-8"])
+def test_decode_equals_float64_attention(kv_dtype, heads, kv_heads, head_dim, rows, chunk):
     torch.manual_seed(0)
     lens = np.array(LENS[rows])
     pages = (lens + PS - 1) // PS
@@ -53,8 +54,8 @@ def test_decode_equals_float64_attention(kv_dtype, heads, kv_heads, head_dim, ro
     cache = cache.to(torch.float32 if INTERPRET and kv_dtype == torch.bfloat16 else kv_dtype).to(DEVICE)
     page_list = torch.randperm(total + 3)[:total].to(torch.int32).to(DEVICE)
     q = torch.randn(len(lens), heads, head_dim).to(torch.float32 if INTERPRET else torch.bfloat16).to(DEVICE)
-    work = WorkList.of(pages, lens, DEVICE)
-    assert work.split == (rows == "split")
+    work = WorkList.of(pages, lens, DEVICE, chunk=chunk)
+    assert work.split == bool((pages > chunk).any())
     k_scale, v_scale = 0.5, 3.0
     out, lse = decode(q, cache, work, page_list, k_scale, v_scale, return_lse=True)
     want, want_lse = reference(q, cache, pages, lens, page_list, k_scale, v_scale)

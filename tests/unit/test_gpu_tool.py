@@ -272,6 +272,19 @@ def test_attention_part_tables_every_kernel_of_both_runs(tmp_path):
                                                             ("one-layer", NO_RESULT, None)]
 
 
+def test_tune_part_sweeps_the_triton_kernels_settings_at_three_lengths(tmp_path):
+    p = part("tune", tmp_path)
+    p.dir.mkdir(parents=True)
+    write(p.dir / "own-pages.json", dict(results=[dict(kv="bf16", layout="NHD", kernel="triton 4:3:16",
+                                                       ms_a_layer=0.15, pct_of_floor=84.0)]))
+    rows = gpu.tune(p)
+    argv = [b[0].argv for b in p.runner.batches]
+    assert [a[a.index("--lengths") + 1] for a in argv] == ["sharegpt", "1-256", "900-1156"]
+    assert all(a[a.index("--triton-configs") + 1] == gpu.TRITON_CONFIGS for a in argv)
+    assert [(r.figure, r.value) for r in rows] == [("sharegpt", NO_RESULT), ("own-pages: bf16 NHD triton 4:3:16", 0.15),
+                                                   ("long", NO_RESULT)]
+
+
 class Failing(Recorder):
     """Each job's log says why it failed; every job exits 1."""
 

@@ -180,11 +180,12 @@ class WorkList:
         return out
 
     @classmethod
-    def of(cls, pages: np.ndarray, kv_lens: np.ndarray, device=None, into: WorkList | None = None) -> WorkList:
+    def of(cls, pages: np.ndarray, kv_lens: np.ndarray, device=None, into: WorkList | None = None,
+           chunk: int = CHUNK_PAGES) -> WorkList:
         """The work list of these rows on the device: copied into `into` (a graph's, whose buffer the
-        replays read) or into a new one on `device` sized to the step."""
+        replays read) or into a new one on `device` sized to the step, of `chunk` pages an item."""
         if into is None:
-            into = cls(len(pages), int(cls.chunks_of(pages).sum()), device, filled=True)
+            into = cls(len(pages), int(cls.chunks_of(pages, chunk).sum()), device, chunk=chunk, filled=True)
             into.split = into.bound > len(pages)
         host = cls.host(pages, kv_lens, into.bound, into.chunk)
         host = torch.from_numpy(host)

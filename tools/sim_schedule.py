@@ -1,8 +1,9 @@
 """Replays a sharegpt-like workload through the scheduler alone (results one step late, as the ranks
 return them) and costs each planned step with a linear model of a served step, to see what the run
 as a whole should take given the plans the scheduler makes. The default costs come from a traced
-step on an H100 (docs/performance.md: 17.23 ms per 4,312 tokens of matmuls and activation passes,
-11.85 ms per 878 k cached tokens read by decode rows, 0.66 ms idle).
+steady step on an H200 (docs/performance.md, 2026-12-02: 24.64 ms, of which the Triton decode
+kernel's 7.73 ms for 854 k cached tokens read by decode rows, the rest 16.91 ms for 4,154 tokens),
+and the KV cache from the H200's served size (3,825,168 tokens).
 
     python tools/sim_schedule.py --requests 16384            # the quick run
     python tools/sim_schedule.py --requests 16384 --order longest-output-first
@@ -48,11 +49,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--requests", type=int, default=16384)
     p.add_argument("--order", choices=["arrival", "longest-output-first"], default="arrival")
-    p.add_argument("--kv-tokens", type=int, default=2078272)
+    p.add_argument("--kv-tokens", type=int, default=3825168)
     p.add_argument("--max-seqs", type=int, default=2048)
-    p.add_argument("--ms-per-token", type=float, default=17.23 / 4312)
-    p.add_argument("--ms-per-cached-token", type=float, default=11.85 / 878e3)
-    p.add_argument("--ms-per-step", type=float, default=0.66)
+    p.add_argument("--ms-per-token", type=float, default=16.91 / 4154)
+    p.add_argument("--ms-per-cached-token", type=float, default=7.73 / 853713)
+    p.add_argument("--ms-per-step", type=float, default=0.0)
     args = p.parse_args()
     r = simulate(args.requests, args.order, args.kv_tokens, args.max_seqs, args.ms_per_token,
                  args.ms_per_cached_token, args.ms_per_step)

@@ -81,9 +81,22 @@ class StepTrace:
             f.write("\n".join(lines) + "\n")
 
 
+# kernel kinds by name, first match wins: a step's matmuls alone come as dozens of cuBLAS kernels
+# (one a tile shape), most below the top of the list
+KINDS = (("matmul", ("nvjet", "gemm", "cutlass", "sm90_xmma", "cublas")),
+         ("attention", ("_chunk_kernel", "_merge_kernel", "Prefill", "Decode", "kernel_mha", "MergeState",
+                        "AppendPagedKV")),
+         ("copy", ("Memcpy", "Memset", "copy_kernel", "CatArray")))
+
+
+def kind_of(name: str) -> str:
+    return next((kind for kind, marks in KINDS if any(m in name for m in marks)), "other")
+
+
 def device_lines(kernels: list[tuple[float, float, str]], steps: int) -> list[str]:
     """What the device did over `steps` steps, from its kernels' (start, end, name) in µs sorted by
-    start: busy and idle time a step, the kernels by total time, and where the idle time fell: each
+    start: busy and idle time a step, the kernels' time by kind (KINDS) and by kernel, and where the
+    idle time fell: each
     gap is put down to the kernel that ended it (the one the device waited to start), so a wait for
     the host shows as the first kernel of what the host had not yet launched."""
     if not kernels:
@@ -106,6 +119,10 @@ def device_lines(kernels: list[tuple[float, float, str]], steps: int) -> list[st
     for lo, hi, name in kernels:
         by_name[name][0] += hi - lo
         by_name[name][1] += 1
+    kinds: dict[str, float] = defaultdict(float)
+    for name, (t, _) in by_name.items():
+        kinds[kind_of(name)] += t
+    lines.append("by kind, ms a step: " + ", ".join(f"{k} {kinds[k] / ms:.2f}" for k, _ in (*KINDS, ("other", ()))))
     lines.append(f"{'ms a step':>10} {'calls':>6}  kernel")
     for name, (t, calls) in sorted(by_name.items(), key=lambda kv: -kv[1][0])[:20]:
         lines.append(f"{t / ms:10.3f} {calls / steps:6.1f}  {name[:110]}")

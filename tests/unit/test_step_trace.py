@@ -1,7 +1,7 @@
 """TOKA_TRACE's step window: it records exactly the asked steps and writes what they held."""
 
 from toka.protocol import StepPlan
-from workers.step_trace import StepTrace, device_lines
+from workers.step_trace import StepTrace, device_lines, kind_of
 
 
 def plan(step: int, decode: int, prompt: int) -> StepPlan:
@@ -50,10 +50,20 @@ def test_device_lines_put_idle_time_down_to_the_kernel_that_ended_it():
     kernels = [(0, 100, "a"), (104, 200, "b"), (150, 210, "b"), (270, 300, "c"), (500, 600, "a"), (600, 700, "b")]
     lines = device_lines(kernels, steps=2)
     assert lines[0] == "device: 0.35 ms a step, busy 0.22, idle 0.13 (37.7 %)"
+    assert lines[1] == "by kind, ms a step: matmul 0.00, attention 0.00, copy 0.00, other 0.24"  # sums of durations
     at = next(i for i, line in enumerate(lines) if line.startswith("idle a step"))
     assert lines[at].startswith("idle a step in gaps of < 10 µs, 10-100 µs, > 100 µs: 0.00, 0.03, 0.10 ms")
     assert [line.split() for line in lines[at + 2:]] == [["0.100", "0.5", "a"], ["0.030", "0.5", "c"],
                                                         ["0.002", "0.5", "b"]]
+
+
+def test_kernels_are_put_down_to_their_kind():
+    names = {"nvjet_sm90_tst_256x152_64x4_1x2_h_bz_coopA_TNT": "matmul", "_chunk_kernel": "attention",
+             "void flashinfer::PrefillWithKVCacheKernel<...>": "attention", "Memcpy HtoD (Pinned -> Device)": "copy",
+             "void flashinfer::norm::FusedAddRMSNormKernel<8u, __nv_bfloat16>": "other", "_sample_rows": "other"}
+    assert {n: kind_of(n) for n in names} == names
+    kernels = [(0, 10, "nvjet_x"), (10, 30, "_chunk_kernel"), (30, 33, "Memset (Device)"), (33, 40, "_sample_rows")]
+    assert device_lines(kernels, steps=1)[1] == "by kind, ms a step: matmul 0.01, attention 0.02, copy 0.00, other 0.01"
 
 
 def test_device_lines_of_no_kernels_are_none():

@@ -82,8 +82,9 @@ class EngineConfig:
                                    "token count, in sizes of 128 up to --max-tokens-per-forward, as CUDA graphs "
                                    "cut at each layer's attention (which runs eagerly between them); one "
                                    "pipeline stage only. Less host time a step: it pays where the host "
-                                   "holds the steps (both FP8 options), and measured even with eager steps "
-                                   "over bf16, where the device holds them (docs/performance.md)", default=False)
+                                   "holds the steps (both FP8 options) and measured on par with eager "
+                                   "steps over bf16, where the device holds them (docs/performance.md)",
+                                   default=False)
     prefix_caching: bool = _flag("reuse the KV cache pages of prompt prefixes computed before", default=True)
     hydragen: bool | None = _flag(
         "attend to a prefix shared by many decoding sequences once for all of them (default: on with "

@@ -95,7 +95,7 @@ def main() -> None:
             runs = [(k, c) for k in args.kernels.split(",") for c in (args.triton_configs.split(",") if k == "triton"
                                                                        else [None])]
             for kernel, config in runs:
-                label = kernel if config is None or "," not in args.triton_configs else f"{kernel} {config}"
+                label = kernel if config is None else f"{kernel} {config}"
                 try:
                     if kernel == "xqa":
                         run = xqa_decode(indptr, indices, kv_len, q, layout, ps, dev)

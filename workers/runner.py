@@ -24,10 +24,7 @@ from workers.attention import AttentionBackend, AttentionBatch, PrefixGroups, cu
 from workers.layers.attention import ForwardContext
 from workers.logits_processor import LogitsProcessor
 from workers.pipeline import Pipe
-from workers.sampling import MIN_LOGPROB, SamplingBatch, fold_seed, sample_hidden
-from workers.sampling_kernel import sample_partials
-
-fused_sampling = sample_partials is not None  # Triton's there: sample_hidden takes the fused kernel where it can
+from workers.sampling import MIN_LOGPROB, SamplingBatch, fold_seed, fused, sample_hidden
 
 # Rows of logits materialized at once: bounds the float32 [rows, vocab] buffers of large batches.
 LOGIT_CHUNK = 512
@@ -81,7 +78,7 @@ class Pieces:
     def end(self) -> None:
         self.graphs[-1].capture_end()
 
-    def forward(self, layer: int, q, k, v, out=None) -> torch.Tensor:
+    def forward(self, layer: int, q, k, v) -> torch.Tensor:
         n = q.shape[0]
         for fixed, x in zip(self.views(n), (q, k, v)):
             if x.data_ptr() != fixed.data_ptr() or x.stride() != fixed.stride():
@@ -424,10 +421,9 @@ class ModelRunner:
         return Launched(plan, rows, slots, num_top, host, done, prompt)
 
     def _logit_chunk(self, slots: np.ndarray, num_top: int) -> int:
-        """Rows sampled at once: FUSED_CHUNK where the fused kernel takes them all (on CUDA, no
-        alternatives, filters or logits processing), else LOGIT_CHUNK."""
-        plain = (self.cuda and fused_sampling and num_top == 0 and not self.filtered[slots].any()
-                 and not self.processor.needed(slots))
+        """Rows sampled at once: FUSED_CHUNK where the fused kernel takes them all (sampling.fused),
+        else LOGIT_CHUNK."""
+        plain = fused(self.cuda, bool(self.filtered[slots].any()), num_top, self.processor.needed(slots))
         return FUSED_CHUNK if plain else LOGIT_CHUNK
 
     def _record(self) -> torch.cuda.Event | None:

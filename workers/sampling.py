@@ -69,19 +69,26 @@ class SamplingBatch:
     process: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
+def fused(cuda: bool, filtered: bool, num_top: int, processed: bool) -> bool:
+    """Whether sample_hidden takes the fused kernel for a batch: on CUDA with Triton, without
+    filters (min-p, top-p, top-k), alternatives or logits processing."""
+    from workers.sampling_kernel import sample_partials  # here: the kernel's module imports this one
+
+    return cuda and sample_partials is not None and not filtered and num_top == 0 and not processed
+
+
 def sample_hidden(head, hidden: torch.Tensor, b: SamplingBatch):
     """Samples the rows of `hidden` [rows, hidden] through the LM head (a ParallelLMHead); returns
-    what `sample` does. Without filters, processing or alternatives, on CUDA, one fused pass
-    reduces each rank's slice of the logits and only four numbers a row cross ranks; otherwise
-    the head gathers the whole vocabulary's logits for `sample`."""
-    if hidden.is_cuda and not b.filtered and b.num_top == 0 and b.process is None:
+    what `sample` does. Where `fused`, one fused pass reduces each rank's slice of the logits and
+    only four numbers a row cross ranks; otherwise the head gathers the whole vocabulary's logits
+    for `sample`."""
+    if fused(hidden.is_cuda, b.filtered, b.num_top, b.process is not None):
         from workers.sampling_kernel import combine, sample_partials
 
-        if sample_partials is not None:
-            keys = row_keys(b.seeds, b.positions) if b.random else b.seeds  # greedy rows read no noise
-            parts = head.reduce_slices(hidden, lambda logits, offset: sample_partials(
-                logits, b.temperature, keys, b.random, offset, raw=b.raw_logprobs))
-            return (*combine(parts), None, None)
+        keys = row_keys(b.seeds, b.positions) if b.random else b.seeds  # greedy rows read no noise
+        parts = head.reduce_slices(hidden, lambda logits, offset: sample_partials(
+            logits, b.temperature, keys, b.random, offset, raw=b.raw_logprobs))
+        return (*combine(parts), None, None)
     return sample(head(hidden), b)
 
 

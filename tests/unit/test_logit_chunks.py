@@ -4,7 +4,7 @@ that materialize float32 logits."""
 import numpy as np
 import torch
 
-from workers import runner as runner_module
+from workers import sampling_kernel
 from workers.runner import FUSED_CHUNK, LOGIT_CHUNK, ModelRunner
 
 
@@ -13,7 +13,7 @@ def test_batches_the_fused_kernel_samples_take_larger_chunks(monkeypatch):
     slots = np.arange(8)
     assert runner._logit_chunk(slots, 0) == LOGIT_CHUNK  # on the CPU: the torch path
     runner.cuda = True
-    monkeypatch.setattr(runner_module, "fused_sampling", True)
+    monkeypatch.setattr(sampling_kernel, "sample_partials", lambda *a, **k: None)  # as if Triton were there
     assert runner._logit_chunk(slots, 0) == FUSED_CHUNK > LOGIT_CHUNK
     assert runner._logit_chunk(slots, 2) == LOGIT_CHUNK  # alternatives asked for
     runner.filtered[3] = True  # a row with top-p, top-k or min-p
@@ -23,5 +23,5 @@ def test_batches_the_fused_kernel_samples_take_larger_chunks(monkeypatch):
     runner.processor.active[5] = True  # a row with penalties, logit_bias or min_tokens
     assert runner._logit_chunk(slots, 0) == LOGIT_CHUNK
     runner.processor.active[5] = False
-    monkeypatch.setattr(runner_module, "fused_sampling", False)  # no Triton
+    monkeypatch.setattr(sampling_kernel, "sample_partials", None)  # no Triton
     assert runner._logit_chunk(slots, 0) == LOGIT_CHUNK

@@ -147,9 +147,10 @@ class WorkList:
 
     def __init__(self, rows: int, bound: int, device, chunk: int = CHUNK_PAGES, filled: bool = False):
         self.rows, self.bound, self.chunk = rows, bound, chunk
-        # whether a row may take more than one item (a merge to run); a graph's list always may
-        self.split = True
-        # `filled`: a copy is about to write the whole buffer (no memset to wait on before it)
+        # `filled`: a step's own list of exactly `bound` items, which a copy is about to write whole
+        # (no memset to wait on before it). Whether a row may take more than one item (a merge to
+        # run): in a graph's list always
+        self.split = bound > rows or not filled
         alloc = torch.empty if filled else torch.zeros
         self.buffer = alloc(2 * bound + 3 * rows + 3, dtype=torch.int32, device=device)
         parts = torch.split(self.buffer, [bound, bound, rows + 1, 1, rows + 1, rows])
@@ -186,7 +187,6 @@ class WorkList:
         replays read) or into a new one on `device` sized to the step, of `chunk` pages an item."""
         if into is None:
             into = cls(len(pages), int(cls.chunks_of(pages, chunk).sum()), device, chunk=chunk, filled=True)
-            into.split = into.bound > len(pages)
         host = cls.host(pages, kv_lens, into.bound, into.chunk)
         host = torch.from_numpy(host)
         into.buffer.copy_(host.pin_memory() if into.buffer.is_cuda else host, non_blocking=True)

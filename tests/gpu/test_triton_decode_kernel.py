@@ -45,7 +45,8 @@ LENS = {"split": [1, 5, 16, 40, CHUNK_PAGES * PS + 3, 2 * CHUNK_PAGES * PS + 100
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(8, 2, 32), (32, 8, 64)])
 @pytest.mark.parametrize("rows", LENS)
 @pytest.mark.parametrize("chunk", [CHUNK_PAGES, 8], ids=["chunks-default", "chunks-of-8"])
-def test_decode_equals_float64_attention(kv_dtype, heads, kv_heads, head_dim, rows, chunk):
+@pytest.mark.parametrize("graph", [False, True], ids=["own-list", "graph-list"])
+def test_decode_equals_float64_attention(kv_dtype, heads, kv_heads, head_dim, rows, chunk, graph):
     torch.manual_seed(0)
     lens = np.array(LENS[rows])
     pages = (lens + PS - 1) // PS
@@ -54,12 +55,17 @@ def test_decode_equals_float64_attention(kv_dtype, heads, kv_heads, head_dim, ro
     cache = cache.to(torch.float32 if INTERPRET and kv_dtype == torch.bfloat16 else kv_dtype).to(DEVICE)
     page_list = torch.randperm(total + 3)[:total].to(torch.int32).to(DEVICE)
     q = torch.randn(len(lens), heads, head_dim).to(torch.float32 if INTERPRET else torch.bfloat16).to(DEVICE)
-    work = WorkList.of(pages, lens, DEVICE, chunk=chunk)
-    assert work.split == bool((pages > chunk).any())
+    if graph:  # a graph's list: a bound past the step's items, and fewer programs than items (each loops)
+        work = WorkList.of(pages, lens, into=WorkList(len(lens), WorkList.bound_for(len(lens), total + 40, chunk),
+                                                      DEVICE, chunk=chunk))
+        work.programs = 2
+    else:
+        work = WorkList.of(pages, lens, DEVICE, chunk=chunk)
+        assert work.split == bool((pages > chunk).any())
     k_scale, v_scale = 0.5, 3.0
     out, lse = decode(q, cache, work, page_list, k_scale, v_scale, return_lse=True)
     want, want_lse = reference(q, cache, pages, lens, page_list, k_scale, v_scale)
-    # bf16 queries on the GPU: K in bf16 and probabilities rounded to bf16 (or float16 over FP8 pages)
+    # bf16 queries on the GPU: K in bf16 and probabilities rounded to bf16
     rel = ((out.double().cpu() - want).norm() / want.norm()).item()
     assert rel < (1e-4 if INTERPRET else 5e-3), rel
     torch.testing.assert_close(lse.double().cpu(), want_lse, atol=1e-5 if INTERPRET else 1e-3, rtol=1e-5)

@@ -37,3 +37,11 @@ def test_the_bound_holds_any_split_of_its_pages_and_a_step_past_it_is_refused():
         assert host[2 * bound + rows + 1] <= bound
     with pytest.raises(ValueError, match="3 decode work items; the buffer holds 2"):
         WorkList.host(np.array([1, 1, 1]), np.array([1, 1, 1]), bound=2)
+
+
+def test_a_steps_own_list_launches_an_item_a_program_and_a_graphs_a_row_a_program():
+    assert WorkList(4, 9, "cpu", own=True).programs == 9
+    assert not WorkList(4, 4, "cpu", own=True).split  # every row one item: no merge
+    graph = WorkList(4, WorkList.bound_for(4, 10_000), "cpu")
+    assert graph.programs == 4 and graph.split  # the CPU counts as one SM: two programs at least
+    assert WorkList(1, 300, "cpu").programs == 2

@@ -16,8 +16,10 @@ as tensor-core attention kernels do (FlashInfer's prefill kernels too).
 A row's pages are split in chunks of CHUNK_PAGES (a work item each, so long rows spread over the
 SMs); rows of one chunk write their output directly, others write a float32 partial and its
 log-sum-exp, which a second kernel merges. The work list (item -> row, chunk) is built on the host
-with the step's other metadata. For CUDA graphs the grid is a fixed bound and items past the
-step's count return at once.
+with the step's other metadata. A step's own list launches a program an item; a CUDA graph's list
+has a fixed bound that covers any split of the whole cache (2,048 rows + 7,535 items on the H200's
+cache), so its grid is a program a row (two an SM at least), each looping over the items past the
+grid, and a replay launches no programs that find nothing to do.
 
 An FP8 cache is read as it is: pages are converted to the query type in registers, K's scale folds
 into the softmax scale and V's into the output. Log-sum-exps are base 2, as FlashInfer's are, so
@@ -59,18 +61,8 @@ if triton is not None:
                       qk_scale, v_scale, q_row_stride, q_head_stride, o_row_stride, o_head_stride, page_stride, v_offset,
                       HQ: tl.constexpr, HQ_PAD: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, PS: tl.constexpr,
                       PB: tl.constexpr, CHUNK: tl.constexpr, WRITE_LSE: tl.constexpr):
-        w = tl.program_id(0)
-        if w >= tl.load(n_work):
-            return
-        row = tl.load(work_row + w).to(tl.int64)
-        lo = tl.load(page_indptr + row)
-        hi = tl.load(page_indptr + row + 1)
-        kv_len = tl.load(kv_lens + row)
-        first = lo + tl.load(work_chunk + w) * CHUNK
-        end = tl.minimum(first + CHUNK, hi)
         h = tl.arange(0, HQ_PAD)
         d = tl.arange(0, D)
-        q = tl.load(Q + row * q_row_stride + h[:, None] * q_head_stride + d[None, :], mask=(h < HQ)[:, None], other=0.0)
         # tile row i: page i // (PS * HKV) of the tile, then token and kv head in NHD order
         N: tl.constexpr = PB * PS * HKV
         i = tl.arange(0, N)
@@ -79,34 +71,45 @@ if triton is not None:
         # padding query heads read kv head 0, so that their (unused) softmax stays finite
         kv_head = tl.where(h < HQ, h // (HQ // HKV), 0)
         pair = kv_head[:, None] == (within % HKV)[None, :]
-        m = tl.full([HQ_PAD], float("-inf"), tl.float32)
-        s_sum = tl.zeros([HQ_PAD], tl.float32)
-        acc = tl.zeros([HQ_PAD, D], tl.float32)
-        for p in range(first, end, PB):
-            idx = p + tile_page
-            live = idx < end
-            page = tl.load(page_indices + idx, mask=live, other=0).to(tl.int64)
-            at = page * page_stride + within * D
-            k = tl.load(KV + at[:, None] + d[None, :], mask=live[:, None], other=0.0).to(q.dtype)
-            v = tl.load(KV + v_offset + at[:, None] + d[None, :], mask=live[:, None], other=0.0).to(q.dtype)
-            s = tl.dot(q, tl.trans(k))
-            pos = (idx - lo) * PS + within // HKV
-            s = tl.where(pair & (pos < kv_len)[None, :], s * qk_scale, float("-inf"))
-            m_new = tl.maximum(m, tl.max(s, 1))  # finite: a chunk's first page has a token for every head
-            alpha = tl.exp2(m - m_new)
-            prob = tl.exp2(s - m_new[:, None])
-            s_sum = s_sum * alpha + tl.sum(prob, 1)
-            acc = acc * alpha[:, None] + tl.dot(prob.to(q.dtype), v)
-            m = m_new
-        if tl.cdiv(hi - lo, CHUNK) == 1:
-            out = acc / s_sum[:, None] * v_scale
-            tl.store(Out + row * o_row_stride + h[:, None] * o_head_stride + d[None, :], out.to(Out.dtype.element_ty),
-                     mask=(h < HQ)[:, None])
-            if WRITE_LSE:
-                tl.store(Lse + row * HQ + h, m + tl.log2(s_sum), mask=h < HQ)
-        else:
-            tl.store(PartO + w * HQ_PAD * D + h[:, None] * D + d[None, :], acc / s_sum[:, None])
-            tl.store(PartLse + w * HQ_PAD + h, m + tl.log2(s_sum))
+        # a program per item of the step (its own list), or per row of a graph's, looping over the items
+        # past the grid: a graph's bound covers any split of the whole cache, most of it past any step
+        for w in range(tl.program_id(0), tl.load(n_work), tl.num_programs(0)):
+            row = tl.load(work_row + w).to(tl.int64)
+            lo = tl.load(page_indptr + row)
+            hi = tl.load(page_indptr + row + 1)
+            kv_len = tl.load(kv_lens + row)
+            first = lo + tl.load(work_chunk + w) * CHUNK
+            end = tl.minimum(first + CHUNK, hi)
+            q = tl.load(Q + row * q_row_stride + h[:, None] * q_head_stride + d[None, :], mask=(h < HQ)[:, None],
+                        other=0.0)
+            m = tl.full([HQ_PAD], float("-inf"), tl.float32)
+            s_sum = tl.zeros([HQ_PAD], tl.float32)
+            acc = tl.zeros([HQ_PAD, D], tl.float32)
+            for p in range(first, end, PB):
+                idx = p + tile_page
+                live = idx < end
+                page = tl.load(page_indices + idx, mask=live, other=0).to(tl.int64)
+                at = page * page_stride + within * D
+                k = tl.load(KV + at[:, None] + d[None, :], mask=live[:, None], other=0.0).to(q.dtype)
+                v = tl.load(KV + v_offset + at[:, None] + d[None, :], mask=live[:, None], other=0.0).to(q.dtype)
+                s = tl.dot(q, tl.trans(k))
+                pos = (idx - lo) * PS + within // HKV
+                s = tl.where(pair & (pos < kv_len)[None, :], s * qk_scale, float("-inf"))
+                m_new = tl.maximum(m, tl.max(s, 1))  # finite: a chunk's first page has a token for every head
+                alpha = tl.exp2(m - m_new)
+                prob = tl.exp2(s - m_new[:, None])
+                s_sum = s_sum * alpha + tl.sum(prob, 1)
+                acc = acc * alpha[:, None] + tl.dot(prob.to(q.dtype), v)
+                m = m_new
+            if tl.cdiv(hi - lo, CHUNK) == 1:
+                out = acc / s_sum[:, None] * v_scale
+                tl.store(Out + row * o_row_stride + h[:, None] * o_head_stride + d[None, :], out.to(Out.dtype.element_ty),
+                         mask=(h < HQ)[:, None])
+                if WRITE_LSE:
+                    tl.store(Lse + row * HQ + h, m + tl.log2(s_sum), mask=h < HQ)
+            else:
+                tl.store(PartO + w * HQ_PAD * D + h[:, None] * D + d[None, :], acc / s_sum[:, None])
+                tl.store(PartLse + w * HQ_PAD + h, m + tl.log2(s_sum))
 
 
     @triton.jit(do_not_specialize=["work_start", "page_indptr"])
@@ -140,18 +143,25 @@ if triton is not None:
             tl.store(Lse + row * HQ + h, m + tl.log2(s_sum), mask=h < HQ)
 
 
+def _sm_count(device) -> int:
+    device = torch.device(device)
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
 class WorkList:
     """A step's decode rows as work items, in one int32 device buffer filled by one copy: each item's
     row and chunk, each row's first item, the item count, and the rows' page offsets (into the page
     list the kernel is given) and KV lengths. `bound` items (a graph's fixed grid) or the step's."""
 
-    def __init__(self, rows: int, bound: int, device, chunk: int = CHUNK_PAGES, filled: bool = False):
+    def __init__(self, rows: int, bound: int, device, chunk: int = CHUNK_PAGES, own: bool = False):
         self.rows, self.bound, self.chunk = rows, bound, chunk
-        # `filled`: a step's own list of exactly `bound` items, which a copy is about to write whole
-        # (no memset to wait on before it). Whether a row may take more than one item (a merge to
-        # run): in a graph's list always
-        self.split = bound > rows or not filled
-        alloc = torch.empty if filled else torch.zeros
+        # `own`: a step's own list of exactly `bound` items, which a copy is about to write whole (no
+        # memset to wait on before it), a program an item. A graph's list is read by at most a program
+        # a row (or two an SM, for a few long rows), each looping over the items past the grid, which
+        # may split any row (a merge to run)
+        self.split = bound > rows or not own
+        self.programs = bound if own else min(bound, max(rows, 2 * _sm_count(device)))
+        alloc = torch.empty if own else torch.zeros
         self.buffer = alloc(2 * bound + 3 * rows + 3, dtype=torch.int32, device=device)
         parts = torch.split(self.buffer, [bound, bound, rows + 1, 1, rows + 1, rows])
         self.item_row, self.item_chunk, self.row_start, self.count, self.page_indptr, self.kv_lens = parts
@@ -186,7 +196,7 @@ class WorkList:
         """The work list of these rows on the device: copied into `into` (a graph's, whose buffer the
         replays read) or into a new one on `device` sized to the step, of `chunk` pages an item."""
         if into is None:
-            into = cls(len(pages), int(cls.chunks_of(pages, chunk).sum()), device, chunk=chunk, filled=True)
+            into = cls(len(pages), int(cls.chunks_of(pages, chunk).sum()), device, chunk=chunk, own=True)
         host = cls.host(pages, kv_lens, into.bound, into.chunk)
         host = torch.from_numpy(host)
         into.buffer.copy_(host.pin_memory() if into.buffer.is_cuda else host, non_blocking=True)
@@ -219,7 +229,7 @@ def decode(q: torch.Tensor, kv: torch.Tensor, work: WorkList, page_indices: torc
     qk_scale = dim**-0.5 * k_scale * math.log2(math.e)
     pages_a_tile = max(pages_a_tile, triton.cdiv(16, ps * hkv))  # a tile of 16 tokens x heads at least (tl.dot's)
     shape = dict(HQ=hq, HQ_PAD=hq_pad, D=dim, WRITE_LSE=return_lse)
-    _chunk_kernel[(work.bound,)](
+    _chunk_kernel[(work.programs,)](
         q, kv, out, lse, part_o, part_lse, work.item_row, work.item_chunk, work.count, work.page_indptr,
         page_indices, work.kv_lens, qk_scale, v_scale, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         kv.stride(0), kv.stride(1), HKV=hkv, PS=ps, PB=pages_a_tile, CHUNK=work.chunk, num_warps=num_warps,

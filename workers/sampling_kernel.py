@@ -27,10 +27,12 @@ except ImportError:  # CPU-only installs: sampling.py uses the torch code
     triton = None
 
 BLOCK = 4096
-# the interpreter runs no inline PTX: there the noise takes tl.log
+# the interpreter runs no inline PTX: there the kernel takes tl.log2, tl.exp2 and the exact division
 FAST_LOG = os.environ.get("TRITON_INTERPRET") != "1"
 
 if triton is not None:
+    LOG2E = tl.constexpr(1.4426950408889634)
+    LN2 = tl.constexpr(0.6931471805599453)
 
     @triton.jit
     def _mix32(x):
@@ -42,44 +44,64 @@ if triton is not None:
         return x ^ (x >> 16)
 
     @triton.jit
-    def _ln(x, FAST: tl.constexpr):
-        # lg2.approx (one special-function op, where libdevice's logf is ~25 instructions): within 2 ulp
-        # of the result where |log2 x| >= 1, within 2**-22 absolute for x in [0.5, 2]
-        if FAST:
-            return tl.inline_asm_elementwise("lg2.approx.f32 $0, $1;", "=f,f", [x], dtype=tl.float32,
-                                             is_pure=True, pack=1) * 0.6931471805599453
-        else:
-            return tl.log(x)
+    def _fast(x, op: tl.constexpr):
+        return tl.inline_asm_elementwise(op, "=f,f", [x], dtype=tl.float32, is_pure=True, pack=1)
+
+    # lg2.approx and ex2.approx (one special-function op each, where libdevice's log2f is ~25
+    # instructions): lg2 within 2 ulp where |log2 x| >= 1 and 2**-22 absolute for x in [0.5, 2], ex2
+    # within 2 ulp. ftz drops the denormal fix-ups: every lg2 argument here is 2**-24 or more, and an
+    # exp2 term below 2**-126 of the running maximum adds nothing to a sum
+    @triton.jit
+    def _lg2(x, FAST: tl.constexpr):
+        return _fast(x, "lg2.approx.ftz.f32 $0, $1;") if FAST else tl.log2(x)
 
     @triton.jit
-    def _gumbel(h, FAST: tl.constexpr):
-        # -log(-log(u)) of u = odd / 2**24 from the hash's top 23 bits, as sampling.gumbel. -log(u) is
-        # the approximate log where u < 1/2 (at least 0.69, so 2 ulp of it); for u >= 1/2, where an
-        # absolute error would swamp -log(u) (down to 2**-24), the series 2 atanh(z), z = v / (2 - v) <= 1/3
-        # of v = 1 - u (exact), to 1e-8 relative. The outer log's argument is at least 2**-24: its
-        # error is ~2**-22 absolute near 1 and 2 ulp elsewhere, a few 1e-6 at most in the noise.
+    def _exp2(x, FAST: tl.constexpr):
+        return _fast(x, "ex2.approx.ftz.f32 $0, $1;") if FAST else tl.exp2(x)
+
+    @triton.jit
+    def _div(x, y, FAST: tl.constexpr):
+        # div.approx: a reciprocal and a product (2 ulp, as the default division; no range fix-ups: y is
+        # in [1, 2] here)
+        if FAST:
+            return tl.inline_asm_elementwise("div.approx.ftz.f32 $0, $1, $2;", "=f,f,f", [x, y], dtype=tl.float32,
+                                             is_pure=True, pack=1)
+        else:
+            return x / y
+
+    @triton.jit
+    def _noise2(h, FAST: tl.constexpr):
+        # Gumbel noise -log(-log(u)) in base 2 and up to a constant: -log2(e / ln 2) = log2(e) * gumbel +
+        # log2(ln 2), e = -log(u), u = odd / 2**24 from the hash's top 23 bits, as sampling.gumbel. Where
+        # u < 1/2, e / ln 2 = -log2(u) by the approximate log (at least 1, so 2 ulp of it); for u >= 1/2,
+        # where an absolute error would swamp e (down to 2**-24), the series 2 atanh(z), z = v / (2 - v)
+        # <= 1/3 of v = 1 - u (exact there), to ~1e-7 relative. The outer log's argument is at least
+        # 2**-24: its error is ~2**-22 absolute near 1 and 2 ulp elsewhere, a few 1e-6 at most
         k = h >> 9
         u = (k * 2 + 1).to(tl.float32) * (1.0 / 16777216.0)
-        v = ((0x7FFFFF - k) * 2 + 1).to(tl.float32) * (1.0 / 16777216.0)
-        z = v / (2.0 - v)
+        v = 1.0 - u
+        z = _div(v, 2.0 - v, FAST)
         z2 = z * z
-        series = 1.0 / 13.0
-        series = series * z2 + 1.0 / 11.0
-        series = series * z2 + 1.0 / 9.0
-        series = series * z2 + 1.0 / 7.0
-        series = series * z2 + 1.0 / 5.0
-        series = series * z2 + 1.0 / 3.0
-        series = series * z2 + 1.0
-        e = tl.where(k < 0x400000, -_ln(u, FAST), 2.0 * z * series)
-        return -_ln(e, FAST)
+        c: tl.constexpr = 2.0 * LOG2E  # 2 atanh(z) / ln 2, the factor in the series' terms
+        series = c / 13.0
+        series = series * z2 + c / 11.0
+        series = series * z2 + c / 9.0
+        series = series * z2 + c / 7.0
+        series = series * z2 + c / 5.0
+        series = series * z2 + c / 3.0
+        series = series * z2 + c
+        e2 = tl.where(k < 0x400000, -_lg2(u, FAST), z * series)
+        return -_lg2(e2, FAST)
 
     @triton.jit
     def _sample_rows(logits, stride, vocab, offset, temperature, keys, out,
                      RANDOM: tl.constexpr, RAW: tl.constexpr, BLOCK: tl.constexpr, FAST: tl.constexpr):
+        # in base 2 throughout: scores are log2(e) x (logits / T + gumbel) up to a constant, which keeps
+        # their argmax; the log-sum-exp is converted back at the end
         row = tl.program_id(0)
         t = tl.load(temperature + row)
         greedy = t <= 0
-        inv_t = 1.0 / tl.where(greedy, 1.0, t)
+        scale = LOG2E / tl.where(greedy, 1.0, t)
         key = tl.load(keys + row).to(tl.uint32)
         base = logits + row.to(tl.int64) * stride
         offs = tl.arange(0, BLOCK)
@@ -91,15 +113,15 @@ if triton is not None:
             ids = start + offs
             inside = ids < vocab
             raw = tl.load(base + ids, mask=inside, other=-float("inf")).to(tl.float32)
-            x = raw * inv_t
-            lse_in = raw if RAW else x  # the reported distribution: the model's own, or the sampled one
+            x = raw * scale
+            lse_in = raw * LOG2E if RAW else x  # the reported distribution: the model's own, or the sampled one
             new_max = tl.maximum(run_max, tl.max(lse_in, 0))
-            run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(lse_in - new_max), 0)
+            run_sum = run_sum * _exp2(run_max - new_max, FAST) + tl.sum(_exp2(lse_in - new_max, FAST), 0)
             run_max = new_max
             score = x
             if RANDOM:
                 h = _mix32(key + (offset + ids).to(tl.uint32) * 0xC2B2AE3D)
-                score = tl.where(greedy, x, x + _gumbel(h, FAST))
+                score = tl.where(greedy, x, x + _noise2(h, FAST))
             score = tl.where(inside, score, -float("inf"))
             block_best, block_id = tl.max(score, 0, return_indices=True, return_indices_tie_break_left=True)
             if block_best > best:  # strictly greater: the first maximum wins, as torch.argmax
@@ -107,11 +129,11 @@ if triton is not None:
                 best_id = start + block_id
         chosen = tl.load(base + best_id).to(tl.float32)
         if not RAW:
-            chosen = chosen * inv_t
+            chosen = chosen / tl.where(greedy, 1.0, t)
         out_row = out + row * 4
         tl.store(out_row, best)
         tl.store(out_row + 1, (offset + best_id).to(tl.float32))
-        tl.store(out_row + 2, run_max + tl.log(run_sum))
+        tl.store(out_row + 2, (run_max + tl.log2(run_sum)) * LN2)
         tl.store(out_row + 3, chosen)
 
     def sample_partials(logits: torch.Tensor, temperature: torch.Tensor, keys: torch.Tensor, random: bool,

@@ -42,6 +42,7 @@ def test_the_bound_holds_any_split_of_its_pages_and_a_step_past_it_is_refused():
 def test_a_steps_own_list_launches_an_item_a_program_and_a_graphs_a_row_a_program():
     assert WorkList(4, 9, "cpu", own=True).programs == 9
     assert not WorkList(4, 4, "cpu", own=True).split  # every row one item: no merge
-    graph = WorkList(4, WorkList.bound_for(4, 10_000), "cpu")
-    assert graph.programs == 4 and graph.split  # the CPU counts as one SM: two programs at least
-    assert WorkList(1, 300, "cpu").programs == 2
+    graph = WorkList(16, WorkList.bound_for(16, 10_000), "cpu")
+    assert graph.programs == 16 and graph.split  # the CPU counts as one SM: eight programs at least
+    assert WorkList(1, 300, "cpu").programs == 8
+    assert WorkList(1, 5, "cpu").programs == 5

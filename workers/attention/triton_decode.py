@@ -18,7 +18,7 @@ SMs); rows of one chunk write their output directly, others write a float32 part
 log-sum-exp, which a second kernel merges. The work list (item -> row, chunk) is built on the host
 with the step's other metadata. A step's own list launches a program an item; a CUDA graph's list
 has a fixed bound that covers any split of the whole cache (2,048 rows + 7,535 items on the H200's
-cache), so its grid is a program a row (two an SM at least), each looping over the items past the
+cache), so its grid is a program a row (eight an SM at least), each looping over the items past the
 grid, and a replay launches no programs that find nothing to do.
 
 An FP8 cache is read as it is: pages are converted to the query type in registers, K's scale folds
@@ -156,11 +156,12 @@ class WorkList:
     def __init__(self, rows: int, bound: int, device, chunk: int = CHUNK_PAGES, own: bool = False):
         self.rows, self.bound, self.chunk = rows, bound, chunk
         # `own`: a step's own list of exactly `bound` items, which a copy is about to write whole (no
-        # memset to wait on before it), a program an item. A graph's list is read by at most a program
-        # a row (or two an SM, for a few long rows), each looping over the items past the grid, which
-        # may split any row (a merge to run)
+        # memset to wait on before it), a program an item. A graph's list is read by a program a row,
+        # or eight an SM (four waves of the two an SM holds) where rows are few, so that a few rows
+        # split in many items still spread over the SMs; each loops over the items past the grid. Its
+        # rows may split (a merge to run)
         self.split = bound > rows or not own
-        self.programs = bound if own else min(bound, max(rows, 2 * _sm_count(device)))
+        self.programs = bound if own else min(bound, max(rows, 8 * _sm_count(device)))
         alloc = torch.empty if own else torch.zeros
         self.buffer = alloc(2 * bound + 3 * rows + 3, dtype=torch.int32, device=device)
         parts = torch.split(self.buffer, [bound, bound, rows + 1, 1, rows + 1, rows])

@@ -18,6 +18,7 @@ from workers.layers.fp8 import (
     switch_to_fp8,
 )
 from workers.layers.linear import RowParallelLinear
+from workers.layers.mlp import GatedMLP, silu_and_mul
 from workers.layers.parallel import TPGroup
 from workers.layers.rotary import RotaryEmbedding
 
@@ -190,6 +191,20 @@ def test_row_parallel_from_a_checkpoint_shares_the_scales_and_quantized_here_own
     # the partial sums are dequantized, so adding them (the all-reduce) gives the whole product
     exact = x.double() @ w.double().t()
     assert ((partials[0].double() + partials[1].double() - exact).norm() / exact.norm()).item() < 0.05
+
+
+def test_a_gated_mlps_fp8_down_projection_takes_silu_and_mul_quantized():
+    """An FP8 down projection reads silu-and-mul's output already quantized (fused on CUDA,
+    tests/gpu/test_fp8_fused_kernels.py): on the CPU the same bits as the FP8 linear of the product."""
+    mlp = GatedMLP(64, 96).bfloat16()
+    for p in mlp.parameters():
+        p.data.copy_(torch.randn(p.shape, generator=gen(2)) * 0.125)
+    switch_to_fp8(mlp.gate_up_proj, quantize_held=True)
+    switch_to_fp8(mlp.down_proj, quantize_held=True)
+    x = torch.randn(2, 7, 64, generator=gen(3)).bfloat16()
+    y = mlp(x)
+    assert y.shape == (2, 7, 64) and y.dtype == torch.bfloat16
+    assert torch.equal(y, mlp.down_proj(silu_and_mul(mlp.gate_up_proj(x))))
 
 
 def test_shapes_the_fp8_matmul_cannot_take_are_refused():

@@ -48,18 +48,25 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
                bias: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., K] through weight [N, K] (e4m3, row-major) with scale [N] (float32) -> [..., N] in x's type
     (into `out`, [tokens, N], where given)."""
-    q, q_scale = quantize_tokens(x.reshape(-1, x.shape[-1]))
+    y = fp8_matmul(*quantize_tokens(x.reshape(-1, x.shape[-1])), weight, scale, x.dtype, bias, out)
+    return y.view(*x.shape[:-1], weight.shape[0])
+
+
+def fp8_matmul(q: torch.Tensor, q_scale: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype,
+               bias: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Quantized activations q [T, K] (e4m3) with q_scale [T, 1] through weight [N, K] with scale [N] ->
+    [T, N] in `dtype` (into `out` where given)."""
     # rowwise-scaled FP8 matmuls write bfloat16 only (CUTLASS's kernel on sm89, and sm90 before cuBLAS 12.9),
     # which also fuses a bfloat16 bias; a float16 model's output and bias are converted after
     fused = bias is not None and bias.dtype == torch.bfloat16
     direct = out is not None and out.dtype == torch.bfloat16
     y = torch._scaled_mm(q, weight.t(), scale_a=q_scale, scale_b=scale.view(1, -1), bias=bias if fused else None,
-                         out_dtype=torch.bfloat16, **({"out": out} if direct else {})).to(x.dtype)
+                         out_dtype=torch.bfloat16, **({"out": out} if direct else {})).to(dtype)
     if bias is not None and not fused:
         y = y + bias
     if out is not None and not direct:
         y = out.copy_(y)
-    return y.view(*x.shape[:-1], weight.shape[0])
+    return y
 
 
 def per_channel(scale: torch.Tensor, rows: int) -> torch.Tensor:
@@ -130,6 +137,10 @@ class Fp8RowParallelLinear(_Fp8Weight, RowParallelLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.tp.all_reduce(fp8_linear(x, self.weight, self.weight_scale))
+
+    def forward_quantized(self, q: torch.Tensor, q_scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """forward of activations already quantized per token (q [T, K] e4m3, q_scale [T, 1]), out in dtype."""
+        return self.tp.all_reduce(fp8_matmul(q, q_scale, self.weight, self.weight_scale, dtype))
 
 
 FP8_FORMS = {ColumnParallelLinear: Fp8ColumnParallelLinear, RowParallelLinear: Fp8RowParallelLinear}

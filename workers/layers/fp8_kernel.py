@@ -4,7 +4,10 @@ takes five passes over the activations. Both compute the same bits: the scale is
 same float32 reciprocal, the divisions are correctly rounded (Triton's `/` is not, hence div_rn), and
 both casts round to nearest even after the clamp.
 
-`quantize_rows_cuda` is None where Triton is missing (CPU builds of torch).
+`silu_mul_quantize_cuda` does the same to silu(gate) * up of a gated MLP's [gate | up] in the same
+kernel, so the bf16 product the down projection would quantize is never written and read back.
+
+Both are None where Triton is missing (CPU builds of torch).
 """
 
 from __future__ import annotations
@@ -49,6 +52,41 @@ if triton is not None:
                 q = tl.clamp(tl.math.div_rn(chunk, scale), -FP8_MAX, FP8_MAX)
                 tl.store(dst + start + offs, q.to(tl.float8e4nv), mask=inside)
 
+    @triton.jit
+    def _silu_mul_quantize(x, stride, out, scales, cols, FP8_MAX: tl.constexpr, MIN_AMAX: tl.constexpr,
+                           BLOCK: tl.constexpr):
+        # a row of [gate | up] (2 x cols) -> silu(gate) * up, rounded to the activations' type as the
+        # unfused kernel's output is, then quantized as _quantize_rows does: the row stays in registers
+        row = tl.program_id(0).to(tl.int64)
+        src = x + row * stride
+        offs = tl.arange(0, BLOCK)
+        inside = offs < cols
+        gate = tl.load(src + offs, mask=inside, other=0.0).to(tl.float32)
+        up = tl.load(src + cols + offs, mask=inside, other=0.0).to(tl.float32)
+        h = (gate / (1.0 + tl.exp(-gate)) * up).to(x.dtype.element_ty).to(tl.float32)
+        scale = tl.maximum(tl.max(tl.abs(h), 0), MIN_AMAX) * (1.0 / FP8_MAX)
+        tl.store(scales + row, scale)
+        q = tl.clamp(tl.math.div_rn(h, scale), -FP8_MAX, FP8_MAX)
+        tl.store(out + row * cols + offs, q.to(tl.float8e4nv), mask=inside)
+
+    def silu_mul_quantize_cuda(gate_up: torch.Tensor, fp8_max: float,
+                               min_amax: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """gate_up [T, 2W] (CUDA, half types, [gate | up]) -> (e4m3 [T, W], float32 scales [T, 1]) of
+        silu(gate) * up, without writing that product; None where a row is past WHOLE_ROW."""
+        rows, width = gate_up.shape
+        cols = width // 2
+        if cols > WHOLE_ROW:
+            return None
+        if gate_up.stride(-1) != 1:
+            gate_up = gate_up.contiguous()
+        out = torch.empty(rows, cols, dtype=torch.float8_e4m3fn, device=gate_up.device)
+        scales = torch.empty(rows, 1, dtype=torch.float32, device=gate_up.device)
+        block = triton.next_power_of_2(cols)
+        if rows:
+            _silu_mul_quantize[(rows,)](gate_up, gate_up.stride(0), out, scales, cols, FP8_MAX=fp8_max,
+                                        MIN_AMAX=min_amax, BLOCK=block, num_warps=4 if block <= 2048 else 8)
+        return out, scales
+
     def quantize_rows_cuda(x: torch.Tensor, fp8_max: float, min_amax: float) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, K] (CUDA, any float type) -> (e4m3 [T, K] row-major, float32 scales [T, 1])."""
         if x.stride(-1) != 1:
@@ -63,4 +101,4 @@ if triton is not None:
                                     BLOCK=block, WHOLE=whole, num_warps=4 if block <= 2048 else 8)
         return out, scales
 else:
-    quantize_rows_cuda = None
+    quantize_rows_cuda = silu_mul_quantize_cuda = None

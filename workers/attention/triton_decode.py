@@ -211,13 +211,14 @@ class WorkList:
 
 def decode(q: torch.Tensor, kv: torch.Tensor, work: WorkList, page_indices: torch.Tensor, k_scale: float = 1.0,
            v_scale: float = 1.0, return_lse: bool = False, pages_a_tile: int = PAGES_A_TILE, num_warps: int = 4,
-           num_stages: int = 2, out: torch.Tensor | None = None):
+           num_stages: int = 2, out: torch.Tensor | None = None, max_registers: int | None = None):
     """Attention of q ([rows, heads, head_dim], one token a row; any strides but the last) over each
     row's pages (the work list's offsets into page_indices, int32) of one layer's cache kv ([pages,
     2, page_size, kv_heads, head_dim]), its K and V stored divided by k_scale and v_scale. Returns
     out [rows, heads, head_dim] in q's type (written into `out` where given: any strides but the
     last), and with return_lse the base-2 log-sum-exps [rows, heads] (float32). Four warps and a
-    two-stage pipeline measured best on the H200."""
+    two-stage pipeline measured best on the H200. `max_registers` caps the registers a thread (the
+    kernel takes 234 on sm90, so two programs of four warps fit an SM; 168 fits three)."""
     rows, hq, dim = q.shape
     _, _, ps, hkv, _ = kv.shape
     hq_pad = max(16, triton.next_power_of_2(hq))  # tensor-core tiles have 16 rows or more
@@ -234,7 +235,7 @@ def decode(q: torch.Tensor, kv: torch.Tensor, work: WorkList, page_indices: torc
         q, kv, out, lse, part_o, part_lse, work.item_row, work.item_chunk, work.count, work.page_indptr,
         page_indices, work.kv_lens, qk_scale, v_scale, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         kv.stride(0), kv.stride(1), HKV=hkv, PS=ps, PB=pages_a_tile, CHUNK=work.chunk, num_warps=num_warps,
-        num_stages=num_stages, **shape)
+        num_stages=num_stages, **shape, **({"maxnreg": max_registers} if max_registers else {}))
     if work.split:  # a launch saved where every row fits one item (the host knows)
         _merge_kernel[(rows,)](out, lse, part_o, part_lse, work.row_start, work.page_indptr, v_scale,
                                out.stride(0), out.stride(1), CHUNK=work.chunk, **shape)

@@ -11,7 +11,7 @@ the useful multiplies, which stays far below the bandwidth's time (64 FLOPs a by
 against the H200's ~180). Measured on an H200: 0.43 ms a layer of 2,048 sharegpt-like rows, 89 %
 of the copy bandwidth, against 0.58 ms (67 %) for FlashInfer's CUDA-core kernel
 (docs/performance.md). The probabilities are rounded to the query type for the product with V,
-as tensor-core attention kernels do (FlashInfer's prefill kernels too).
+as tensor-core attention kernels do (FlashInfer's prefill kernels too); over FP8 pages to float16.
 
 A row's pages are split in chunks of CHUNK_PAGES (a work item each, so long rows spread over the
 SMs); rows of one chunk write their output directly, others write a float32 partial and its
@@ -21,8 +21,8 @@ has a fixed bound that covers any split of the whole cache (2,048 rows + 7,535 i
 cache), so its grid is a program a row (eight an SM at least), each looping over the items past the
 grid, and a replay launches no programs that find nothing to do.
 
-An FP8 cache is read as it is: pages are converted to the query type in registers, K's scale folds
-into the softmax scale and V's into the output. Log-sum-exps are base 2, as FlashInfer's are, so
+An FP8 cache is read as it is: pages are converted to float16 in registers (exactly; the queries
+too), K's scale folds into the softmax scale and V's into the output. Log-sum-exps are base 2, as FlashInfer's are, so
 Hydragen can merge them with its prefix attention's.
 """
 
@@ -60,7 +60,7 @@ if triton is not None:
     def _chunk_kernel(Q, KV, Out, Lse, PartO, PartLse, work_row, work_chunk, n_work, page_indptr, page_indices, kv_lens,
                       qk_scale, v_scale, q_row_stride, q_head_stride, o_row_stride, o_head_stride, page_stride, v_offset,
                       HQ: tl.constexpr, HQ_PAD: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, PS: tl.constexpr,
-                      PB: tl.constexpr, CHUNK: tl.constexpr, WRITE_LSE: tl.constexpr):
+                      PB: tl.constexpr, CHUNK: tl.constexpr, WRITE_LSE: tl.constexpr, DOT: tl.constexpr):
         h = tl.arange(0, HQ_PAD)
         d = tl.arange(0, D)
         # tile row i: page i // (PS * HKV) of the tile, then token and kv head in NHD order
@@ -81,7 +81,7 @@ if triton is not None:
             first = lo + tl.load(work_chunk + w) * CHUNK
             end = tl.minimum(first + CHUNK, hi)
             q = tl.load(Q + row * q_row_stride + h[:, None] * q_head_stride + d[None, :], mask=(h < HQ)[:, None],
-                        other=0.0)
+                        other=0.0).to(DOT)
             m = tl.full([HQ_PAD], float("-inf"), tl.float32)
             s_sum = tl.zeros([HQ_PAD], tl.float32)
             acc = tl.zeros([HQ_PAD, D], tl.float32)
@@ -90,8 +90,8 @@ if triton is not None:
                 live = idx < end
                 page = tl.load(page_indices + idx, mask=live, other=0).to(tl.int64)
                 at = page * page_stride + within * D
-                k = tl.load(KV + at[:, None] + d[None, :], mask=live[:, None], other=0.0).to(q.dtype)
-                v = tl.load(KV + v_offset + at[:, None] + d[None, :], mask=live[:, None], other=0.0).to(q.dtype)
+                k = tl.load(KV + at[:, None] + d[None, :], mask=live[:, None], other=0.0).to(DOT)
+                v = tl.load(KV + v_offset + at[:, None] + d[None, :], mask=live[:, None], other=0.0).to(DOT)
                 s = tl.dot(q, tl.trans(k))
                 pos = (idx - lo) * PS + within // HKV
                 s = tl.where(pair & (pos < kv_len)[None, :], s * qk_scale, float("-inf"))
@@ -99,7 +99,7 @@ if triton is not None:
                 alpha = tl.exp2(m - m_new)
                 prob = tl.exp2(s - m_new[:, None])
                 s_sum = s_sum * alpha + tl.sum(prob, 1)
-                acc = acc * alpha[:, None] + tl.dot(prob.to(q.dtype), v)
+                acc = acc * alpha[:, None] + tl.dot(prob.to(DOT), v)
                 m = m_new
             if tl.cdiv(hi - lo, CHUNK) == 1:
                 out = acc / s_sum[:, None] * v_scale
@@ -141,6 +141,10 @@ if triton is not None:
                  mask=(h < HQ)[:, None])
         if WRITE_LSE:
             tl.store(Lse + row * HQ + h, m + tl.log2(s_sum), mask=h < HQ)
+
+
+if triton is not None:
+    _TL = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 
 
 def _sm_count(device) -> int:
@@ -231,11 +235,15 @@ def decode(q: torch.Tensor, kv: torch.Tensor, work: WorkList, page_indices: torc
     qk_scale = dim**-0.5 * k_scale * math.log2(math.e)
     pages_a_tile = max(pages_a_tile, triton.cdiv(16, ps * hkv))  # a tile of 16 tokens x heads at least (tl.dot's)
     shape = dict(HQ=hq, HQ_PAD=hq_pad, D=dim, WRITE_LSE=return_lse)
+    # the products' type: the queries' over bf16 pages; float16 over FP8 ones, which holds e4m3 exactly
+    # (converting it is one instruction for two values, where bf16 takes another a value) and the
+    # probabilities to 11 bits instead of 8
+    dot = tl.float16 if kv.dtype == torch.float8_e4m3fn else _TL[q.dtype]
     _chunk_kernel[(work.programs,)](
         q, kv, out, lse, part_o, part_lse, work.item_row, work.item_chunk, work.count, work.page_indptr,
         page_indices, work.kv_lens, qk_scale, v_scale, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         kv.stride(0), kv.stride(1), HKV=hkv, PS=ps, PB=pages_a_tile, CHUNK=work.chunk, num_warps=num_warps,
-        num_stages=num_stages, **shape, **({"maxnreg": max_registers} if max_registers else {}))
+        num_stages=num_stages, DOT=dot, **shape, **({"maxnreg": max_registers} if max_registers else {}))
     if work.split:  # a launch saved where every row fits one item (the host knows)
         _merge_kernel[(rows,)](out, lse, part_o, part_lse, work.row_start, work.page_indptr, v_scale,
                                out.stride(0), out.stride(1), CHUNK=work.chunk, **shape)

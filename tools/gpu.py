@@ -39,8 +39,10 @@ GPUs of its own. Each tool run has the part's timeout (--timeout); its process g
 and everything it started) is stopped when it ends, at its timeout and on an interrupt (SIGTERM,
 SIGINT: no other run starts, and the parts still table what their finished runs wrote). The table
 (part, figure, value, unit, % of the floor) is also written to OUT/summary.json, and with the
-traces' summaries and the step runs' profiles to OUT/report.txt (one file to bring back); the exit
-code is 1 when a run failed, 130 when interrupted. A run that fails (not one an interrupt stopped) prints the
+traces' summaries and the step runs' profiles to OUT/report.txt (one file to bring back);
+--report-to DIR writes both into DIR too, after every part, and --deadline SECONDS stops the runs
+under way at that time as an interrupt does, so that a command killed at a time limit keeps what
+finished before it. The exit code is 1 when a run failed, 130 when interrupted. A run that fails (not one an interrupt stopped) prints the
 last lines of its log among the progress lines, so its cause travels with stdout.
 
 A flag set of one flag takes "=" (--compare-flags=--hydragen): argparse reads a lone value that
@@ -388,6 +390,12 @@ def parser() -> argparse.ArgumentParser:
                    help="tp: tensor-parallel sizes, e.g. 1,2,4")
     p.add_argument("--dp", type=int, help="dp: replicas to set against one (default: every GPU)")
     p.add_argument("--pp", type=int, default=2, help="pp: stages (and the --tp size of its agreement check)")
+    p.add_argument("--report-to", type=Path, metavar="DIR",
+                   help="also write report.txt and summary.json into DIR after every part (what finished "
+                        "survives the whole command being killed)")
+    p.add_argument("--deadline", type=float, metavar="SECONDS",
+                   help="stop every run under way this long after the start, as an interrupt does; the parts "
+                        "table what finished")
     return p
 
 
@@ -436,6 +444,16 @@ def assign(args, visible: list[str]) -> dict[str, list[str]]:
     return out
 
 
+def rows_of(args, record: dict) -> list[Row]:
+    return [r for name in ["models", *args.parts] if name in record for r in record[name]["rows"]]
+
+
+def report(args, record: dict, interrupted: bool, into: Path) -> tuple[Path, Path]:
+    """summary.json and report.txt of the parts recorded so far, written into `into`."""
+    rows = rows_of(args, record)
+    return write_summary(into, record, rows, interrupted), write_report(args.out, table(rows), into)
+
+
 def run_part(name: str, gpus: list[str], args, runner: Runner, models: Models, record: dict) -> None:
     part = Part(name, args.out / name, gpus, args.timeouts[name], args, runner, models, [])
     say(f"=== {name} on GPU {','.join(gpus)}")
@@ -450,6 +468,8 @@ def run_part(name: str, gpus: list[str], args, runner: Runner, models: Models, r
             part.failed.append("interrupted: the runs under way were stopped")
         rows = (rows or []) + [Row(name, "failed", f) for f in part.failed]
         record[name] = dict(rows=rows, failed=part.failed, seconds=time.monotonic() - start, gpus=gpus)
+        if args.report_to and not args.dry_run:
+            report(args, record, runner.stopping, args.report_to)
 
 
 def run_parts(args, gpus: dict[str, list[str]], runner: Runner, models: Models, record: dict) -> None:
@@ -498,29 +518,34 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, interrupt)
     signal.signal(signal.SIGINT, interrupt)
+    if args.deadline and not args.dry_run:  # a budget for the whole command, kept inside it
+        timer = threading.Timer(args.deadline, interrupt, (None, None))
+        timer.daemon = True
+        timer.start()
     record: dict[str, dict] = {}
     try:
         run_parts(args, gpus, runner, models, record)
     finally:
         interrupted = runner.stopping
         runner.stop_all()
-    rows = [r for name in ["models", *args.parts] if name in record for r in record[name]["rows"]]
-    print(table(rows))
+    print(table(rows_of(args, record)))
     if not args.dry_run:
-        print(f"summary: {write_summary(args.out, record, rows, interrupted)}")
-        print(f"report: {write_report(args.out, table(rows))}")
+        for into in dict.fromkeys(d for d in (args.out, args.report_to) if d):
+            summary, text = report(args, record, interrupted, into)
+            print(f"summary: {summary}\nreport: {text}")
     return 130 if interrupted else 1 if any(r["failed"] for r in record.values()) else 0
 
 
-def write_report(out: Path, text: str) -> Path:
-    """OUT/report.txt: the table, then every traced run's summary (compare's *-steps.txt) and every
-    step run's log (its host and kernel profiles) under OUT, in one file: what a GPU host that
-    brings back few files, and none deep in folders, needs to bring back."""
+def write_report(out: Path, text: str, into: Path | None = None) -> Path:
+    """report.txt in `into` (default OUT): the table, then every traced run's summary (compare's
+    *-steps.txt) and every step run's log (its host and kernel profiles) under OUT, in one file: what
+    a GPU host that brings back few files, and none deep in folders, needs to bring back."""
     sections = [text]
     for f in sorted(out.rglob("*-steps.txt")) + sorted((out / "step").glob("*.log")):
         sections += ["", f"=== {f.relative_to(out)}", f.read_text(errors="replace").rstrip()]
-    path = out / "report.txt"
-    out.mkdir(parents=True, exist_ok=True)
+    into = into or out
+    into.mkdir(parents=True, exist_ok=True)
+    path = into / "report.txt"
     path.write_text("\n".join(sections) + "\n")
     return path
 

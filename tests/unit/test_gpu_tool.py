@@ -219,7 +219,11 @@ def sleeper(p):  # a run that writes its figure, then one that leaves a child an
     p.run([p.job("sleeper", [sys.executable, "-c", script], ())])
     return [gpu.Row(p.name, "quick figure", float(figure.read_text()))]
 
+def quick(p):  # a part that finishes at once
+    return [gpu.Row(p.name, "tune figure", 7.0)]
+
 gpu.PARTS["step"] = gpu.Spec(sleeper, (), lambda a, v: 1)
+gpu.PARTS["tune"] = gpu.Spec(quick, (), lambda a, v: 1)
 sys.exit(gpu.main(sys.argv[1:]))
 """
 
@@ -244,6 +248,29 @@ def test_sigterm_stops_the_runs_under_way_and_still_tables_what_finished(tmp_pat
     assert [r["value"] for r in summary["rows"] if r["figure"] == "quick figure"] == [42.0]
     failed = summary["parts"]["step"]["failed"]
     assert any("sleeper: stopped by the interrupt" in f for f in failed) and "interrupted" in failed[-1]
+
+
+def test_the_report_is_written_after_every_part_and_a_deadline_stops_the_runs(tmp_path):
+    import subprocess
+
+    out, into = tmp_path / "out", tmp_path / "into"
+    proc = subprocess.Popen([sys.executable, "-c", SLEEPER, str(out), "tune", "step", "--gpus", "0", "--report-to",
+                             str(into), "--deadline", "8"], cwd=Path.cwd(), stdout=subprocess.DEVNULL,
+                            env={**os.environ, "PYTHONPATH": str(Path.cwd())})
+    log = out / "step" / "sleeper.log"
+    deadline = time.monotonic() + 20
+    while not (log.exists() and len(log.read_text().splitlines()) > 1) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    child = int(log.read_text().splitlines()[1])
+    # while the second part runs, the first one's figures are already in the report (a kill keeps them)
+    early = json.loads((into / "summary.json").read_text())
+    assert [r["figure"] for r in early["rows"]] == ["tune figure"] and (into / "report.txt").exists()
+    assert proc.wait(30) == 130  # the deadline stopped the sleeper
+    assert not alive(child)
+    summary = json.loads((into / "summary.json").read_text())
+    assert summary["interrupted"]
+    assert [r["value"] for r in summary["rows"] if "figure" in r["figure"]] == [7.0, 42.0]
+    assert (out / "summary.json").read_text() == (into / "summary.json").read_text()
 
 
 def test_tests_part_runs_the_logprob_test_once_per_flag_set(tmp_path):

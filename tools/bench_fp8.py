@@ -5,7 +5,7 @@
 For each shape (qkv 2048 -> 3072, gate_up 2048 -> 16384, down 8192 -> 2048) and token count, the
 device time of: bf16 F.linear; the FP8 path as the layers run it (the activations' quantization
 kernel, then torch._scaled_mm); the quantization kernel alone; the FP8 matmul alone, also with
-use_fast_accum. Each is the median of graph replays of many calls (so launch gaps, which decode
+use_fast_accum, and with one scale a tensor instead of one a row (the kernels that takes). Each is the median of graph replays of many calls (so launch gaps, which decode
 steps hide in CUDA graphs, do not count) that cycle through more weight copies than the L2 cache
 holds, as a model's layers do. Prints one JSON object and writes it to DIR/bench_fp8.json.
 """
@@ -56,6 +56,7 @@ def bench_shape(k: int, n: int, tokens: int) -> dict:
     weights = [torch.randn(n, k, generator=g, device="cuda").mul_(k**-0.5).bfloat16() for _ in range(copies)]
     fp8 = [(q, s.view(-1)) for q, s in map(quantize_rows, weights)]
     xq, xs = quantize_tokens(x)
+    one = torch.ones((), device="cuda")
     calls = {
         "bf16_us": [lambda w=w: F.linear(x, w) for w in weights],
         "fp8_us": [lambda q=q, s=s: fp8_linear(x, q, s) for q, s in fp8],
@@ -65,6 +66,12 @@ def bench_shape(k: int, n: int, tokens: int) -> dict:
         "fp8_matmul_fast_accum_us": [lambda q=q, s=s: torch._scaled_mm(
             xq, q.t(), scale_a=xs, scale_b=s.view(1, -1), out_dtype=torch.bfloat16, use_fast_accum=True)
             for q, s in fp8],
+        # one scale for the whole of each operand (cuBLASLt's tensorwise FP8 kernels): what the rowwise
+        # scaling the layers use costs against it
+        "fp8_matmul_tensorwise_us": [lambda q=q: torch._scaled_mm(xq, q.t(), scale_a=one, scale_b=one,
+                                                                 out_dtype=torch.bfloat16) for q, _ in fp8],
+        "fp8_matmul_tensorwise_fast_accum_us": [lambda q=q: torch._scaled_mm(
+            xq, q.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16, use_fast_accum=True) for q, _ in fp8],
     }
     row = {name: round(graph_us(fn), 2) for name, fn in calls.items()}
     flops = 2 * tokens * k * n

@@ -15,8 +15,9 @@ and one timed pass runs every layer in turn, as a step does.
     python tools/bench_attention.py --lengths 1-256 --kernels triton --triton-configs 4:2:32,4:3:16,8:2:32
 
 --triton-configs sweeps the Triton kernel's warps, pipeline stages and pages a work item (a chunk),
-and optionally a cap on its registers a thread (more programs resident on an SM), each a row of its
-own, so that one run on a card finds the best setting for a workload's lengths.
+and optionally a cap on its registers a thread (more programs resident on an SM) and `pack` (short
+rows packed several a work item), each a row of its own, so that one run on a card finds the best
+setting for a workload's lengths.
 """
 
 from __future__ import annotations
@@ -58,8 +59,8 @@ def main() -> None:
     p.add_argument("--kv-dtypes", default="bf16,fp8")
     p.add_argument("--kernels", default="triton,cuda-cores,fa2,xqa", help="of triton, cuda-cores, fa2, fa3, xqa")
     p.add_argument("--triton-configs", default="4:2:32",
-                   help="the Triton kernel's settings to time, each WARPS:STAGES:CHUNK_PAGES[:MAX_REGISTERS] "
-                        "(comma-separated)")
+                   help="the Triton kernel's settings to time, each WARPS:STAGES:CHUNK_PAGES[:MAX_REGISTERS][:pack] "
+                        "(comma-separated; pack: short rows packed several an item)")
     p.add_argument("--out", help="JSON of the results")
     args = p.parse_args()
     dev, dt = torch.device("cuda"), torch.bfloat16
@@ -104,7 +105,10 @@ def main() -> None:
                     elif kernel == "triton":
                         if layout != "NHD":  # it reads toka's layout only
                             continue
-                        run = triton_decode(pages, kv_len, indices, dev, *(int(v) for v in config.split(":")))
+                        fields = config.split(":")
+                        pack = fields[-1] == "pack"
+                        run = triton_decode(pages, kv_len, indices, dev, *(int(v) for v in fields[: len(fields) - pack]),
+                                            pack=pack)
                     else:
                         w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(ws, layout, **kernels[kernel])
                         w.plan(torch.from_numpy(indptr), indices, torch.from_numpy(last), *heads,
@@ -149,11 +153,11 @@ def xqa_decode(indptr: np.ndarray, indices: torch.Tensor, kv_len: np.ndarray, q:
 
 
 def triton_decode(pages: np.ndarray, kv_len: np.ndarray, indices: torch.Tensor, dev, warps: int = 4,
-                  stages: int = 2, chunk: int = 32, max_registers: int | None = None):
+                  stages: int = 2, chunk: int = 32, max_registers: int | None = None, pack: bool = False):
     """toka's Triton decode kernel over the same rows, with these settings. Returns run(q, layer)."""
     from workers.attention.triton_decode import WorkList, decode
 
-    work = WorkList.of(pages, kv_len, dev, chunk=chunk)
+    work = WorkList.of(pages, kv_len, dev, chunk=chunk, pack=pack)
     return lambda q, layer: decode(q, layer, work, indices, num_warps=warps, num_stages=stages,
                                    max_registers=max_registers)
 

@@ -295,9 +295,11 @@ def attention(p: Part) -> list[Row]:
     return [row for name in ATTENTION_RUNS for row in attention_rows(p.name, name, p.dir / f"{name}.json")]
 
 
-# the Triton decode kernel's settings (WARPS:STAGES:CHUNK_PAGES[:MAX_REGISTERS]) timed by `tune`: the
-# default first; 168 registers a thread fit three programs an SM instead of two
-TRITON_CONFIGS = "4:2:32,4:3:32,4:2:16,4:3:16,4:2:64,8:2:32,8:3:16,2:2:16,4:2:32:168,4:2:16:168"
+# the Triton decode kernel's settings (WARPS:STAGES:CHUNK_PAGES[:MAX_REGISTERS][:pack]) timed by `tune`:
+# the default first; 168 registers a thread fit three programs an SM instead of two; pack: short rows
+# several a work item
+TRITON_CONFIGS = ("4:2:32,4:3:32,4:2:16,4:3:16,4:2:64,8:2:32,8:3:16,2:2:16,4:2:32:168,4:2:16:168,"
+                  "4:2:32:pack,4:2:16:pack,4:3:32:pack")
 TUNE_LENGTHS = {"sharegpt": "sharegpt", "own-pages": "1-256", "long": "900-1156"}  # the workloads' decode rows
 
 

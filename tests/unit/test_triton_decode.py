@@ -8,23 +8,51 @@ import pytest
 from workers.attention.triton_decode import WorkList
 
 
+def parts(host: np.ndarray, bound: int, rows: int) -> dict:
+    """The host buffer's arrays by name."""
+    at = 3 * bound
+    count = int(host[at + rows + 1])
+    return dict(item_row=host[:count].tolist(), item_chunk=host[bound : bound + count].tolist(),
+                item_end=host[2 * bound : 2 * bound + count].tolist(), start=host[at : at + rows + 1].tolist(),
+                count=count, indptr=host[at + rows + 2 : at + 2 * rows + 3].tolist(),
+                lens=host[at + 2 * rows + 3 :].tolist())
+
+
 def test_rows_split_into_chunks_of_pages_an_item_each():
     pages = np.array([1, 32, 33, 65])
     lens = np.array([3, 512, 520, 1030])
     bound = WorkList.bound_for(4, int(pages.sum()), chunk=32)
-    host = WorkList.host(pages, lens, bound, chunk=32)
     assert bound == 4 + 131 // 32
-    rows = 4
-    item_row, item_chunk = host[:bound], host[bound : 2 * bound]
-    start = host[2 * bound : 2 * bound + rows + 1]
-    count = host[2 * bound + rows + 1]
-    indptr = host[2 * bound + rows + 2 : 2 * bound + 2 * rows + 3]
-    assert count == 1 + 1 + 2 + 3
-    assert item_row[:count].tolist() == [0, 1, 2, 2, 3, 3, 3]
-    assert item_chunk[:count].tolist() == [0, 0, 0, 1, 0, 1, 2]
-    assert start.tolist() == [0, 1, 2, 4, 7]
-    assert indptr.tolist() == [0, 1, 33, 66, 131]
-    assert host[2 * bound + 2 * rows + 3 :].tolist() == lens.tolist()
+    got = parts(WorkList.host(pages, lens, bound, chunk=32), bound, 4)
+    assert got["count"] == 1 + 1 + 2 + 3
+    assert got["item_row"] == [0, 1, 2, 2, 3, 3, 3]
+    assert got["item_chunk"] == [0, 0, 0, 1, 0, 1, 2]
+    assert got["item_end"] == [1, 2, 3, 3, 4, 4, 4]
+    assert got["start"] == [0, 1, 2, 4, 7]
+    assert got["indptr"] == [0, 1, 33, 66, 131]
+    assert got["lens"] == lens.tolist()
+
+
+def test_packing_puts_short_rows_starting_in_one_chunk_of_pages_into_one_item():
+    # rows start at pages 0, 3, 5 | 9 | 15 (long) | 55 | 57, 58, 63: bins of 8 pages 0, 0, 0 | 1 | - | 6 | 7, 7, 7
+    pages = np.array([3, 2, 4, 6, 40, 2, 1, 5, 1])
+    bound = WorkList.bound_for(9, int(pages.sum()), chunk=8)
+    got = parts(WorkList.host(pages, pages * 16, bound, chunk=8, pack=True), bound, 9)
+    assert got["item_row"] == [0, 3, 4, 4, 4, 4, 4, 5, 6]
+    assert got["item_chunk"] == [0, 0, 0, 1, 2, 3, 4, 0, 0]
+    assert got["item_end"] == [3, 4, 5, 5, 5, 5, 5, 6, 9]
+    assert got["start"][4:6] == [2, 7]  # the long row's first item, for the merge
+    assert WorkList.items_of(pages, 8, pack=True).sum() == got["count"]
+
+
+def test_a_hydragen_step_of_equal_rows_packs_them_in_twos():
+    pages = np.full(2048, 12)
+    per_row = WorkList.items_of(pages, 32, pack=True)
+    assert per_row.sum() < 2048 and per_row.sum() <= WorkList.bound_for(2048, int(pages.sum()))
+    host = WorkList.host(pages, pages * 16, int(per_row.sum()), pack=True)
+    got = parts(host, int(per_row.sum()), 2048)
+    sizes = np.diff(np.array(got["indptr"])[np.array(got["item_row"] + [2048])])
+    assert sizes.max() < 2 * 32 and sizes.sum() == pages.sum()
 
 
 def test_the_bound_holds_any_split_of_its_pages_and_a_step_past_it_is_refused():
@@ -33,8 +61,9 @@ def test_the_bound_holds_any_split_of_its_pages_and_a_step_past_it_is_refused():
         rows = int(rng.integers(1, 50))
         pages = rng.integers(1, 200, rows)
         bound = WorkList.bound_for(rows, int(pages.sum()))
-        host = WorkList.host(pages, pages * 16, bound)
-        assert host[2 * bound + rows + 1] <= bound
+        for pack in (False, True):
+            host = WorkList.host(pages, pages * 16, bound, pack=pack)
+            assert host[3 * bound + rows + 1] <= bound
     with pytest.raises(ValueError, match="3 decode work items; the buffer holds 2"):
         WorkList.host(np.array([1, 1, 1]), np.array([1, 1, 1]), bound=2)
 

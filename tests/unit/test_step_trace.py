@@ -60,6 +60,8 @@ def test_device_lines_put_idle_time_down_to_the_kernel_that_ended_it():
 def test_kernels_are_put_down_to_their_kind():
     names = {"nvjet_sm90_tst_256x152_64x4_1x2_h_bz_coopA_TNT": "matmul", "_chunk_kernel": "attention",
              "void flashinfer::PrefillWithKVCacheKernel<...>": "attention", "Memcpy HtoD (Pinned -> Device)": "copy",
+             "void flashinfer::PrefillWithKVCacheKernel<flashinfer::SparseCollectiveMainloop<cutlass::bfloat16_t>>":
+                 "attention",
              "void flashinfer::norm::FusedAddRMSNormKernel<8u, __nv_bfloat16>": "other", "_sample_rows": "other"}
     assert {n: kind_of(n) for n in names} == names
     kernels = [(0, 10, "nvjet_x"), (10, 30, "_chunk_kernel"), (30, 33, "Memset (Device)"), (33, 40, "_sample_rows")]

@@ -264,20 +264,20 @@ class FlashInferAttention(AttentionBackend):
         slot = self.graph
         if slot is not None and self.graph_grouped:
             out, lse = self._rows(layer, q, kv, slot.wrapper, return_lse=True, out=out)
-            shared, shared_lse = slot.prefix.wrapper.run(q, kv, return_lse=True, **scales)
+            shared, shared_lse = _prefill(slot.prefix.wrapper, q, kv, return_lse=True, **scales)
             flashinfer.merge_state_in_place(out, lse, shared, shared_lse, mask=slot.prefix.grouped)
             return out
         if slot is not None:
             return self._rows(layer, q, kv, slot.wrapper, out=out)
         t = self.num_prefill_tokens
         if t == q.shape[0]:
-            return self.prefill.run(q, kv, out=out, **scales)
+            return _prefill(self.prefill, q, kv, out=out, **scales)
         if t == 0:
             return self._decode(layer, q, kv, scales, out=out)
         # both kernels write into one output: no copy of it a layer to join the two parts
         if out is None:
             out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-        self.prefill.run(q[:t], kv, out=out[:t], **scales)
+        _prefill(self.prefill, q[:t], kv, out=out[:t], **scales)
         self._decode(layer, q[t:], kv, scales, out=out[t:])
         return out
 
@@ -304,9 +304,17 @@ class FlashInferAttention(AttentionBackend):
         # computed with the same k_scale folded into the softmax scale, so they merge as they are)
         out, lse = self._rows(layer, q, kv, self.decode, return_lse=True, out=out)
         n = self.grouped
-        shared, shared_lse = self.prefix.run(q[:n], kv, return_lse=True, **scales)
+        shared, shared_lse = _prefill(self.prefix, q[:n], kv, return_lse=True, **scales)
         flashinfer.merge_state_in_place(out[:n], lse[:n], shared, shared_lse)
         return out
+
+
+def _prefill(wrapper, q: torch.Tensor, kv: torch.Tensor, out: torch.Tensor | None = None, **kwargs):
+    """A prefill wrapper's run into `out`, or into a new uninitialized buffer: FlashInfer zero-fills an
+    output it allocates itself, a pass over it a layer (16 fill kernels a Hydragen step)."""
+    if out is None:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    return wrapper.run(q, kv, out=out, **kwargs)
 
 
 def _pinned(values: np.ndarray) -> torch.Tensor:

@@ -58,6 +58,8 @@ def supports(kv_heads: int, head_dim: int, page_size: int) -> bool:
 
 if triton is not None:
 
+    _TL = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
+
     # The work list's parts and the page lists are views at offsets that change from step to step:
     # specialized on their 16-byte alignment, each new combination would compile while serving
     _VIEWS = ["work_row", "work_chunk", "work_end", "n_work", "page_indptr", "page_indices", "kv_lens"]
@@ -174,10 +176,6 @@ if triton is not None:
             tl.store(Lse + row * HQ + h, m + tl.log2(s_sum), mask=h < HQ)
 
 
-if triton is not None:
-    _TL = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
-
-
 def _sm_count(device) -> int:
     device = torch.device(device)
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
@@ -241,7 +239,7 @@ class WorkList:
         item_row = np.repeat(np.arange(rows), per_row)
         # an item's rows end where the next row that starts items begins (a chunked row: at itself + 1)
         starters = np.flatnonzero(per_row)
-        ends = np.append(starters[1:], rows)
+        ends = np.append(starters[1:], rows)[: len(starters)]
         out = np.zeros(3 * bound + 3 * rows + 3, dtype=np.int32)
         out[:items] = item_row
         out[bound : bound + items] = np.arange(items) - start[item_row]

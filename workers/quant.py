@@ -3,7 +3,8 @@
 
 `use_fp8(model, quantization_config)` switches every tensor-parallel linear layer (q/k/v, o, gate/up,
 down) to FP8 storage before the checkpoint loads, so each rank quantizes (or, from an FP8 checkpoint,
-copies) its own part of one tensor at a time. Embeddings, norms and the LM head keep the model's dtype.
+copies) its own part of one tensor at a time. Embeddings, norms and the LM head keep the model's dtype
+(a norm before an FP8 linear writes its output quantized for it).
 Model files know nothing of this: any model built from the shared linear layers gets it. The model is
 built in its own dtype first, so until use_fp8 frees them a rank holds its linears' (unfilled) bf16
 weights: the device's peak before loading is still the bf16 model's size.
@@ -16,7 +17,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from workers.layers.fp8 import FP8_FORMS, switch_to_fp8
+from workers.layers.fp8 import FP8_FORMS, Fp8ColumnParallelLinear, switch_to_fp8
+from workers.layers.norm import RMSNorm
 
 
 @dataclass(frozen=True)
@@ -90,11 +92,17 @@ class Fp8Checkpoint:
         return False
 
 
+# (norm, linear) of a decoder layer where the linear alone reads the norm's output: an FP8 linear
+# there takes it quantized by the norm's own kernel (RMSNorm.quantize), never written in bf16 first
+NORM_READERS = (("input_layernorm", "self_attn.qkv_proj"), ("post_attention_layernorm", "mlp.gate_up_proj"))
+
+
 def use_fp8(model: nn.Module, quantization_config: dict | None = None, quantize_held: bool = False) -> None:
     """Switches the model's linear layers to FP8 before it loads: given the checkpoint's own
     quantization_config, those it stores in e4m3 take their values and scales from it and the others
     keep the model's dtype; without one, each weight is quantized as it loads. `quantize_held`:
-    quantize the weights the layers hold now (random weights) instead of waiting for a checkpoint."""
+    quantize the weights the layers hold now (random weights) instead of waiting for a checkpoint.
+    The norms before FP8 linears (NORM_READERS) then quantize their own outputs."""
     stored = Fp8Checkpoint.parse(quantization_config) if quantization_config else None
     for path, module in list(model.named_modules()):
         if type(module) not in FP8_FORMS:
@@ -106,6 +114,10 @@ def use_fp8(model: nn.Module, quantization_config: dict | None = None, quantize_
                           quantize_held=quantize_held)
         except ValueError as e:
             raise ValueError(f"{path}: {e}") from None
+    for layer in model.modules():
+        for norm, reader in NORM_READERS:
+            if isinstance(getattr(layer, norm, None), RMSNorm):
+                getattr(layer, norm).quantize = isinstance(layer.get_submodule(reader), Fp8ColumnParallelLinear)
 
 
 def checkpoint_names(model: nn.Module, path: str) -> list[str]:

@@ -1,7 +1,8 @@
-"""silu-and-mul fused with the per-token FP8 quantization the down projection needs: the Triton
-kernel against the two unfused steps (product rounded to bf16, then fp8.quantize_rows), and a gated
-MLP with an FP8 down projection against the unfused composition. CUDA, or with TRITON_INTERPRET=1
-the kernel alone on CPU tensors."""
+"""The kernels that quantize their own outputs per token for the FP8 linear after them: silu-and-mul
+(before down) and RMSNorm with its residual add (before qkv and gate/up), each against the unfused
+steps (the output rounded to bf16, then fp8.quantize_rows), and a gated MLP with an FP8 down
+projection against the unfused composition. CUDA, or with TRITON_INTERPRET=1 the kernels alone on
+CPU tensors."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ import pytest
 import torch
 
 from workers.layers.fp8 import FP8_MAX, MIN_AMAX, quantize_rows, switch_to_fp8
-from workers.layers.fp8_kernel import WHOLE_ROW, silu_mul_quantize_cuda
+from workers.layers.fp8_kernel import WHOLE_ROW, norm_quantize_cuda, silu_mul_quantize_cuda
 from workers.layers.mlp import GatedMLP, silu_and_mul
+from workers.layers.norm import RMSNorm
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 CUDA = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
@@ -36,6 +38,12 @@ def test_the_fused_kernel_quantizes_as_the_unfused_steps(dtype, rows, cols):
     gate_up[0, :cols] = 0  # a row whose product is zero keeps the smallest scale, and zeros
     q, scale = silu_mul_quantize_cuda(gate_up.to(DEVICE), FP8_MAX, MIN_AMAX)
     want_q, want_scale = unfused(gate_up)
+    assert_quantized_alike(q, scale, want_q, want_scale)
+    assert (q.cpu()[0].float() == 0).all() and scale[0].item() == want_scale[0].item()  # MIN_AMAX / 448
+
+
+def assert_quantized_alike(q, scale, want_q, want_scale):
+    rows, cols = want_q.shape
     assert q.shape == (rows, cols) and q.dtype == torch.float8_e4m3fn and scale.shape == (rows, 1)
     # the kernel's exp may differ from torch's by an ulp, which moves a product's bf16 rounding (and a
     # row's amax) now and then: the scales within bf16's step, the values within one e4m3 step
@@ -49,11 +57,33 @@ def test_the_fused_kernel_quantizes_as_the_unfused_steps(dtype, rows, cols):
     else:
         assert ok.all()
         assert (q.view(torch.uint8).cpu() == want_q.view(torch.uint8)).float().mean() > 0.99
-    assert (q.cpu()[0].float() == 0).all() and scale[0].item() == want_scale[0].item()  # MIN_AMAX / 448
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("cols", [64, 2048, 1000])
+@pytest.mark.parametrize("with_residual", [False, True], ids=["alone", "after-the-add"])
+def test_the_norm_kernel_quantizes_as_the_norm_then_the_quantization(dtype, cols, with_residual):
+    g = torch.Generator().manual_seed(cols)
+    rows = 9
+    norm = RMSNorm(cols, 1e-5).to(dtype)
+    norm.weight.data.copy_(1 + 0.2 * torch.randn(cols, generator=g))
+    x = (2 * torch.randn(rows, cols, generator=g)).to(dtype)
+    residual = (2 * torch.randn(rows, cols, generator=g)).to(dtype) if with_residual else None
+    want = norm.reference(x, residual)
+    want_q, want_scale = quantize_rows(want[0] if with_residual else want)
+    got_residual = None if residual is None else residual.to(DEVICE)
+    q, scale = norm_quantize_cuda(x.to(DEVICE), got_residual, norm.weight.to(DEVICE), norm.eps, FP8_MAX, MIN_AMAX)
+    if with_residual:  # the residual takes the sum in place, as the unquantized kernel's does (bit for bit;
+        # the interpreter's cast to bf16 truncates)
+        rtol = 2**-7 if INTERPRET and dtype == torch.bfloat16 else 0
+        torch.testing.assert_close(got_residual.cpu(), want[1], rtol=rtol, atol=0)
+    assert_quantized_alike(q, scale, want_q, want_scale)
 
 
 def test_rows_past_the_whole_row_are_left_to_the_unfused_steps():
     assert silu_mul_quantize_cuda(torch.zeros(1, 2 * WHOLE_ROW + 2, device=DEVICE), FP8_MAX, MIN_AMAX) is None
+    wide = torch.zeros(1, WHOLE_ROW + 1, device=DEVICE)
+    assert norm_quantize_cuda(wide, None, wide[0], 1e-5, FP8_MAX, MIN_AMAX) is None
 
 
 @pytest.mark.skipif(not CUDA, reason="the whole MLP needs CUDA's FP8 matmul")

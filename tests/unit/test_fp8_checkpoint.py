@@ -173,6 +173,49 @@ def test_random_weights_are_quantized_as_drawn(checkpoints):
     assert torch.equal(down.weight_scale, scale.view(-1))
 
 
+def test_the_norms_before_fp8_linears_quantize_their_outputs(checkpoints):
+    """use_fp8 marks the RMSNorms an FP8 qkv or gate/up projection alone reads; the final norm (the LM
+    head's, bf16) and the norms before linears the checkpoint keeps in bf16 stay unmarked."""
+    model = build(checkpoints["fp8"])
+    layers = list(model.model.layers.values())
+    assert all(layer.input_layernorm.quantize and layer.post_attention_layernorm.quantize for layer in layers)
+    assert not model.model.norm.quantize
+    cfg = AutoConfig.from_pretrained(checkpoints["fp8"])
+    model = build(checkpoints[None], fp8=False)
+    use_fp8(model, dict(cfg.quantization_config, ignore=["lm_head", "re:.*layers\\.0\\.mlp\\..*"]))
+    first = model.model.layers["0"]
+    assert first.input_layernorm.quantize and not first.post_attention_layernorm.quantize
+
+
+def test_a_step_with_quantizing_norms_gives_the_same_logprobs_as_the_linears_quantizing(checkpoints):
+    """On the CPU the norm's output is quantized by the same torch code the FP8 linear would run: the
+    step's prompt logprobs are identical either way (on CUDA the norm's kernel does it; its bits are
+    checked in tests/gpu/test_fp8_fused_kernels.py)."""
+    from tests.helpers import prefill_plan
+    from workers.layers.norm import RMSNorm
+    from workers.rank import build as build_rank
+
+    prompts = [[FIRST_WORD_ID + i for i in range(12)], [FIRST_WORD_ID + 3 * i for i in range(7)]]
+    tops = []
+    for marked in (True, False):
+        cfg = EngineConfig(model=str(checkpoints[None]), device="cpu", dtype="bfloat16", kv_cache_tokens=512,
+                           max_seqs=4).resolve()
+        cfg.quantization = "fp8"
+        runner, _ = build_rank(cfg, 0)
+        norms = [m for m in runner.model.modules() if isinstance(m, RMSNorm) and m.quantize]
+        assert len(norms) == 2 * cfg_layers(checkpoints[None])
+        for norm in norms:
+            norm.quantize = marked
+        result = runner.step(prefill_plan(0, prompts, runner.page_size, prompt_logprobs=2))
+        tops.append([(t.ids, t.logprobs) for p in result.prompt for t in p.top])
+        runner.close()
+    assert tops[0] == tops[1]
+
+
+def cfg_layers(path) -> int:
+    return AutoConfig.from_pretrained(path).num_hidden_layers
+
+
 def with_quantization_config(path, config: dict):
     cfg = json.loads((path / "config.json").read_text())
     cfg["quantization_config"] = config

@@ -13,6 +13,8 @@ ColumnParallelLinear or RowParallelLinear in place, keeping its name, sharding a
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -44,10 +46,27 @@ def quantize_tokens(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return quantize_rows(x)
 
 
-def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+@dataclass
+class Fp8Rows:
+    """Activations [T, K] already quantized per token, as the kernel before an FP8 linear writes them
+    (silu-and-mul, the RMSNorms use_fp8 marks): e4m3 values, float32 scales [T, 1], and the type the
+    linear's output takes."""
+
+    values: torch.Tensor
+    scales: torch.Tensor
+    dtype: torch.dtype
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.values.shape
+
+
+def fp8_linear(x: torch.Tensor | Fp8Rows, weight: torch.Tensor, scale: torch.Tensor,
                bias: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-    """x [..., K] through weight [N, K] (e4m3, row-major) with scale [N] (float32) -> [..., N] in x's type
-    (into `out`, [tokens, N], where given)."""
+    """x [..., K] (or Fp8Rows [T, K]) through weight [N, K] (e4m3, row-major) with scale [N] (float32) ->
+    [..., N] in x's type (into `out`, [tokens, N], where given)."""
+    if isinstance(x, Fp8Rows):
+        return fp8_matmul(x.values, x.scales, weight, scale, x.dtype, bias, out)
     y = fp8_matmul(*quantize_tokens(x.reshape(-1, x.shape[-1])), weight, scale, x.dtype, bias, out)
     return y.view(*x.shape[:-1], weight.shape[0])
 
@@ -119,7 +138,7 @@ class Fp8ColumnParallelLinear(_Fp8Weight, ColumnParallelLinear):
         _, rows, copies = self.layout[shard]
         self.weight_scale.data[local].copy_(per_channel(tensor, rows * self.tp.size // copies)[source])
 
-    def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | Fp8Rows, out: torch.Tensor | None = None) -> torch.Tensor:
         return fp8_linear(x, self.weight, self.weight_scale, self.bias, out=out)
 
 
@@ -135,12 +154,8 @@ class Fp8RowParallelLinear(_Fp8Weight, RowParallelLinear):
     def load_scale(self, tensor: torch.Tensor, shard: str) -> None:
         self.weight_scale.data.copy_(per_channel(tensor, self.weight.shape[0]))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | Fp8Rows) -> torch.Tensor:
         return self.tp.all_reduce(fp8_linear(x, self.weight, self.weight_scale))
-
-    def forward_quantized(self, q: torch.Tensor, q_scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """forward of activations already quantized per token (q [T, K] e4m3, q_scale [T, 1]), out in dtype."""
-        return self.tp.all_reduce(fp8_matmul(q, q_scale, self.weight, self.weight_scale, dtype))
 
 
 FP8_FORMS = {ColumnParallelLinear: Fp8ColumnParallelLinear, RowParallelLinear: Fp8RowParallelLinear}

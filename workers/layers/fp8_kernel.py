@@ -5,9 +5,10 @@ same float32 reciprocal, the divisions are correctly rounded (Triton's `/` is no
 both casts round to nearest even after the clamp.
 
 `silu_mul_quantize_cuda` does the same to silu(gate) * up of a gated MLP's [gate | up] in the same
-kernel, so the bf16 product the down projection would quantize is never written and read back.
+kernel, so the bf16 product the down projection would quantize is never written and read back, and
+`norm_quantize_cuda` the RMSNorm (with its residual add) before an FP8 qkv or gate/up projection.
 
-Both are None where Triton is missing (CPU builds of torch).
+All are None where Triton is missing (CPU builds of torch).
 """
 
 from __future__ import annotations
@@ -87,6 +88,47 @@ if triton is not None:
                                         MIN_AMAX=min_amax, BLOCK=block, num_warps=4 if block <= 2048 else 8)
         return out, scales
 
+    @triton.jit
+    def _norm_quantize(x, x_stride, res, res_stride, w, out, scales, cols, eps, FP8_MAX: tl.constexpr,
+                       MIN_AMAX: tl.constexpr, BLOCK: tl.constexpr, RESIDUAL: tl.constexpr):
+        # a row of x (plus the residual, which takes the sum) -> RMSNorm as RMSNorm.reference rounds it (the
+        # sum, the normalized row and its product with the weight each to the activations' type), then
+        # quantized as _quantize_rows does: the row stays in registers
+        row = tl.program_id(0).to(tl.int64)
+        offs = tl.arange(0, BLOCK)
+        inside = offs < cols
+        # in float32, each result rounded to the activations' type: what torch's half-type arithmetic does
+        kind: tl.constexpr = x.dtype.element_ty
+        v = tl.load(x + row * x_stride + offs, mask=inside, other=0.0).to(tl.float32)
+        if RESIDUAL:
+            v = (v + tl.load(res + row * res_stride + offs, mask=inside, other=0.0).to(tl.float32)).to(kind)
+            tl.store(res + row * res_stride + offs, v, mask=inside)
+            v = v.to(tl.float32)
+        h = (v * tl.math.rsqrt(tl.sum(v * v, 0) / cols + eps)).to(kind).to(tl.float32)
+        h = (h * tl.load(w + offs, mask=inside, other=0.0).to(tl.float32)).to(kind).to(tl.float32)
+        scale = tl.maximum(tl.max(tl.abs(h), 0), MIN_AMAX) * (1.0 / FP8_MAX)
+        tl.store(scales + row, scale)
+        q = tl.clamp(tl.math.div_rn(h, scale), -FP8_MAX, FP8_MAX)
+        tl.store(out + row * cols + offs, q.to(tl.float8e4nv), mask=inside)
+
+    def norm_quantize_cuda(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
+                           fp8_max: float, min_amax: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """RMSNorm of x [T, K] (CUDA, half types; after adding `residual` [T, K], which takes the sum in
+        place) quantized per row -> (e4m3 [T, K], float32 scales [T, 1]); None where a row is past
+        WHOLE_ROW or a last dimension is strided."""
+        rows, cols = x.shape
+        if cols > WHOLE_ROW or x.stride(-1) != 1 or (residual is not None and residual.stride(-1) != 1):
+            return None
+        out = torch.empty(rows, cols, dtype=torch.float8_e4m3fn, device=x.device)
+        scales = torch.empty(rows, 1, dtype=torch.float32, device=x.device)
+        block = triton.next_power_of_2(cols)
+        if rows:
+            res = x if residual is None else residual
+            _norm_quantize[(rows,)](x, x.stride(0), res, res.stride(0), weight, out, scales, cols, eps,
+                                    FP8_MAX=fp8_max, MIN_AMAX=min_amax, BLOCK=block, RESIDUAL=residual is not None,
+                                    num_warps=4 if block <= 2048 else 8)
+        return out, scales
+
     def quantize_rows_cuda(x: torch.Tensor, fp8_max: float, min_amax: float) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, K] (CUDA, any float type) -> (e4m3 [T, K] row-major, float32 scales [T, 1])."""
         if x.stride(-1) != 1:
@@ -101,4 +143,4 @@ if triton is not None:
                                     BLOCK=block, WHOLE=whole, num_warps=4 if block <= 2048 else 8)
         return out, scales
 else:
-    quantize_rows_cuda = silu_mul_quantize_cuda = None
+    quantize_rows_cuda = silu_mul_quantize_cuda = norm_quantize_cuda = None

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from workers.layers.fp8 import FP8_MAX, MIN_AMAX, Fp8RowParallelLinear, quantize_tokens
+from workers.layers.fp8 import FP8_MAX, MIN_AMAX, Fp8RowParallelLinear, Fp8Rows, quantize_tokens
 from workers.layers.fp8_kernel import silu_mul_quantize_cuda
 from workers.layers.linear import ColumnParallelLinear, RowParallelLinear
 from workers.layers.parallel import SINGLE, TPGroup
@@ -30,14 +30,15 @@ def silu_and_mul_reference(gate_up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-def silu_mul_quantize(gate_up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp8.quantize_rows of silu_and_mul(gate_up) for an FP8 down projection: on CUDA one Triton kernel
-    that never writes the product (rows up to fp8_kernel.WHOLE_ROW wide), elsewhere the two steps."""
+def silu_mul_quantize(gate_up: torch.Tensor) -> Fp8Rows:
+    """silu_and_mul(gate_up) ([T, 2W]) quantized per token for an FP8 down projection: on CUDA one
+    Triton kernel that never writes the product (rows up to fp8_kernel.WHOLE_ROW wide), elsewhere the
+    two steps."""
     if _use_flashinfer(gate_up) and silu_mul_quantize_cuda is not None:
         fused = silu_mul_quantize_cuda(gate_up, FP8_MAX, MIN_AMAX)
         if fused is not None:
-            return fused
-    return quantize_tokens(silu_and_mul(gate_up))
+            return Fp8Rows(*fused, gate_up.dtype)
+    return Fp8Rows(*quantize_tokens(silu_and_mul(gate_up)), gate_up.dtype)
 
 
 class GatedMLP(nn.Module):
@@ -53,6 +54,6 @@ class GatedMLP(nn.Module):
         gate_up = self.gate_up_proj(x)
         if isinstance(self.down_proj, Fp8RowParallelLinear):
             # FP8 down: silu-and-mul quantizes its own output (one pass over gate_up, no bf16 product)
-            q, scale = silu_mul_quantize(gate_up.reshape(-1, gate_up.shape[-1]))
-            return self.down_proj.forward_quantized(q, scale, gate_up.dtype).view(*gate_up.shape[:-1], -1)
+            return self.down_proj(silu_mul_quantize(gate_up.reshape(-1, gate_up.shape[-1]))).view(
+                *gate_up.shape[:-1], -1)
         return self.down_proj(silu_and_mul(gate_up))

@@ -117,7 +117,11 @@ def use_fp8(model: nn.Module, quantization_config: dict | None = None, quantize_
     for layer in model.modules():
         for norm, reader in NORM_READERS:
             if isinstance(getattr(layer, norm, None), RMSNorm):
-                getattr(layer, norm).quantize = isinstance(layer.get_submodule(reader), Fp8ColumnParallelLinear)
+                try:
+                    fp8_reader = isinstance(layer.get_submodule(reader), Fp8ColumnParallelLinear)
+                except AttributeError:  # a layer of another shape: its norm keeps its own output
+                    fp8_reader = False
+                getattr(layer, norm).quantize = fp8_reader
 
 
 def checkpoint_names(model: nn.Module, path: str) -> list[str]:

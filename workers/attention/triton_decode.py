@@ -280,7 +280,7 @@ def decode(q: torch.Tensor, kv: torch.Tensor, work: WorkList, page_indices: torc
     out [rows, heads, head_dim] in q's type (written into `out` where given: any strides but the
     last), and with return_lse the base-2 log-sum-exps [rows, heads] (float32). Four warps and a
     two-stage pipeline measured best on the H200. `max_registers` caps the registers a thread (the
-    kernel takes 234 on sm90, so two programs of four warps fit an SM; 168 fits three)."""
+    kernel takes 234-241 on sm90, so two programs of four warps fit an SM; 168 fits three)."""
     rows, hq, dim = q.shape
     _, _, ps, hkv, _ = kv.shape
     hq_pad = max(16, triton.next_power_of_2(hq))  # tensor-core tiles have 16 rows or more

@@ -5,9 +5,10 @@
 For each shape (qkv 2048 -> 3072, gate_up 2048 -> 16384, down 8192 -> 2048) and token count, the
 device time of: bf16 F.linear; the FP8 path as the layers run it (the activations' quantization
 kernel, then torch._scaled_mm); the quantization kernel alone; the FP8 matmul alone, also with
-use_fast_accum, and with one scale a tensor instead of one a row (the kernels that takes). Each is the median of graph replays of many calls (so launch gaps, which decode
-steps hide in CUDA graphs, do not count) that cycle through more weight copies than the L2 cache
-holds, as a model's layers do. Prints one JSON object and writes it to DIR/bench_fp8.json.
+use_fast_accum, and with one scale for each whole operand instead of one a row (cuBLASLt's
+tensorwise kernels). Each is the median of graph replays of many calls (so launch gaps, which
+decode steps hide in CUDA graphs, do not count) that cycle through more weight copies than the L2
+cache holds, as a model's layers do. Prints one JSON object and writes it to DIR/bench_fp8.json.
 """
 
 from __future__ import annotations

@@ -42,8 +42,9 @@ SIGINT: no other run starts, and the parts still table what their finished runs 
 traces' summaries and the step runs' profiles to OUT/report.txt (one file to bring back);
 --report-to DIR writes both into DIR too, after every part, and --deadline SECONDS stops the runs
 under way at that time as an interrupt does, so that a command killed at a time limit keeps what
-finished before it. The exit code is 1 when a run failed, 130 when interrupted. A run that fails (not one an interrupt stopped) prints the
-last lines of its log among the progress lines, so its cause travels with stdout.
+finished before it. The exit code is 1 when a run failed, 130 when interrupted. A run that fails
+(not one an interrupt stopped) prints the last lines of its log among the progress lines, so its
+cause travels with stdout.
 
 A flag set of one flag takes "=" (--compare-flags=--hydragen): argparse reads a lone value that
 starts with "-" as an option; one with a space in it ("--max-seqs 4096") or "" passes either way.
@@ -450,10 +451,14 @@ def rows_of(args, record: dict) -> list[Row]:
     return [r for name in ["models", *args.parts] if name in record for r in record[name]["rows"]]
 
 
+_REPORTING = threading.Lock()  # parts side by side finish in threads of their own
+
+
 def report(args, record: dict, interrupted: bool, into: Path) -> tuple[Path, Path]:
     """summary.json and report.txt of the parts recorded so far, written into `into`."""
-    rows = rows_of(args, record)
-    return write_summary(into, record, rows, interrupted), write_report(args.out, table(rows), into)
+    with _REPORTING:
+        rows = rows_of(args, record)
+        return write_summary(into, record, rows, interrupted), write_report(args.out, table(rows), into)
 
 
 def run_part(name: str, gpus: list[str], args, runner: Runner, models: Models, record: dict) -> None:

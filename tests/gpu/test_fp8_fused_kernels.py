@@ -45,8 +45,8 @@ def test_the_fused_kernel_quantizes_as_the_unfused_steps(dtype, rows, cols):
 def assert_quantized_alike(q, scale, want_q, want_scale):
     rows, cols = want_q.shape
     assert q.shape == (rows, cols) and q.dtype == torch.float8_e4m3fn and scale.shape == (rows, 1)
-    # the kernel's exp may differ from torch's by an ulp, which moves a product's bf16 rounding (and a
-    # row's amax) now and then: the scales within bf16's step, the values within one e4m3 step
+    # a kernel's exp or rsqrt may differ from torch's by an ulp, which moves a bf16 rounding (and a row's
+    # amax) now and then: the scales within bf16's step, the values within one e4m3 step
     torch.testing.assert_close(scale.cpu(), want_scale, rtol=2**-6, atol=0)
     got, want = q.cpu().float() * scale.cpu(), want_q.float() * want_scale
     ok = (got - want).abs() <= want.abs() * 2**-3 + want_scale * 2**-9

@@ -203,17 +203,13 @@ def test_a_step_with_quantizing_norms_gives_the_same_logprobs_as_the_linears_qua
         cfg.quantization = "fp8"
         runner, _ = build_rank(cfg, 0)
         norms = [m for m in runner.model.modules() if isinstance(m, RMSNorm) and m.quantize]
-        assert len(norms) == 2 * cfg_layers(checkpoints[None])
+        assert len(norms) == 2 * AutoConfig.from_pretrained(checkpoints[None]).num_hidden_layers
         for norm in norms:
             norm.quantize = marked
         result = runner.step(prefill_plan(0, prompts, runner.page_size, prompt_logprobs=2))
         tops.append([(t.ids, t.logprobs) for p in result.prompt for t in p.top])
         runner.close()
     assert tops[0] == tops[1]
-
-
-def cfg_layers(path) -> int:
-    return AutoConfig.from_pretrained(path).num_hidden_layers
 
 
 def with_quantization_config(path, config: dict):

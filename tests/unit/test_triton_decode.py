@@ -64,13 +64,17 @@ def test_the_bound_holds_any_split_of_its_pages_and_a_step_past_it_is_refused():
         for pack in (False, True):
             host = WorkList.host(pages, pages * 16, bound, pack=pack)
             assert host[3 * bound + rows + 1] <= bound
+    none = np.array([], dtype=np.int64)
+    for pack in (False, True):  # a step of no decode rows
+        assert parts(WorkList.host(none, none, 4, pack=pack), 4, 0)["count"] == 0
     with pytest.raises(ValueError, match="3 decode work items; the buffer holds 2"):
         WorkList.host(np.array([1, 1, 1]), np.array([1, 1, 1]), bound=2)
 
 
 def test_a_steps_own_list_launches_an_item_a_program_and_a_graphs_a_row_a_program():
-    assert WorkList(4, 9, "cpu", own=True).programs == 9
-    assert not WorkList(4, 4, "cpu", own=True).split  # every row one item: no merge
+    own = WorkList.of(np.array([1, 40, 2, 3]), np.array([1, 630, 20, 40]), "cpu")
+    assert own.programs == own.bound == 5 and own.split  # the 40-page row takes two items: a merge
+    assert not WorkList.of(np.array([1, 32, 2]), np.array([1, 512, 20]), "cpu").split  # every row one item
     graph = WorkList(16, WorkList.bound_for(16, 10_000), "cpu")
     assert graph.programs == 16 and graph.split  # the CPU counts as one SM: eight programs at least
     assert WorkList(1, 300, "cpu").programs == 8

@@ -31,6 +31,7 @@ FlashInfer's are, so Hydragen can merge them with its prefix attention's.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -176,8 +177,8 @@ if triton is not None:
             tl.store(Lse + row * HQ + h, m + tl.log2(s_sum), mask=h < HQ)
 
 
-def _sm_count(device) -> int:
-    device = torch.device(device)
+@functools.cache
+def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
@@ -193,16 +194,15 @@ class WorkList:
     first loads need not wait for the row before it to end."""
 
     def __init__(self, rows: int, bound: int, device, chunk: int = CHUNK_PAGES, own: bool = False,
-                 pack: bool = PACK_ROWS, split: bool | None = None):
+                 pack: bool = PACK_ROWS, split: bool = True):
         self.rows, self.bound, self.chunk, self.pack = rows, bound, chunk, pack
         # `own`: a step's own list of exactly `bound` items, which a copy is about to write whole (no
         # memset to wait on before it), a program an item. A graph's list is read by a program a row,
         # or eight an SM (four waves of the two an SM holds) where rows are few, so that a few rows
         # split in many items still spread over the SMs; each loops over the items past the grid. Its
-        # rows may split (a merge to run); an own list's do where a row is longer than a chunk (`split`;
-        # unpacked, that is where there are more items than rows)
-        self.split = (bound > rows if split is None else split) or not own
-        self.programs = bound if own else min(bound, max(rows, 8 * _sm_count(device)))
+        # rows may split (a merge to run); an own list's where one is longer than a chunk (`split`)
+        self.split = split or not own
+        self.programs = bound if own else min(bound, max(rows, 8 * _sm_count(torch.device(device))))
         alloc = torch.empty if own else torch.zeros
         self.buffer = alloc(3 * bound + 3 * rows + 3, dtype=torch.int32, device=device)
         parts = torch.split(self.buffer, [bound, bound, bound, rows + 1, 1, rows + 1, rows])
@@ -237,13 +237,15 @@ class WorkList:
         if items > bound:
             raise ValueError(f"{items} decode work items; the buffer holds {bound}")
         item_row = np.repeat(np.arange(rows), per_row)
-        # an item's rows end where the next row that starts items begins (a chunked row: at itself + 1)
-        starters = np.flatnonzero(per_row)
-        ends = np.append(starters[1:], rows)[: len(starters)]
         out = np.zeros(3 * bound + 3 * rows + 3, dtype=np.int32)
         out[:items] = item_row
         out[bound : bound + items] = np.arange(items) - start[item_row]
-        out[2 * bound : 2 * bound + items] = np.repeat(ends, per_row[starters])
+        if pack:  # an item's rows end where the next row that starts items begins (a chunked row: at itself + 1)
+            starters = np.flatnonzero(per_row)
+            ends = np.append(starters[1:], rows)[: len(starters)]
+            out[2 * bound : 2 * bound + items] = np.repeat(ends, per_row[starters])
+        else:
+            out[2 * bound : 2 * bound + items] = item_row + 1
         at = 3 * bound
         out[at : at + rows + 1] = start
         out[at + rows + 1] = items

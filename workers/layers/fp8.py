@@ -60,6 +60,11 @@ class Fp8Rows:
     def shape(self) -> torch.Size:
         return self.values.shape
 
+    @classmethod
+    def of(cls, x: torch.Tensor) -> Fp8Rows:
+        """x [..., K] quantized per token (quantize_tokens) as [T, K]."""
+        return cls(*quantize_tokens(x.reshape(-1, x.shape[-1])), x.dtype)
+
 
 def fp8_linear(x: torch.Tensor | Fp8Rows, weight: torch.Tensor, scale: torch.Tensor,
                bias: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -67,8 +72,8 @@ def fp8_linear(x: torch.Tensor | Fp8Rows, weight: torch.Tensor, scale: torch.Ten
     [..., N] in x's type (into `out`, [tokens, N], where given)."""
     if isinstance(x, Fp8Rows):
         return fp8_matmul(x.values, x.scales, weight, scale, x.dtype, bias, out)
-    y = fp8_matmul(*quantize_tokens(x.reshape(-1, x.shape[-1])), weight, scale, x.dtype, bias, out)
-    return y.view(*x.shape[:-1], weight.shape[0])
+    rows = Fp8Rows.of(x)
+    return fp8_matmul(rows.values, rows.scales, weight, scale, x.dtype, bias, out).view(*x.shape[:-1], -1)
 
 
 def fp8_matmul(q: torch.Tensor, q_scale: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype,

@@ -57,7 +57,9 @@ if triton is not None:
     def _silu_mul_quantize(x, stride, out, scales, cols, FP8_MAX: tl.constexpr, MIN_AMAX: tl.constexpr,
                            BLOCK: tl.constexpr):
         # a row of [gate | up] (2 x cols) -> silu(gate) * up, rounded to the activations' type as the
-        # unfused kernel's output is, then quantized as _quantize_rows does: the row stays in registers
+        # unfused kernel's output is, then quantized as _quantize_rows does: the row stays in registers.
+        # The quantization is written out here and in _norm_quantize: as a shared @triton.jit function
+        # it compiled to 120 registers instead of 85 on sm90 (Triton 3.6), a program fewer an SM
         row = tl.program_id(0).to(tl.int64)
         src = x + row * stride
         offs = tl.arange(0, BLOCK)
@@ -70,6 +72,14 @@ if triton is not None:
         q = tl.clamp(tl.math.div_rn(h, scale), -FP8_MAX, FP8_MAX)
         tl.store(out + row * cols + offs, q.to(tl.float8e4nv), mask=inside)
 
+    def _outputs(rows: int, cols: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """A quantizing kernel's outputs: e4m3 values [rows, cols] and float32 scales [rows, 1]."""
+        return (torch.empty(rows, cols, dtype=torch.float8_e4m3fn, device=device),
+                torch.empty(rows, 1, dtype=torch.float32, device=device))
+
+    def _warps(block: int) -> int:
+        return 4 if block <= 2048 else 8
+
     def silu_mul_quantize_cuda(gate_up: torch.Tensor, fp8_max: float,
                                min_amax: float) -> tuple[torch.Tensor, torch.Tensor] | None:
         """gate_up [T, 2W] (CUDA, half types, [gate | up]) -> (e4m3 [T, W], float32 scales [T, 1]) of
@@ -80,12 +90,11 @@ if triton is not None:
             return None
         if gate_up.stride(-1) != 1:
             gate_up = gate_up.contiguous()
-        out = torch.empty(rows, cols, dtype=torch.float8_e4m3fn, device=gate_up.device)
-        scales = torch.empty(rows, 1, dtype=torch.float32, device=gate_up.device)
+        out, scales = _outputs(rows, cols, gate_up.device)
         block = triton.next_power_of_2(cols)
         if rows:
             _silu_mul_quantize[(rows,)](gate_up, gate_up.stride(0), out, scales, cols, FP8_MAX=fp8_max,
-                                        MIN_AMAX=min_amax, BLOCK=block, num_warps=4 if block <= 2048 else 8)
+                                        MIN_AMAX=min_amax, BLOCK=block, num_warps=_warps(block))
         return out, scales
 
     @triton.jit
@@ -119,14 +128,13 @@ if triton is not None:
         rows, cols = x.shape
         if cols > WHOLE_ROW or x.stride(-1) != 1 or (residual is not None and residual.stride(-1) != 1):
             return None
-        out = torch.empty(rows, cols, dtype=torch.float8_e4m3fn, device=x.device)
-        scales = torch.empty(rows, 1, dtype=torch.float32, device=x.device)
+        out, scales = _outputs(rows, cols, x.device)
         block = triton.next_power_of_2(cols)
         if rows:
             res = x if residual is None else residual
             _norm_quantize[(rows,)](x, x.stride(0), res, res.stride(0), weight, out, scales, cols, eps,
                                     FP8_MAX=fp8_max, MIN_AMAX=min_amax, BLOCK=block, RESIDUAL=residual is not None,
-                                    num_warps=4 if block <= 2048 else 8)
+                                    num_warps=_warps(block))
         return out, scales
 
     def quantize_rows_cuda(x: torch.Tensor, fp8_max: float, min_amax: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -134,13 +142,12 @@ if triton is not None:
         if x.stride(-1) != 1:
             x = x.contiguous()
         rows, cols = x.shape
-        out = torch.empty(rows, cols, dtype=torch.float8_e4m3fn, device=x.device)
-        scales = torch.empty(rows, 1, dtype=torch.float32, device=x.device)
+        out, scales = _outputs(rows, cols, x.device)
         whole = cols <= WHOLE_ROW
         block = triton.next_power_of_2(cols) if whole else BLOCK
         if rows:
             _quantize_rows[(rows,)](x, x.stride(0), out, scales, cols, FP8_MAX=fp8_max, MIN_AMAX=min_amax,
-                                    BLOCK=block, WHOLE=whole, num_warps=4 if block <= 2048 else 8)
+                                    BLOCK=block, WHOLE=whole, num_warps=_warps(block))
         return out, scales
 else:
     quantize_rows_cuda = silu_mul_quantize_cuda = norm_quantize_cuda = None

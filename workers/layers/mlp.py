@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from workers.layers.fp8 import FP8_MAX, MIN_AMAX, Fp8RowParallelLinear, Fp8Rows, quantize_tokens
+from workers.layers.fp8 import FP8_MAX, MIN_AMAX, Fp8RowParallelLinear, Fp8Rows
 from workers.layers.fp8_kernel import silu_mul_quantize_cuda
 from workers.layers.linear import ColumnParallelLinear, RowParallelLinear
 from workers.layers.parallel import SINGLE, TPGroup
@@ -38,7 +38,7 @@ def silu_mul_quantize(gate_up: torch.Tensor) -> Fp8Rows:
         fused = silu_mul_quantize_cuda(gate_up, FP8_MAX, MIN_AMAX)
         if fused is not None:
             return Fp8Rows(*fused, gate_up.dtype)
-    return Fp8Rows(*quantize_tokens(silu_and_mul(gate_up)), gate_up.dtype)
+    return Fp8Rows.of(silu_and_mul(gate_up))
 
 
 class GatedMLP(nn.Module):

@@ -3,7 +3,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from workers.layers.fp8 import FP8_MAX, MIN_AMAX, Fp8Rows, quantize_tokens
+from workers.layers.fp8 import FP8_MAX, MIN_AMAX, Fp8Rows
 from workers.layers.fp8_kernel import norm_quantize_cuda
 
 
@@ -63,7 +63,7 @@ class RMSNorm(nn.Module):
         else:
             result = self._norm(x, residual)
             out = result if residual is None else result[0]
-            rows = Fp8Rows(*quantize_tokens(out.reshape(-1, out.shape[-1])), out.dtype)
+            rows = Fp8Rows.of(out)
             residual = None if residual is None else result[1]
         return rows if residual is None else (rows, residual)
 

@@ -100,8 +100,8 @@ class EngineConfig:
                                   "prefill kernel, a query a row) or xqa (TensorRT-LLM's decode kernel, sm90 "
                                   "and later: the fastest over an fp8 KV cache, at some precision); auto: "
                                   "triton where it builds for the model (power-of-two kv heads, head size "
-                                  "and page size, a bfloat16 or float16 --dtype) and the KV cache is not "
-                                  "fp8, else cuda-cores",
+                                  "and page size, a bfloat16 or float16 --dtype), over bf16 and fp8 "
+                                  "KV caches alike, else cuda-cores",
                                   default="auto")
     # 2,048: a full batch of Hydragen steps is launch-bound when eager (docs/performance.md)
     cuda_graph_max_batch: int = _flag("largest decode batch captured in a CUDA graph", default=2048)

@@ -122,15 +122,15 @@ def build(cfg: EngineConfig, rank: int, pipe=None):
 
 def decode_kernel(cfg: EngineConfig, kv_heads: int, head_dim: int) -> str:
     """--decode-attention's kernel for this model's shape (kv heads of this rank): auto is toka's
-    Triton kernel where it builds for it over a 16-bit cache, else FlashInfer's CUDA-core kernel.
-    Over FP8 pages the Triton kernel's bf16 probabilities added to the cache's rounding cost the
-    Llama-3.2-1B shape the logprob bar (94.2 % token match against FlashInfer's 96.7 %; docs/fp8.md)."""
+    Triton kernel where it builds for it, over bf16 and FP8 pages alike, else FlashInfer's CUDA-core
+    kernel. Over FP8 pages the Triton kernel multiplies in float16 (e4m3 exactly, probabilities to 11
+    bits), which keeps the logprob bar on both measured shapes (docs/fp8.md)."""
     from workers.attention import triton_decode
 
     # its tensor-core products take 16-bit queries (float32 ones would round to tf32)
     fits = triton_decode.supports(kv_heads, head_dim, cfg.page_size) and cfg.dtype in ("bfloat16", "float16")
     if cfg.decode_attention == "auto":
-        return "triton" if fits and cfg.kv_cache_dtype == "auto" else "cuda-cores"
+        return "triton" if fits else "cuda-cores"
     if cfg.decode_attention == "triton" and not fits:
         raise RuntimeError(f"--decode-attention triton needs Triton, a 16-bit --dtype and powers of two for the kv "
                            f"heads, head size (16 or more) and page size; this rank has {kv_heads} kv heads of size "

@@ -185,7 +185,8 @@ def test_triton_decode_is_chosen_where_it_builds_and_refused_elsewhere(tiny_mode
     float32 = parse_args(["--model", model, "--dtype", "float32"]).resolve()
     assert rank.decode_kernel(float32, 8, 64) == "cuda-cores"
     fp8 = parse_args(["--model", model, "--dtype", "bfloat16", "--kv-cache-dtype", "fp8"]).resolve()
-    assert rank.decode_kernel(fp8, 8, 64) == "cuda-cores"  # FlashInfer's float32 probabilities over FP8 pages
+    assert rank.decode_kernel(fp8, 8, 64) == "triton"  # float16 products over FP8 pages keep the logprob bar
+    assert rank.decode_kernel(fp8, 8, 80) == "cuda-cores"
     monkeypatch.setattr(triton_decode, "triton", None)
     assert rank.decode_kernel(auto, 8, 64) == "cuda-cores"
 

@@ -30,6 +30,8 @@ Parts (their files under OUT/PART/; each run's log beside its result):
   tune                   bench_attention.py: the Triton decode kernel's warps, stages and chunk sizes
                          (TRITON_CONFIGS) at sharegpt-like lengths, Hydragen's own pages (1-256) and
                          shared-prefix rows without Hydragen (900-1,156), bf16 and FP8 pages
+  sampling               bench_sampling.py: the fused sampler alone, 2,048 rows x 128,256 logits, greedy and at
+                         temperature 0.6, under pieces a row and warps a program
   pp                     Llama-3.1-8B shape sharegpt-like quick at --pp 1 and --pp N, and agreement of
                          --pp N and --tp N with one GPU on written weights
 
@@ -79,6 +81,7 @@ from tools.gpu_results import (
     mean_row,
     rates_row,
     ratio_row,
+    sampling_rows,
     step_rows,
     table,
 )
@@ -104,7 +107,7 @@ TRACE_STEPS = "1200:40"  # compare's traced steps: past the ramp-up of either wo
 TIMEOUTS = {"models": 1200, "tests": 1800, "step": 600, "sharegpt-quick": 600, "sharegpt-full": 1200,
             "prefix-quick": 600, "prefix-full": 1500, "prefix-quick-hydragen": 600, "prefix-full-hydragen": 1200,
             "compare": 600, "ab": 400, "tp": 900, "dp": 1200, "pp": 1200, "batch": 400, "attention": 900,
-            "tune": 600}
+            "tune": 600, "sampling": 300}
 
 
 @dataclass
@@ -314,6 +317,12 @@ def tune(p: Part) -> list[Row]:
     return [row for name in runs for row in attention_rows(p.name, name, p.dir / f"{name}.json")]
 
 
+def sampling(p: Part) -> list[Row]:
+    """The fused sampler alone at a served step's 2,048 rows, under pieces a row and warps a program."""
+    p.run([p.job("sampling", py("tools.bench_sampling", "--out", p.dir), (p.dir / "bench_sampling.json",))])
+    return sampling_rows(p.name, p.dir / "bench_sampling.json")
+
+
 def pp(p: Part) -> list[Row]:
     n = p.args.pp
     p.run([p.bench(f"pp{k}", "sharegpt-like", with_flags(f"--pp {k}", p.args.flags), True, LARGE) for k in (1, n)])
@@ -347,6 +356,7 @@ PARTS = {
     "batch": Spec(batch, ((SMALL, False),), _one),
     "attention": Spec(attention, (), _one),
     "tune": Spec(tune, (), _one),
+    "sampling": Spec(sampling, (), _one),
     "pp": Spec(pp, ((LARGE, False), (LARGE, True)), lambda a, v: a.pp),
 }
 

@@ -85,6 +85,15 @@ def attention_rows(part: str, label: str, path: Path) -> list[Row]:
                 k["pct_of_floor"], str(path)) for k in r["results"]]
 
 
+def sampling_rows(part: str, path: Path) -> list[Row]:
+    """bench_sampling.py's runs: the kernel's time against one read of the logits."""
+    r = read_json(path)
+    if not isinstance(r, dict):
+        return [Row(part, "sampling kernel", NO_RESULT, file=str(path))]
+    return [Row(part, f"{k['rows']:,} x {k['vocab']:,} at T {k['temperature']:g}, {k['slices']} pieces a row, "
+                      f"{k['warps']} warps", k["ms"], "ms", k["pct_of_read"], str(path)) for k in r["results"]]
+
+
 def step_rows(part: str, label: str, path: Path) -> list[Row]:
     """bench_step.py's sweep: each batch's time per step (steps overlapped as on the rank)."""
     r = read_json(path)

@@ -88,7 +88,7 @@ def sample_hidden(head, hidden: torch.Tensor, b: SamplingBatch):
         keys = row_keys(b.seeds, b.positions) if b.random else b.seeds  # greedy rows read no noise
         parts = head.reduce_slices(hidden, lambda logits, offset: sample_partials(
             logits, b.temperature, keys, b.random, offset, raw=b.raw_logprobs))
-        return (*combine(parts), None, None)
+        return (*combine(parts.flatten(0, 1)), None, None)  # [ranks, pieces, ...]: in vocab order
     return sample(head(hidden), b)
 
 

@@ -3,9 +3,12 @@ top-k or alternatives: per row, the token of argmax(logits / T + gumbel) (argmax
 greedy rows) and its logprob, log_softmax(logits) (or, processed, log_softmax(logits / T)) at that
 token, from an online logsumexp.
 
-The pass works on a slice of the vocabulary: each tensor-parallel rank reduces the logits of its
+The pass works on slices of the vocabulary: each tensor-parallel rank reduces the logits of its
 own slice to four numbers a row (`sample_partials`), and `combine` merges the slices' partials, so
-only those cross ranks, never the logits. On one GPU the slice is the whole vocabulary.
+only those cross ranks, never the logits. On one GPU the slice is the whole vocabulary. A rank's
+slice may be cut further, a program a piece (`slices`), for more programs than rows: with one
+program a row, 2,048 rows fill an H200 in 3.1 waves of 660 programs (5 an SM at 96 registers),
+so the last wave runs a tenth full; `tools/bench_sampling.py` times the choices.
 
 The unfused torch code in workers/sampling.py is the reference: the noise is the same hash of
 (row key, vocab id), so both pick the same tokens up to float rounding of near ties.
@@ -27,6 +30,8 @@ except ImportError:  # CPU-only installs: sampling.py uses the torch code
     triton = None
 
 BLOCK = 4096
+SLICES = 1  # programs a row (see above); bench_sampling.py measures others before one becomes the default
+WARPS = 4
 # the interpreter runs no inline PTX: there the kernel takes tl.log2, tl.exp2 and the exact division
 FAST_LOG = os.environ.get("TRITON_INTERPRET") != "1"
 
@@ -94,11 +99,16 @@ if triton is not None:
         return -_lg2(e2, FAST)
 
     @triton.jit
-    def _sample_rows(logits, stride, vocab, offset, temperature, keys, out,
+    def _sample_rows(logits, stride, vocab, span, offset, temperature, keys, out,
                      RANDOM: tl.constexpr, RAW: tl.constexpr, BLOCK: tl.constexpr, FAST: tl.constexpr):
         # in base 2 throughout: scores are log2(e) x (logits / T + gumbel) up to a constant, which keeps
-        # their argmax; the log-sum-exp is converted back at the end
+        # their argmax; the log-sum-exp is converted back at the end. Program (row, piece) reads ids
+        # piece x span .. of its row (span a multiple of BLOCK); an empty piece reports -inf scores
         row = tl.program_id(0)
+        piece = tl.program_id(1)
+        rows = tl.num_programs(0)
+        lo = piece * span
+        hi = tl.minimum(lo + span, vocab)
         t = tl.load(temperature + row)
         greedy = t <= 0
         scale = LOG2E / tl.where(greedy, 1.0, t)
@@ -108,10 +118,10 @@ if triton is not None:
         run_max = -float("inf")
         run_sum = 0.0
         best = -float("inf")
-        best_id = 0
-        for start in range(0, vocab, BLOCK):
+        best_id = lo
+        for start in range(lo, hi, BLOCK):
             ids = start + offs
-            inside = ids < vocab
+            inside = ids < hi
             raw = tl.load(base + ids, mask=inside, other=-float("inf")).to(tl.float32)
             x = raw * scale
             lse_in = raw * LOG2E if RAW else x  # the reported distribution: the model's own, or the sampled one
@@ -127,27 +137,32 @@ if triton is not None:
             if block_best > best:  # strictly greater: the first maximum wins, as torch.argmax
                 best = block_best
                 best_id = start + block_id
-        chosen = tl.load(base + best_id).to(tl.float32)
+        chosen = tl.load(base + best_id, mask=best_id < vocab, other=0.0).to(tl.float32)
         if not RAW:
             chosen = chosen / tl.where(greedy, 1.0, t)
-        out_row = out + row * 4
+        out_row = out + (piece * rows + row) * 4
         tl.store(out_row, best)
         tl.store(out_row + 1, (offset + best_id).to(tl.float32))
         tl.store(out_row + 2, (run_max + tl.log2(run_sum)) * LN2)
         tl.store(out_row + 3, chosen)
 
     def sample_partials(logits: torch.Tensor, temperature: torch.Tensor, keys: torch.Tensor, random: bool,
-                        offset: int = 0, raw: bool = True) -> torch.Tensor:
+                        offset: int = 0, raw: bool = True, slices: int = SLICES,
+                        warps: int = WARPS) -> torch.Tensor:
         """logits [rows, V] of vocab ids offset .. offset + V - 1 (contiguous last dim), temperature
-        [rows] float32, keys [rows] int64 from sampling.row_keys. Returns [rows, 4] float32: the best
-        score of the slice, its vocab id (exact in float32 below 2**24), the slice's logsumexp of
-        the reported logits (raw: the logits; else logits / T), and the best token's reported logit."""
+        [rows] float32, keys [rows] int64 from sampling.row_keys. Returns [slices, rows, 4] float32,
+        the V ids cut into `slices` pieces of whole blocks in id order (the same count on every
+        tensor-parallel rank, whatever its V; a piece past the end is empty: -inf score and
+        logsumexp), for each: the best score of the piece, its vocab id (exact in float32 below
+        2**24), the piece's logsumexp of the reported logits (raw: the logits; else logits / T), and
+        the best token's reported logit."""
         rows, vocab = logits.shape
         assert offset + vocab < 2**24, "vocab ids travel as float32"
-        out = torch.empty(rows, 4, dtype=torch.float32, device=logits.device)
+        span = triton.cdiv(triton.cdiv(max(vocab, 1), BLOCK), slices) * BLOCK  # pieces of whole blocks
+        out = torch.empty(slices, rows, 4, dtype=torch.float32, device=logits.device)
         if rows:
-            _sample_rows[(rows,)](logits, logits.stride(0), vocab, offset, temperature, keys, out,
-                                  RANDOM=random, RAW=raw, BLOCK=BLOCK, FAST=FAST_LOG)
+            _sample_rows[(rows, slices)](logits, logits.stride(0), vocab, span, offset, temperature, keys, out,
+                                         RANDOM=random, RAW=raw, BLOCK=BLOCK, FAST=FAST_LOG, num_warps=warps)
         return out
 else:
     sample_partials = None
@@ -163,6 +178,6 @@ def combine(parts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def fused_sample(logits: torch.Tensor, temperature: torch.Tensor, keys: torch.Tensor, random: bool,
-                 raw: bool = True):
+                 raw: bool = True, slices: int = SLICES, warps: int = WARPS):
     """The whole vocabulary's logits [rows, V] -> tokens [rows] int64 and their logprobs [rows] float32."""
-    return combine(sample_partials(logits, temperature, keys, random, raw=raw)[None])
+    return combine(sample_partials(logits, temperature, keys, random, raw=raw, slices=slices, warps=warps))

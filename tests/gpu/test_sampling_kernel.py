@@ -71,9 +71,30 @@ def test_vocab_slices_combine_to_the_whole(random):
     keys = row_keys(torch.arange(rows, device=DEVICE) * 31, torch.arange(rows, device=DEVICE) + 9)
     want_tokens, want_lp = fused_sample(logits, temperature, keys, random)
     cuts = [0, vocab // 3, vocab // 3 + 1, vocab]  # one slice of a single id
-    parts = torch.stack([sample_partials(logits[:, lo:hi], temperature, keys, random, lo)
-                         for lo, hi in zip(cuts, cuts[1:])])
+    parts = torch.cat([sample_partials(logits[:, lo:hi], temperature, keys, random, lo)
+                       for lo, hi in zip(cuts, cuts[1:])])
     tokens, lp = combine(parts)
     assert torch.equal(tokens, want_tokens)
     assert tokens[0].item() == 5
+    torch.testing.assert_close(lp, want_lp, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("random", [False, True])
+@pytest.mark.parametrize("slices,warps", [(2, 4), (3, 8), (64, 4)])
+def test_pieces_of_a_row_pick_what_one_program_picks(random, slices, warps):
+    """A row cut into pieces, a program each (64: more than the vocabulary's blocks, so some are
+    empty), combines to the tokens and logprobs of one pass, a tie across pieces included."""
+    from workers.sampling_kernel import BLOCK
+
+    torch.manual_seed(2)
+    rows, vocab = (4, 3 * BLOCK + 5) if INTERPRET else (64, 128256)
+    logits = (torch.randn(rows, vocab, device=DEVICE) * 3).to(torch.bfloat16)
+    logits[0, 7] = logits[0, vocab - 3] = logits[0].max() + 1  # in the first and the last piece: the lower id wins
+    temperature = torch.tensor([0.0, 0.6] * (rows // 2), device=DEVICE)
+    keys = row_keys(torch.arange(rows, device=DEVICE) * 13, torch.arange(rows, device=DEVICE) + 5)
+    parts = sample_partials(logits, temperature, keys, random, slices=slices, warps=warps)
+    assert parts.shape[0] == slices  # as many on every tensor-parallel rank, whatever its slice
+    tokens, lp = combine(parts)
+    want_tokens, want_lp = fused_sample(logits, temperature, keys, random, slices=1)
+    assert torch.equal(tokens, want_tokens) and tokens[0].item() == 7
     torch.testing.assert_close(lp, want_lp, atol=1e-5, rtol=1e-5)

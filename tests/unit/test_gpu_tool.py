@@ -312,6 +312,28 @@ def test_tune_part_sweeps_the_triton_kernels_settings_at_three_lengths(tmp_path)
                                                    ("long", NO_RESULT)]
 
 
+def test_sampling_part_tables_each_config_and_temperature(tmp_path):
+    p = part("sampling", tmp_path)
+    p.dir.mkdir(parents=True)
+    assert gpu.sampling(p)[0].value == NO_RESULT
+    write(p.dir / "bench_sampling.json", dict(bandwidth=4.1e12, results=[
+        dict(rows=2048, vocab=128256, temperature=0.6, slices=2, warps=4, ms=0.61, pct_of_read=21.0)]))
+    rows = gpu.sampling(p)
+    argv = p.runner.batches[-1][0].argv
+    assert "tools.bench_sampling" in argv and argv[argv.index("--out") + 1] == str(p.dir)
+    assert [(r.figure, r.value, r.share) for r in rows] == [
+        ("2,048 x 128,256 at T 0.6, 2 pieces a row, 4 warps", 0.61, 21.0)]
+
+
+def test_bench_sampling_refuses_malformed_configs():
+    from tools import bench_sampling
+
+    assert bench_sampling.configs("1:4,2:8") == [(1, 4), (2, 8)]
+    for bad in ("1", "1:x", "0:4", ""):
+        with pytest.raises(SystemExit, match="SLICES:WARPS"):
+            bench_sampling.configs(bad)
+
+
 class Failing(Recorder):
     """Each job's log says why it failed; every job exits 1."""
 

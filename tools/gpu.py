@@ -20,9 +20,10 @@ Parts (their files under OUT/PART/; each run's log beside its result):
                          (TOKA_TRACE; the kernels' summary kept, the raw trace deleted)
   ab                     an earlier version's engine (--base) as A against this tree as B, quick
                          --ab-workload, alternating A B A B (--rounds, --b-first); one client measures both
-  tp                     Llama-3.1-8B shape at each --tp-sizes: decode steps, 1,024 requests of
-                         256 in / 256 out, and greedy agreement with --tp 1 on written weights
-  dp                     sharegpt-like full at --dp 1 and --dp N (default: every GPU)
+  tp                     Llama-3.1-8B shape at each --tp-sizes: decode steps, sharegpt-like quick, and
+                         greedy agreement with --tp 1 on written weights
+  dp                     the full --dp-workload (sharegpt-like; shared-prefix: Hydragen) at --dp 1 and
+                         --dp N (default: every GPU), and agreement of --dp N with one GPU (Llama-3.1-8B)
   batch                  sharegpt-like quick sent live, then the same requests as one batch job
                          (bench.py --via batch), and their ratio
   attention              bench_attention.py: decode kernels over a served-size cache (16 layers, 100 GiB)
@@ -32,8 +33,9 @@ Parts (their files under OUT/PART/; each run's log beside its result):
                          shared-prefix rows without Hydragen (900-1,156), bf16 and FP8 pages
   sampling               bench_sampling.py: the fused sampler alone, 2,048 rows x 128,256 logits, greedy and at
                          temperature 0.6, under pieces a row and warps a program
-  pp                     Llama-3.1-8B shape sharegpt-like quick at --pp 1 and --pp N, and agreement of
-                         --pp N and --tp N with one GPU on written weights
+  pp                     Llama-3.1-8B shape sharegpt-like quick at --pp 1 and --pp N (--pp-tp K: also
+                         --pp N --tp K against --tp N x K), and agreement of --pp N and --tp N with one
+                         GPU on written weights
 
 Models are written once into --models (random weights of real shapes, tools/make_model.py) and
 reused. Parts run one after another on every visible GPU, or with --side-by-side at once, each on
@@ -250,8 +252,8 @@ def ab(p: Part) -> list[Row]:
 def tp(p: Part) -> list[Row]:
     sizes = p.args.tp_sizes
     p.run([p.step(f"step-tp{n}", LARGE, "--tp", n, "--batches", "64,256,768", "--context", "512") for n in sizes])
-    p.run([p.bench(f"bench-tp{n}", "random", with_flags(f"--tp {n}", p.args.flags), False, LARGE,
-                   ("--requests", "1024", "--input-len", "256", "--output-len", "256")) for n in sizes])
+    p.run([p.bench(f"bench-tp{n}", "sharegpt-like", with_flags(f"--tp {n}", p.args.flags), True, LARGE)
+           for n in sizes])
     others = [f"--tp {n}" for n in sizes if n != 1]
     if others:
         p.run([p.agree("agree", others)])
@@ -259,19 +261,23 @@ def tp(p: Part) -> list[Row]:
     for n in sizes:
         rows += step_rows(p.name, f"tp {n} decode", p.dir / f"step-tp{n}.json")
     for n in sizes:
-        rows += bench_rows(p.name, f"tp {n} random 1,024 x 256/256", p.dir / f"bench-tp{n}.json")
+        rows += bench_rows(p.name, f"tp {n} sharegpt-like quick", p.dir / f"bench-tp{n}.json")
         if n != 1 and 1 in sizes:
             rows += ratio_row(p.name, f"tp {n} / tp 1", p.dir / f"bench-tp{n}.json", p.dir / "bench-tp1.json")
     return rows + (agree_rows(p.name, p.dir / "agree.json") if others else [])
 
 
 def dp(p: Part) -> list[Row]:
-    n = p.args.dp or len(p.gpus)
-    p.run([p.bench(f"dp{k}", "sharegpt-like", with_flags(f"--dp {k}", p.args.flags), False) for k in (1, n)])
+    """--dp-workload's full run (shared-prefix with Hydragen, as the default launch picks it) at --dp 1
+    and --dp N, then greedy agreement of --dp N with one GPU on written weights."""
+    n, workload = p.args.dp or len(p.gpus), p.args.dp_workload
+    p.run([p.bench(f"dp{k}", workload, with_flags(f"--dp {k}", p.args.flags), False) for k in (1, n)])
+    p.run([p.agree("agree", [f"--dp {n}"])])
     rows = []
     for k in (1, n):
-        rows += bench_rows(p.name, f"sharegpt-like full, --dp {k}", p.dir / f"dp{k}.json")
-    return rows + ratio_row(p.name, f"dp {n} / dp 1", p.dir / f"dp{n}.json", p.dir / "dp1.json")
+        rows += bench_rows(p.name, f"{workload} full, --dp {k}", p.dir / f"dp{k}.json")
+    return (rows + ratio_row(p.name, f"dp {n} / dp 1", p.dir / f"dp{n}.json", p.dir / "dp1.json")
+            + agree_rows(p.name, p.dir / "agree.json"))
 
 
 def batch(p: Part) -> list[Row]:
@@ -324,14 +330,21 @@ def sampling(p: Part) -> list[Row]:
 
 
 def pp(p: Part) -> list[Row]:
-    n = p.args.pp
-    p.run([p.bench(f"pp{k}", "sharegpt-like", with_flags(f"--pp {k}", p.args.flags), True, LARGE) for k in (1, n)])
+    """sharegpt-like quick at --pp 1 and --pp N, and with --pp-tp K also --pp N --tp K against --tp N x K;
+    then greedy agreement of --pp N and --tp N with one GPU on written weights."""
+    n, k = p.args.pp, p.args.pp_tp
+    runs = {f"pp{m}": f"--pp {m}" for m in (1, n)}
+    if k:
+        runs |= {f"pp{n}-tp{k}": f"--pp {n} --tp {k}", f"tp{n * k}": f"--tp {n * k}"}
+    p.run([p.bench(name, "sharegpt-like", with_flags(flags, p.args.flags), True, LARGE) for name, flags in runs.items()])
     p.run([p.agree("agree", [f"--pp {n}", f"--tp {n}"])])
     rows = []
-    for k in (1, n):
-        rows += bench_rows(p.name, f"{LARGE} sharegpt-like quick, --pp {k}", p.dir / f"pp{k}.json")
-    return (rows + ratio_row(p.name, f"pp {n} / pp 1", p.dir / f"pp{n}.json", p.dir / "pp1.json")
-            + agree_rows(p.name, p.dir / "agree.json"))
+    for name, flags in runs.items():
+        rows += bench_rows(p.name, f"{LARGE} sharegpt-like quick, {flags}", p.dir / f"{name}.json")
+    rows += ratio_row(p.name, f"pp {n} / pp 1", p.dir / f"pp{n}.json", p.dir / "pp1.json")
+    if k:
+        rows += ratio_row(p.name, f"pp {n} tp {k} / tp {n * k}", p.dir / f"pp{n}-tp{k}.json", p.dir / f"tp{n * k}.json")
+    return rows + agree_rows(p.name, p.dir / "agree.json")
 
 
 @dataclass(frozen=True)
@@ -352,12 +365,12 @@ PARTS = {
     "compare": Spec(compare, ((SMALL, False),), lambda a, v: min(len(a.compare_flags), len(v))),
     "ab": Spec(ab, ((SMALL, False),), _one),
     "tp": Spec(tp, ((LARGE, False), (LARGE, True)), lambda a, v: max(a.tp_sizes)),
-    "dp": Spec(dp, ((SMALL, False),), lambda a, v: a.dp or len(v)),
+    "dp": Spec(dp, ((SMALL, False), (LARGE, True)), lambda a, v: a.dp or len(v)),
     "batch": Spec(batch, ((SMALL, False),), _one),
     "attention": Spec(attention, (), _one),
     "tune": Spec(tune, (), _one),
     "sampling": Spec(sampling, (), _one),
-    "pp": Spec(pp, ((LARGE, False), (LARGE, True)), lambda a, v: a.pp),
+    "pp": Spec(pp, ((LARGE, False), (LARGE, True)), lambda a, v: a.pp * max(1, a.pp_tp)),
 }
 
 
@@ -402,7 +415,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--tp-sizes", type=lambda s: [int(n) for n in s.split(",")], default=[1, 2],
                    help="tp: tensor-parallel sizes, e.g. 1,2,4")
     p.add_argument("--dp", type=int, help="dp: replicas to set against one (default: every GPU)")
+    p.add_argument("--dp-workload", default="sharegpt-like", choices=["sharegpt-like", "shared-prefix"],
+                   help="dp: the full workload at --dp 1 and --dp N")
     p.add_argument("--pp", type=int, default=2, help="pp: stages (and the --tp size of its agreement check)")
+    p.add_argument("--pp-tp", type=int, default=0, metavar="K",
+                   help="pp: also --pp N --tp K against --tp N x K (N x K GPUs)")
     p.add_argument("--report-to", type=Path, metavar="DIR",
                    help="also write report.txt and summary.json into DIR after every part (what finished "
                         "survives the whole command being killed)")

@@ -134,19 +134,47 @@ def test_tp_rows_from_step_bench_and_agreement_files(tmp_path):
     p = part("tp", tmp_path, "--tp-sizes", "1,2")
     step = dict(rows=[dict(batch=256, context=512, pipelined_ms=10.23, pct_of_floor=71.0, prefill_tokens=0)])
     write(p.dir / "step-tp2.json", step)
-    write(p.dir / "bench-tp1.json", bench_result("random", output=12.2e3))
-    write(p.dir / "bench-tp2.json", bench_result("random", output=22.4e3))
+    write(p.dir / "bench-tp1.json", bench_result(total=12.2e3))
+    write(p.dir / "bench-tp2.json", bench_result(total=22.4e3))
     write(p.dir / "agree.json", [dict(a="--tp 1", b="--tp 2", teacher_forced=dict(
         token_match=0.976, mean_abs_logprob_diff=0.018, max_abs_logprob_diff=0.18), free_running=dict(token_match=0.22))])
     rows = gpu.tp(p)
     agree = p.runner.batches[-1][0]
     assert agree.argv[3:5] == ["--model", str(tmp_path / "models" / "llama-3.1-8b-weights")]
     assert "--a=--tp 1" in agree.argv and "--b=--tp 2" in agree.argv
+    benches = [b[0].argv for b in p.runner.batches if "tools.bench" in b[0].argv]
+    assert all(a[a.index("--workload") + 1] == "sharegpt-like" and "--quick" in a for a in benches)
     values = {r.figure: (r.value, r.share) for r in rows}
     assert values["tp 2 decode 256 rows at 512"] == (10.23, 71.0)
     assert values["tp 1 decode"] == (NO_RESULT, None)
     assert values["tp 2 / tp 1"][0] == pytest.approx(22.4 / 12.2)
     assert values["--tp 2 vs --tp 1: teacher-forced token match"][0] == pytest.approx(97.6)
+
+
+def test_dp_part_runs_its_workload_at_one_and_n_and_checks_agreement(tmp_path):
+    p = part("dp", tmp_path, "--dp", "8", "--dp-workload", "shared-prefix")
+    write(p.dir / "dp1.json", bench_result("shared-prefix", output=140e3))
+    write(p.dir / "dp8.json", bench_result("shared-prefix", output=1060e3))
+    rows = gpu.dp(p)
+    bench, agree = p.runner.batches[0][0].argv, p.runner.batches[-1][0].argv
+    assert bench[bench.index("--workload") + 1] == "shared-prefix" and "--quick" not in bench
+    assert "--b=--dp 8" in agree and str(tmp_path / "models" / "llama-3.1-8b-weights") in agree
+    values = {r.figure: r.value for r in rows}
+    assert values["dp 8 / dp 1"] == pytest.approx(1060 / 140)
+    assert gpu.PARTS["dp"].models == ((gpu.SMALL, False), (gpu.LARGE, True))
+
+
+def test_pp_part_sets_pp_with_tp_against_tp_alone(tmp_path):
+    p = part("pp", tmp_path, "--pp", "2", "--pp-tp", "2", gpus=("0", "1", "2", "3"))
+    write(p.dir / "pp2-tp2.json", bench_result(total=50e3))
+    write(p.dir / "tp4.json", bench_result(total=45e3))
+    rows = gpu.pp(p)
+    launches = [a[a.index("--launch") + 1] if "--launch" in a else next(x for x in a if x.startswith("--launch="))
+                for a in (b[0].argv for b in p.runner.batches[:-1])]
+    assert [x.split("random ", 1)[1] for x in launches] == ["--pp 1", "--pp 2", "--pp 2 --tp 2", "--tp 4"]
+    values = {r.figure: r.value for r in rows}
+    assert values["pp 2 tp 2 / tp 4"] == pytest.approx(50 / 45)
+    assert gpu.PARTS["pp"].gpus(p.args, ["0", "1", "2", "3"]) == 4
 
 
 def test_table_and_summary(tmp_path):

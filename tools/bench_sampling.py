@@ -5,8 +5,8 @@ a program (`--configs SLICES:WARPS,...`, the engine's first).
     python -m tools.bench_sampling [--rows 2048] [--vocab 128256] [--configs 1:4,2:4,4:4,1:8] [--out DIR]
 
 Each figure is the median device time of graph replays of several calls (`bench_fp8.graph_us`),
-against one read of the logits at the card's copy bandwidth (measured here as bench.py does,
-or `--bandwidth`): the kernel is bound by its instructions, not by that read, so the share says how
+against one read of the logits at the card's copy bandwidth (measured first by tools/floor.py's
+probe, or `--bandwidth`): the kernel is bound by its instructions, not by that read, so the share says how
 far it is from the bytes alone. One program a row leaves the last of an H200's waves a tenth full
 at 2,048 rows (workers/sampling_kernel.py); pieces of a row and warps a program change the waves.
 Prints one JSON object and writes it to DIR/bench_sampling.json.

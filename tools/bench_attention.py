@@ -59,8 +59,8 @@ def main() -> None:
     p.add_argument("--kv-dtypes", default="bf16,fp8")
     p.add_argument("--kernels", default="triton,cuda-cores,fa2,xqa", help="of triton, cuda-cores, fa2, fa3, xqa")
     p.add_argument("--triton-configs", default="4:2:32",
-                   help="the Triton kernel's settings to time, each WARPS:STAGES:CHUNK_PAGES[:MAX_REGISTERS][:pack] "
-                        "(comma-separated; pack: short rows packed several an item)")
+                   help="the Triton kernel's settings to time, each WARPS:STAGES:CHUNK_PAGES[:MAX_REGISTERS][:pack|:head] "
+                        "(comma-separated; pack: short rows packed several an item; head: a program per kv head)")
     p.add_argument("--out", help="JSON of the results")
     args = p.parse_args()
     dev, dt = torch.device("cuda"), torch.bfloat16
@@ -106,9 +106,9 @@ def main() -> None:
                         if layout != "NHD":  # it reads toka's layout only
                             continue
                         fields = config.split(":")
-                        pack = fields[-1] == "pack"
-                        run = triton_decode(pages, kv_len, indices, dev, *(int(v) for v in fields[: len(fields) - pack]),
-                                            pack=pack)
+                        flags = {f for f in fields if f in ("pack", "head")}
+                        run = triton_decode(pages, kv_len, indices, dev, *(int(v) for v in fields if v not in flags),
+                                            pack="pack" in flags, per_kv_head="head" in flags)
                     else:
                         w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(ws, layout, **kernels[kernel])
                         w.plan(torch.from_numpy(indptr), indices, torch.from_numpy(last), *heads,
@@ -152,14 +152,17 @@ def xqa_decode(indptr: np.ndarray, indices: torch.Tensor, kv_len: np.ndarray, q:
                                                            bmm1_scale=scale, out=out, kv_layout=layout)
 
 
-def triton_decode(pages: np.ndarray, kv_len: np.ndarray, indices: torch.Tensor, dev, warps: int = 4,
-                  stages: int = 2, chunk: int = 32, max_registers: int | None = None, pack: bool = False):
-    """toka's Triton decode kernel over the same rows, with these settings. Returns run(q, layer)."""
-    from workers.attention.triton_decode import WorkList, decode
+def triton_decode(pages: np.ndarray, kv_len: np.ndarray, indices: torch.Tensor, dev, warps: int | None = None,
+                  stages: int | None = None, chunk: int | None = None, max_registers: int | None = None,
+                  pack: bool = False, per_kv_head: bool = False):
+    """toka's Triton decode kernel over the same rows, with these settings (None: the engine's).
+    Returns run(q, layer)."""
+    from workers.attention.triton_decode import CHUNK_PAGES, STAGES, WorkList, decode
 
+    stages, chunk = stages or STAGES, chunk or CHUNK_PAGES
     work = WorkList.of(pages, kv_len, dev, chunk=chunk, pack=pack)
     return lambda q, layer: decode(q, layer, work, indices, num_warps=warps, num_stages=stages,
-                                   max_registers=max_registers)
+                                   max_registers=max_registers, per_kv_head=per_kv_head)
 
 
 def copy_bandwidth(dev) -> float:

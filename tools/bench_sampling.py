@@ -55,7 +55,8 @@ def main(argv=None) -> None:
     p.add_argument("--rows", type=int, default=2048)
     p.add_argument("--vocab", type=int, default=128256)
     p.add_argument("--temperatures", default="0,0.6", help="comma-separated; 0 is greedy")
-    p.add_argument("--configs", default=f"{SLICES}:{WARPS},2:4,3:4,4:4,{SLICES}:8,2:8",
+    p.add_argument("--configs", default=",".join(dict.fromkeys(
+                       f"{SLICES}:{WARPS},1:4,2:4,3:4,4:4,{SLICES}:8,1:8".split(","))),
                    help="SLICES:WARPS pairs (pieces a row, warps a program)")
     p.add_argument("--bandwidth", type=float, default=None, help="bytes/s of a device copy (measured if not given)")
     p.add_argument("--out", type=Path, default=None, help="folder for bench_sampling.json")

@@ -305,19 +305,20 @@ def attention(p: Part) -> list[Row]:
     return [row for name in ATTENTION_RUNS for row in attention_rows(p.name, name, p.dir / f"{name}.json")]
 
 
-# the Triton decode kernel's settings (WARPS:STAGES:CHUNK_PAGES[:MAX_REGISTERS][:pack]) timed by `tune`:
-# the default first; 168 registers a thread fit three programs an SM instead of two; pack: short rows
-# several a work item
-TRITON_CONFIGS = ("4:2:32,4:3:32,4:2:16,4:3:16,4:2:64,8:2:32,8:3:16,2:2:16,4:2:32:168,4:2:16:168,"
-                  "4:2:32:pack,4:2:16:pack,4:3:32:pack")
+# the Triton decode kernel's settings (WARPS:STAGES:CHUNK_PAGES[:MAX_REGISTERS][:pack|:head]) timed by
+# `tune`: the engine's first (triton_decode.py), then its neighbours and the settings before it; 168
+# registers a thread: four-warp programs three an SM instead of two; pack: short rows several a work
+# item; head: a program per (item, kv head) instead of per item
+TRITON_CONFIGS = ("2:2:16,2:2:32,2:3:16,1:2:16,4:2:32,4:2:32:168,2:2:16:pack,"
+                  "1:2:16:head,1:3:16:head,1:2:32:head,1:4:16:head,2:2:16:head")
 TUNE_LENGTHS = {"sharegpt": "sharegpt", "own-pages": "1-256", "long": "900-1156"}  # the workloads' decode rows
 
 
 def tune(p: Part) -> list[Row]:
-    """The Triton decode kernel under each of TRITON_CONFIGS, over a served-size cache, at the decode
+    """The Triton decode kernel under each of --triton-configs, over a served-size cache, at the decode
     rows' lengths of sharegpt-like, of Hydragen's own pages and of shared-prefix without Hydragen."""
     runs = {name: ["--lengths", spec, "--layers", "16", "--cache-gib", "100", "--kernels", "triton", "--layouts", "NHD",
-                   "--triton-configs", TRITON_CONFIGS] for name, spec in TUNE_LENGTHS.items()}
+                   "--triton-configs", p.args.triton_configs] for name, spec in TUNE_LENGTHS.items()}
     p.run([p.job(name, py("tools.bench_attention", "--batch", "2048", *flags, "--out", p.dir / f"{name}.json"),
                  (p.dir / f"{name}.json",)) for name, flags in runs.items()])
     return [row for name in runs for row in attention_rows(p.name, name, p.dir / f"{name}.json")]
@@ -417,6 +418,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dp", type=int, help="dp: replicas to set against one (default: every GPU)")
     p.add_argument("--dp-workload", default="sharegpt-like", choices=["sharegpt-like", "shared-prefix"],
                    help="dp: the full workload at --dp 1 and --dp N")
+    p.add_argument("--triton-configs", default=TRITON_CONFIGS, metavar="LIST",
+                   help="tune: the Triton decode settings to time (WARPS:STAGES:CHUNK_PAGES[:MAX_REGISTERS][:pack|:head], "
+                        "comma-separated; default: TRITON_CONFIGS)")
     p.add_argument("--pp", type=int, default=2, help="pp: stages (and the --tp size of its agreement check)")
     p.add_argument("--pp-tp", type=int, default=0, metavar="K",
                    help="pp: also --pp N --tp K against --tp N x K (N x K GPUs)")

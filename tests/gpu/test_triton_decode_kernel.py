@@ -46,8 +46,9 @@ LENS = {"split": [1, 5, 16, 40, CHUNK_PAGES * PS + 3, 2 * CHUNK_PAGES * PS + 100
 @pytest.mark.parametrize("rows", LENS)
 @pytest.mark.parametrize("chunk", [CHUNK_PAGES, 8], ids=["chunks-default", "chunks-of-8"])
 @pytest.mark.parametrize("graph", [False, True], ids=["own-list", "graph-list"])
-@pytest.mark.parametrize("pack", [False, True], ids=["rows-apart", "rows-packed"])
-def test_decode_equals_float64_attention(kv_dtype, heads, kv_heads, head_dim, rows, chunk, graph, pack):
+@pytest.mark.parametrize("pack,per_kv_head", [(False, False), (True, False), (False, True)],
+                         ids=["rows-apart", "rows-packed", "kv-heads-apart"])
+def test_decode_equals_float64_attention(kv_dtype, heads, kv_heads, head_dim, rows, chunk, graph, pack, per_kv_head):
     torch.manual_seed(0)
     lens = np.array(LENS[rows])
     pages = (lens + PS - 1) // PS
@@ -64,7 +65,7 @@ def test_decode_equals_float64_attention(kv_dtype, heads, kv_heads, head_dim, ro
         work = WorkList.of(pages, lens, DEVICE, chunk=chunk, pack=pack)
         assert work.split == bool((pages > chunk).any())
     k_scale, v_scale = 0.5, 3.0
-    out, lse = decode(q, cache, work, page_list, k_scale, v_scale, return_lse=True)
+    out, lse = decode(q, cache, work, page_list, k_scale, v_scale, return_lse=True, per_kv_head=per_kv_head)
     want, want_lse = reference(q, cache, pages, lens, page_list, k_scale, v_scale)
     # On the GPU the queries and the output are bf16: the output's rounding alone is ~8e-4 of its norm
     # (2**-8 / sqrt(12) relative to a mantissa of 1.4 on average), and over FP8 pages the H200 gave

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from workers.attention.triton_decode import WorkList
+from workers.attention.triton_decode import CHUNK_PAGES, WorkList
 
 
 def parts(host: np.ndarray, bound: int, rows: int) -> dict:
@@ -49,7 +49,7 @@ def test_a_hydragen_step_of_equal_rows_packs_them_in_twos():
     pages = np.full(2048, 12)
     per_row = WorkList.items_of(pages, 32, pack=True)
     assert per_row.sum() < 2048 and per_row.sum() <= WorkList.bound_for(2048, int(pages.sum()))
-    host = WorkList.host(pages, pages * 16, int(per_row.sum()), pack=True)
+    host = WorkList.host(pages, pages * 16, int(per_row.sum()), chunk=32, pack=True)
     got = parts(host, int(per_row.sum()), 2048)
     sizes = np.diff(np.array(got["indptr"])[np.array(got["item_row"] + [2048])])
     assert sizes.max() < 2 * 32 and sizes.sum() == pages.sum()
@@ -72,9 +72,10 @@ def test_the_bound_holds_any_split_of_its_pages_and_a_step_past_it_is_refused():
 
 
 def test_a_steps_own_list_launches_an_item_a_program_and_a_graphs_a_row_a_program():
-    own = WorkList.of(np.array([1, 40, 2, 3]), np.array([1, 630, 20, 40]), "cpu")
-    assert own.programs == own.bound == 5 and own.split  # the 40-page row takes two items: a merge
-    assert not WorkList.of(np.array([1, 32, 2]), np.array([1, 512, 20]), "cpu").split  # every row one item
+    c = CHUNK_PAGES
+    own = WorkList.of(np.array([1, c + 8, 2, 3]), np.array([1, 16 * c + 118, 20, 40]), "cpu")
+    assert own.programs == own.bound == 5 and own.split  # the long row takes two items: a merge
+    assert not WorkList.of(np.array([1, c, 2]), np.array([1, 16 * c, 20]), "cpu").split  # every row one item
     graph = WorkList(16, WorkList.bound_for(16, 10_000), "cpu")
     assert graph.programs == 16 and graph.split  # the CPU counts as one SM: eight programs at least
     assert WorkList(1, 300, "cpu").programs == 8

@@ -17,12 +17,19 @@ A row's pages are split in chunks of CHUNK_PAGES (a work item each, so long rows
 SMs); rows of one chunk write their output directly, others write a float32 partial and its
 log-sum-exp, which a second kernel merges. The work list (item -> row, chunk) is built on the host
 with the step's other metadata. A step's own list launches a program an item; a CUDA graph's list
-has a fixed bound that covers any split of the whole cache (2,048 rows + 7,535 items on the H200's
+has a fixed bound that covers any split of the whole cache (2,048 rows + 15,070 items on the H200's
 cache), so its grid is a program a row (eight an SM at least), each looping over the items past the
 grid, and a replay launches no programs that find nothing to do. A packed list (PACK_ROWS) also
 puts consecutive short rows in one item, read as one stream of pages, so that a row's first loads
 do not wait for the row before it to end (rows of a few pages, as Hydragen's own pages are, pay a
 program's start-up a row otherwise).
+
+`per_kv_head` takes a second kernel of the same arithmetic: a program per (item, kv head), its
+query heads (4 on that shape, in a tile of 16 rows) against that head's [tokens, head_dim] of each
+page. It loads 1/kv_heads of a page a program and multiplies 16 query rows where the first kernel
+multiplies all of them against every kv head: on sm90 it compiles to ~30 % fewer instructions a page
+over FP8 pages, whose conversions make the first kernel bound by its instructions rather than by
+the bytes (tools/gpu.py tune times both).
 
 An FP8 cache is read as it is: pages are converted to float16 in registers (exactly; the queries
 too), K's scale folds into the softmax scale and V's into the output. Log-sum-exps are base 2, as
@@ -45,7 +52,18 @@ try:
 except ImportError:  # CPU builds of torch: the work list below still builds, the kernels do not
     triton = None
 
-CHUNK_PAGES = 32  # pages of one work item (512 tokens at 16 a page; tools/bench_attention.py)
+# pages of one work item (256 tokens at 16 a page) and a program's warps and pipeline stages: on an
+# H200 (tools/gpu.py tune, 2,048 rows, 16 layers of a 100 GiB cache, 2026-12-02) 2:2:16 was the fastest
+# setting of the kernel of all kv heads at every length it timed: over bf16 pages 0.433 ms a layer at
+# sharegpt-like lengths against 0.448 for 4:2:32, 1.07 against 1.09 at 900-1,156 tokens (two warps
+# take 255 registers a thread, so four programs share an SM where two of four warps did). Over FP8
+# pages the kernel of a program per kv head (one warp) is the default: 0.411 against 0.424 ms at
+# sharegpt-like lengths, 0.152 against 0.173 over Hydragen's own pages (1-256), 1.00 either way at
+# 900-1,156; over bf16 pages it loses at sharegpt-like lengths (0.455)
+CHUNK_PAGES = 16
+WARPS = 2
+HEAD_WARPS = 1  # per_kv_head's
+STAGES = 2
 # packed work lists (WorkList): off in the engine until measured faster on the card (tools/gpu.py tune
 # times both, `4:2:32` against `4:2:32:pack`)
 PACK_ROWS = False
@@ -67,18 +85,39 @@ if triton is not None:
 
     @triton.jit
     def _finish(Out, Lse, PartO, PartLse, row, w, pages, m, s_sum, acc, v_scale, o_row_stride, o_head_stride, h, d,
-                HQ: tl.constexpr, HQ_PAD: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr,
+                mine, HQ: tl.constexpr, HQ_PAD: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr,
                 WRITE_LSE: tl.constexpr):
-        # a whole row's output (and log-sum-exp), or a chunk's partial for the merge
+        # a whole row's output (and log-sum-exp), or a chunk's partial for the merge, of the query heads h
+        # where `mine` (the tile's other rows are padding, or another program's)
         if tl.cdiv(pages, CHUNK) == 1:
             out = acc / s_sum[:, None] * v_scale
             tl.store(Out + row * o_row_stride + h[:, None] * o_head_stride + d[None, :], out.to(Out.dtype.element_ty),
-                     mask=(h < HQ)[:, None])
+                     mask=mine[:, None])
             if WRITE_LSE:
-                tl.store(Lse + row * HQ + h, m + tl.log2(s_sum), mask=h < HQ)
+                tl.store(Lse + row * HQ + h, m + tl.log2(s_sum), mask=mine)
         else:
-            tl.store(PartO + w * HQ_PAD * D + h[:, None] * D + d[None, :], acc / s_sum[:, None])
-            tl.store(PartLse + w * HQ_PAD + h, m + tl.log2(s_sum))
+            tl.store(PartO + w * HQ_PAD * D + h[:, None] * D + d[None, :], acc / s_sum[:, None], mask=mine[:, None])
+            tl.store(PartLse + w * HQ_PAD + h, m + tl.log2(s_sum), mask=mine)
+
+    @triton.jit
+    def _item(w, work_row, work_chunk, page_indptr, kv_lens, CHUNK: tl.constexpr):
+        # work item w: its row, the row's pages lo .. hi in the page list and KV length, and the item's
+        # pages first .. end
+        row = tl.load(work_row + w).to(tl.int64)
+        lo = tl.load(page_indptr + row)
+        hi = tl.load(page_indptr + row + 1)
+        first = lo + tl.load(work_chunk + w) * CHUNK
+        return row, lo, hi, tl.load(kv_lens + row), first, tl.minimum(first + CHUNK, hi)
+
+    @triton.jit
+    def _attend(q, k, v, keep, qk_scale, m, s_sum, acc, DOT: tl.constexpr):
+        # one tile of keys and values into the online softmax of q's rows, the scores where not `keep`
+        # masked out (a chunk's first tile keeps a key for every row, so the maximum stays finite)
+        s = tl.where(keep, tl.dot(q, tl.trans(k)) * qk_scale, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1))
+        alpha = tl.exp2(m - m_new)
+        prob = tl.exp2(s - m_new[:, None])
+        return m_new, s_sum * alpha + tl.sum(prob, 1), acc * alpha[:, None] + tl.dot(prob.to(DOT), v)
 
     @triton.jit(do_not_specialize=_VIEWS)
     def _chunk_kernel(Q, KV, Out, Lse, PartO, PartLse, work_row, work_chunk, work_end, n_work, page_indptr,
@@ -101,12 +140,7 @@ if triton is not None:
         # a program per item of the step (its own list), or per row of a graph's, looping over the items
         # past the grid: a graph's bound covers any split of the whole cache, most of it past any step
         for w in range(tl.program_id(0), tl.load(n_work), tl.num_programs(0)):
-            row = tl.load(work_row + w).to(tl.int64)
-            lo = tl.load(page_indptr + row)
-            hi = tl.load(page_indptr + row + 1)
-            kv_len = tl.load(kv_lens + row)
-            first = lo + tl.load(work_chunk + w) * CHUNK
-            end = tl.minimum(first + CHUNK, hi)
+            row, lo, hi, kv_len, first, end = _item(w, work_row, work_chunk, page_indptr, kv_lens, CHUNK)
             if PACKED:  # an item of several whole rows: their pages follow one another in the page list
                 rows_end = tl.load(work_end + w)
                 end = tl.where(rows_end > row + 1, tl.load(page_indptr + rows_end), end)
@@ -118,7 +152,7 @@ if triton is not None:
                 if PACKED:
                     if p == hi:  # the row's pages are done: write it and start the next, the loads running on
                         _finish(Out, Lse, PartO, PartLse, row, w, hi - lo, m, s_sum, acc, v_scale, o_row_stride,
-                                o_head_stride, h, d, HQ, HQ_PAD, D, CHUNK, WRITE_LSE)
+                                o_head_stride, h, d, h < HQ, HQ, HQ_PAD, D, CHUNK, WRITE_LSE)
                         row += 1
                         lo = hi
                         hi = tl.load(page_indptr + row + 1)
@@ -133,17 +167,48 @@ if triton is not None:
                 at = page * page_stride + within * D
                 k = tl.load(KV + at[:, None] + d[None, :], mask=live[:, None], other=0.0).to(DOT)
                 v = tl.load(KV + v_offset + at[:, None] + d[None, :], mask=live[:, None], other=0.0).to(DOT)
-                s = tl.dot(q, tl.trans(k))
                 pos = (idx - lo) * PS + within // HKV
-                s = tl.where(pair & (pos < kv_len)[None, :], s * qk_scale, float("-inf"))
-                m_new = tl.maximum(m, tl.max(s, 1))  # finite: a chunk's first page has a token for every head
-                alpha = tl.exp2(m - m_new)
-                prob = tl.exp2(s - m_new[:, None])
-                s_sum = s_sum * alpha + tl.sum(prob, 1)
-                acc = acc * alpha[:, None] + tl.dot(prob.to(DOT), v)
-                m = m_new
+                m, s_sum, acc = _attend(q, k, v, pair & (pos < kv_len)[None, :], qk_scale, m, s_sum, acc, DOT)
             _finish(Out, Lse, PartO, PartLse, row, w, hi - lo, m, s_sum, acc, v_scale, o_row_stride, o_head_stride,
-                    h, d, HQ, HQ_PAD, D, CHUNK, WRITE_LSE)
+                    h, d, h < HQ, HQ, HQ_PAD, D, CHUNK, WRITE_LSE)
+
+    @triton.jit(do_not_specialize=[v for v in _VIEWS if v != "work_end"])
+    def _head_kernel(Q, KV, Out, Lse, PartO, PartLse, work_row, work_chunk, n_work, page_indptr, page_indices,
+                     kv_lens, qk_scale, v_scale, q_row_stride, q_head_stride, o_row_stride, o_head_stride,
+                     page_stride, v_offset,
+                     HQ: tl.constexpr, HQ_PAD: tl.constexpr, GP: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
+                     PS: tl.constexpr, PB: tl.constexpr, CHUNK: tl.constexpr, WRITE_LSE: tl.constexpr,
+                     DOT: tl.constexpr):
+        # a program per (item, kv head): the kv head's query heads (a tile of GP rows, G of them live)
+        # against that head's K and V of PB pages at a time, [PB x PS, D] each
+        g = tl.program_id(1)
+        G: tl.constexpr = HQ // HKV
+        j = tl.arange(0, GP)
+        h = g * G + j
+        mine = j < G
+        d = tl.arange(0, D)
+        N: tl.constexpr = PB * PS
+        t = tl.arange(0, N)
+        tile_page = t // PS
+        token = (t % PS) * HKV + g  # the token's row of (token, kv head) in an NHD page
+        q_heads = h[:, None] * q_head_stride + d[None, :]
+        for w in range(tl.program_id(0), tl.load(n_work), tl.num_programs(0)):
+            row, lo, hi, kv_len, first, end = _item(w, work_row, work_chunk, page_indptr, kv_lens, CHUNK)
+            q = tl.load(Q + row * q_row_stride + q_heads, mask=mine[:, None], other=0.0).to(DOT)
+            m = tl.full([GP], float("-inf"), tl.float32)
+            s_sum = tl.zeros([GP], tl.float32)
+            acc = tl.zeros([GP, D], tl.float32)
+            for p in range(first, end, PB):
+                idx = p + tile_page
+                live = idx < end
+                page = tl.load(page_indices + idx, mask=live, other=0).to(tl.int64)
+                at = page * page_stride + token * D
+                k = tl.load(KV + at[:, None] + d[None, :], mask=live[:, None], other=0.0).to(DOT)
+                v = tl.load(KV + v_offset + at[:, None] + d[None, :], mask=live[:, None], other=0.0).to(DOT)
+                pos = (idx - lo) * PS + t % PS
+                m, s_sum, acc = _attend(q, k, v, (pos < kv_len)[None, :], qk_scale, m, s_sum, acc, DOT)
+            _finish(Out, Lse, PartO, PartLse, row, w, hi - lo, m, s_sum, acc, v_scale, o_row_stride, o_head_stride,
+                    h, d, mine, HQ, HQ_PAD, D, CHUNK, WRITE_LSE)
 
 
     @triton.jit(do_not_specialize=["work_start", "page_indptr"])
@@ -274,17 +339,22 @@ class WorkList:
 
 
 def decode(q: torch.Tensor, kv: torch.Tensor, work: WorkList, page_indices: torch.Tensor, k_scale: float = 1.0,
-           v_scale: float = 1.0, return_lse: bool = False, pages_a_tile: int = PAGES_A_TILE, num_warps: int = 4,
-           num_stages: int = 2, out: torch.Tensor | None = None, max_registers: int | None = None):
+           v_scale: float = 1.0, return_lse: bool = False, pages_a_tile: int = PAGES_A_TILE, num_warps: int | None = None,
+           num_stages: int = STAGES, out: torch.Tensor | None = None, max_registers: int | None = None,
+           per_kv_head: bool | None = None):
     """Attention of q ([rows, heads, head_dim], one token a row; any strides but the last) over each
     row's pages (the work list's offsets into page_indices, int32) of one layer's cache kv ([pages,
     2, page_size, kv_heads, head_dim]), its K and V stored divided by k_scale and v_scale. Returns
     out [rows, heads, head_dim] in q's type (written into `out` where given: any strides but the
-    last), and with return_lse the base-2 log-sum-exps [rows, heads] (float32). Four warps and a
-    two-stage pipeline measured best on the H200. `max_registers` caps the registers a thread (the
-    kernel takes 234-241 on sm90, so two programs of four warps fit an SM; 168 fits three)."""
+    last), and with return_lse the base-2 log-sum-exps [rows, heads] (float32). `max_registers` caps
+    the registers a thread (on sm90 the kernel takes 232-249 at four warps, 255 at two);
+    `per_kv_head` runs the kernel of a program per kv head (above; not on packed lists), by default
+    over FP8 pages; `num_warps` by default the kernel's (WARPS, HEAD_WARPS)."""
     rows, hq, dim = q.shape
     _, _, ps, hkv, _ = kv.shape
+    if per_kv_head is None:
+        per_kv_head = kv.dtype == torch.float8_e4m3fn and not work.pack
+    num_warps = num_warps or (HEAD_WARPS if per_kv_head else WARPS)
     hq_pad = max(16, triton.next_power_of_2(hq))  # tensor-core tiles have 16 rows or more
     if out is None:
         out = torch.empty(rows, hq, dim, dtype=q.dtype, device=q.device)
@@ -293,20 +363,29 @@ def decode(q: torch.Tensor, kv: torch.Tensor, work: WorkList, page_indices: torc
     part_o = torch.empty(work.bound, hq_pad, dim, dtype=torch.float32, device=q.device) if work.split else out
     part_lse = torch.empty(work.bound, hq_pad, dtype=torch.float32, device=q.device) if work.split else out
     qk_scale = dim**-0.5 * k_scale * math.log2(math.e)
-    pages_a_tile = max(pages_a_tile, triton.cdiv(16, ps * hkv))  # a tile of 16 tokens x heads at least (tl.dot's)
     shape = dict(HQ=hq, HQ_PAD=hq_pad, D=dim, WRITE_LSE=return_lse)
     # the products' type: the queries' over bf16 pages; float16 over FP8 ones, which holds e4m3 exactly
     # (converting it is one instruction for two values, where bf16 takes another a value) and the
     # probabilities to 11 bits instead of 8
     dot = tl.float16 if kv.dtype == torch.float8_e4m3fn else _TL[q.dtype]
-    if work.pack and pages_a_tile > 1:
-        raise ValueError("a packed work list is read a page a tile")
-    _chunk_kernel[(work.programs,)](
-        q, kv, out, lse, part_o, part_lse, work.item_row, work.item_chunk, work.item_end, work.count,
-        work.page_indptr, page_indices, work.kv_lens, qk_scale, v_scale, q.stride(0), q.stride(1), out.stride(0),
-        out.stride(1), kv.stride(0), kv.stride(1), HKV=hkv, PS=ps, PB=pages_a_tile, CHUNK=work.chunk,
-        num_warps=num_warps, num_stages=num_stages, DOT=dot, PACKED=work.pack, **shape,
-        **({"maxnreg": max_registers} if max_registers else {}))
+    strides = (q.stride(0), q.stride(1), out.stride(0), out.stride(1), kv.stride(0), kv.stride(1))
+    if per_kv_head:
+        if work.pack:
+            raise ValueError("a packed work list is read by the kernel of all kv heads at once")
+        _head_kernel[(work.programs, hkv)](
+            q, kv, out, lse, part_o, part_lse, work.item_row, work.item_chunk, work.count, work.page_indptr,
+            page_indices, work.kv_lens, qk_scale, v_scale, *strides, HKV=hkv, PS=ps,
+            GP=max(16, triton.next_power_of_2(hq // hkv)), PB=max(pages_a_tile, triton.cdiv(16, ps)),
+            CHUNK=work.chunk, DOT=dot, num_warps=num_warps, num_stages=num_stages, **shape)
+    else:
+        pages_a_tile = max(pages_a_tile, triton.cdiv(16, ps * hkv))  # a tile of 16 tokens x heads at least (tl.dot's)
+        if work.pack and pages_a_tile > 1:
+            raise ValueError("a packed work list is read a page a tile")
+        _chunk_kernel[(work.programs,)](
+            q, kv, out, lse, part_o, part_lse, work.item_row, work.item_chunk, work.item_end, work.count,
+            work.page_indptr, page_indices, work.kv_lens, qk_scale, v_scale, *strides, HKV=hkv, PS=ps,
+            PB=pages_a_tile, CHUNK=work.chunk, num_warps=num_warps, num_stages=num_stages, DOT=dot,
+            PACKED=work.pack, **shape, **({"maxnreg": max_registers} if max_registers else {}))
     if work.split:  # a launch saved where every row fits one item (the host knows)
         _merge_kernel[(rows,)](out, lse, part_o, part_lse, work.row_start, work.page_indptr, v_scale,
                                out.stride(0), out.stride(1), CHUNK=work.chunk, **shape)

@@ -28,9 +28,10 @@ Parts (their files under OUT/PART/; each run's log beside its result):
                          (bench.py --via batch), and their ratio
   attention              bench_attention.py: decode kernels over a served-size cache (16 layers, 100 GiB)
                          and over one layer's pages, each layout and element type
-  tune                   bench_attention.py: the Triton decode kernel's warps, stages and chunk sizes
-                         (TRITON_CONFIGS) at sharegpt-like lengths, Hydragen's own pages (1-256) and
-                         shared-prefix rows without Hydragen (900-1,156), bf16 and FP8 pages
+  tune                   bench_attention.py: the Triton decode kernel's warps, stages, chunk sizes and
+                         kernels (--triton-configs, default TRITON_CONFIGS) at sharegpt-like lengths,
+                         Hydragen's own pages (1-256) and shared-prefix rows without Hydragen
+                         (900-1,156), bf16 and FP8 pages
   sampling               bench_sampling.py: the fused sampler alone, 2,048 rows x 128,256 logits, greedy and at
                          temperature 0.6, under pieces a row and warps a program
   pp                     Llama-3.1-8B shape sharegpt-like quick at --pp 1 and --pp N (--pp-tp K: also

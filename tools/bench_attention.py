@@ -12,11 +12,11 @@ and one timed pass runs every layer in turn, as a step does.
 
     python tools/bench_attention.py --batch 2048 --lengths sharegpt   # lengths as sharegpt-like makes them
     python tools/bench_attention.py --batch 2048 --lengths 384        # every row 384 tokens
-    python tools/bench_attention.py --lengths 1-256 --kernels triton --triton-configs 4:2:32,4:3:16,8:2:32
+    python tools/bench_attention.py --lengths 1-256 --kernels triton --triton-configs 2:2:16,4:2:32,1:2:16:head
 
 --triton-configs sweeps the Triton kernel's warps, pipeline stages and pages a work item (a chunk),
-and optionally a cap on its registers a thread (more programs resident on an SM) and `pack` (short
-rows packed several a work item), each a row of its own, so that one run on a card finds the best
+and optionally a cap on its registers a thread (more programs resident on an SM) or `head` (the
+kernel of a program per kv head), each a row of its own, so that one run on a card finds the best
 setting for a workload's lengths.
 """
 
@@ -59,8 +59,8 @@ def main() -> None:
     p.add_argument("--kv-dtypes", default="bf16,fp8")
     p.add_argument("--kernels", default="triton,cuda-cores,fa2,xqa", help="of triton, cuda-cores, fa2, fa3, xqa")
     p.add_argument("--triton-configs", default="4:2:32",
-                   help="the Triton kernel's settings to time, each WARPS:STAGES:CHUNK_PAGES[:MAX_REGISTERS][:pack|:head] "
-                        "(comma-separated; pack: short rows packed several an item; head: a program per kv head)")
+                   help="the Triton kernel's settings to time, each WARPS:STAGES:CHUNK_PAGES[:MAX_REGISTERS][:head] "
+                        "(comma-separated; head: a program per kv head)")
     p.add_argument("--out", help="JSON of the results")
     args = p.parse_args()
     dev, dt = torch.device("cuda"), torch.bfloat16
@@ -106,9 +106,9 @@ def main() -> None:
                         if layout != "NHD":  # it reads toka's layout only
                             continue
                         fields = config.split(":")
-                        flags = {f for f in fields if f in ("pack", "head")}
-                        run = triton_decode(pages, kv_len, indices, dev, *(int(v) for v in fields if v not in flags),
-                                            pack="pack" in flags, per_kv_head="head" in flags)
+                        head = fields[-1] == "head"
+                        run = triton_decode(pages, kv_len, indices, dev, *(int(v) for v in fields[: len(fields) - head]),
+                                            per_kv_head=head)
                     else:
                         w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(ws, layout, **kernels[kernel])
                         w.plan(torch.from_numpy(indptr), indices, torch.from_numpy(last), *heads,
@@ -154,13 +154,13 @@ def xqa_decode(indptr: np.ndarray, indices: torch.Tensor, kv_len: np.ndarray, q:
 
 def triton_decode(pages: np.ndarray, kv_len: np.ndarray, indices: torch.Tensor, dev, warps: int | None = None,
                   stages: int | None = None, chunk: int | None = None, max_registers: int | None = None,
-                  pack: bool = False, per_kv_head: bool = False):
+                  per_kv_head: bool = False):
     """toka's Triton decode kernel over the same rows, with these settings (None: the engine's).
     Returns run(q, layer)."""
     from workers.attention.triton_decode import CHUNK_PAGES, STAGES, WorkList, decode
 
     stages, chunk = stages or STAGES, chunk or CHUNK_PAGES
-    work = WorkList.of(pages, kv_len, dev, chunk=chunk, pack=pack)
+    work = WorkList.of(pages, kv_len, dev, chunk=chunk)
     return lambda q, layer: decode(q, layer, work, indices, num_warps=warps, num_stages=stages,
                                    max_registers=max_registers, per_kv_head=per_kv_head)
 

@@ -306,11 +306,11 @@ def attention(p: Part) -> list[Row]:
     return [row for name in ATTENTION_RUNS for row in attention_rows(p.name, name, p.dir / f"{name}.json")]
 
 
-# the Triton decode kernel's settings (WARPS:STAGES:CHUNK_PAGES[:MAX_REGISTERS][:pack|:head]) timed by
-# `tune`: the engine's first (triton_decode.py), then its neighbours and the settings before it; 168
-# registers a thread: four-warp programs three an SM instead of two; pack: short rows several a work
-# item; head: a program per (item, kv head) instead of per item
-TRITON_CONFIGS = ("2:2:16,2:2:32,2:3:16,1:2:16,4:2:32,4:2:32:168,2:2:16:pack,"
+# the Triton decode kernel's settings (WARPS:STAGES:CHUNK_PAGES[:MAX_REGISTERS][:head]) timed by `tune`:
+# the engine's first (triton_decode.py), then its neighbours and the settings before it; 168 registers
+# a thread: four-warp programs three an SM instead of two; head: a program per (item, kv head)
+# instead of per item
+TRITON_CONFIGS = ("2:2:16,2:2:32,2:3:16,1:2:16,4:2:32,4:2:32:168,"
                   "1:2:16:head,1:3:16:head,1:2:32:head,1:4:16:head,2:2:16:head")
 TUNE_LENGTHS = {"sharegpt": "sharegpt", "own-pages": "1-256", "long": "900-1156"}  # the workloads' decode rows
 
@@ -420,7 +420,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dp-workload", default="sharegpt-like", choices=["sharegpt-like", "shared-prefix"],
                    help="dp: the full workload at --dp 1 and --dp N")
     p.add_argument("--triton-configs", default=TRITON_CONFIGS, metavar="LIST",
-                   help="tune: the Triton decode settings to time (WARPS:STAGES:CHUNK_PAGES[:MAX_REGISTERS][:pack|:head], "
+                   help="tune: the Triton decode settings to time (WARPS:STAGES:CHUNK_PAGES[:MAX_REGISTERS][:head], "
                         "comma-separated; default: TRITON_CONFIGS)")
     p.add_argument("--pp", type=int, default=2, help="pp: stages (and the --tp size of its agreement check)")
     p.add_argument("--pp-tp", type=int, default=0, metavar="K",

@@ -46,9 +46,8 @@ LENS = {"split": [1, 5, 16, 40, CHUNK_PAGES * PS + 3, 2 * CHUNK_PAGES * PS + 100
 @pytest.mark.parametrize("rows", LENS)
 @pytest.mark.parametrize("chunk", [CHUNK_PAGES, 8], ids=["chunks-default", "chunks-of-8"])
 @pytest.mark.parametrize("graph", [False, True], ids=["own-list", "graph-list"])
-@pytest.mark.parametrize("pack,per_kv_head", [(False, False), (True, False), (False, True)],
-                         ids=["rows-apart", "rows-packed", "kv-heads-apart"])
-def test_decode_equals_float64_attention(kv_dtype, heads, kv_heads, head_dim, rows, chunk, graph, pack, per_kv_head):
+@pytest.mark.parametrize("per_kv_head", [False, True], ids=["kv-heads-together", "kv-heads-apart"])
+def test_decode_equals_float64_attention(kv_dtype, heads, kv_heads, head_dim, rows, chunk, graph, per_kv_head):
     torch.manual_seed(0)
     lens = np.array(LENS[rows])
     pages = (lens + PS - 1) // PS
@@ -59,10 +58,10 @@ def test_decode_equals_float64_attention(kv_dtype, heads, kv_heads, head_dim, ro
     q = torch.randn(len(lens), heads, head_dim).to(torch.float32 if INTERPRET else torch.bfloat16).to(DEVICE)
     if graph:  # a graph's list: a bound past the step's items, and fewer programs than items (each loops)
         bound = WorkList.bound_for(len(lens), total + 40, chunk)
-        work = WorkList.of(pages, lens, into=WorkList(len(lens), bound, DEVICE, chunk=chunk, pack=pack))
+        work = WorkList.of(pages, lens, into=WorkList(len(lens), bound, DEVICE, chunk=chunk))
         work.programs = 2
     else:
-        work = WorkList.of(pages, lens, DEVICE, chunk=chunk, pack=pack)
+        work = WorkList.of(pages, lens, DEVICE, chunk=chunk)
         assert work.split == bool((pages > chunk).any())
     k_scale, v_scale = 0.5, 3.0
     out, lse = decode(q, cache, work, page_list, k_scale, v_scale, return_lse=True, per_kv_head=per_kv_head)

@@ -10,11 +10,10 @@ from workers.attention.triton_decode import CHUNK_PAGES, WorkList
 
 def parts(host: np.ndarray, bound: int, rows: int) -> dict:
     """The host buffer's arrays by name."""
-    at = 3 * bound
+    at = 2 * bound
     count = int(host[at + rows + 1])
     return dict(item_row=host[:count].tolist(), item_chunk=host[bound : bound + count].tolist(),
-                item_end=host[2 * bound : 2 * bound + count].tolist(), start=host[at : at + rows + 1].tolist(),
-                count=count, indptr=host[at + rows + 2 : at + 2 * rows + 3].tolist(),
+                start=host[at : at + rows + 1].tolist(), count=count, indptr=host[at + rows + 2 : at + 2 * rows + 3].tolist(),
                 lens=host[at + 2 * rows + 3 :].tolist())
 
 
@@ -27,32 +26,9 @@ def test_rows_split_into_chunks_of_pages_an_item_each():
     assert got["count"] == 1 + 1 + 2 + 3
     assert got["item_row"] == [0, 1, 2, 2, 3, 3, 3]
     assert got["item_chunk"] == [0, 0, 0, 1, 0, 1, 2]
-    assert got["item_end"] == [1, 2, 3, 3, 4, 4, 4]
     assert got["start"] == [0, 1, 2, 4, 7]
     assert got["indptr"] == [0, 1, 33, 66, 131]
     assert got["lens"] == lens.tolist()
-
-
-def test_packing_puts_short_rows_starting_in_one_chunk_of_pages_into_one_item():
-    # rows start at pages 0, 3, 5 | 9 | 15 (long) | 55 | 57, 58, 63: bins of 8 pages 0, 0, 0 | 1 | - | 6 | 7, 7, 7
-    pages = np.array([3, 2, 4, 6, 40, 2, 1, 5, 1])
-    bound = WorkList.bound_for(9, int(pages.sum()), chunk=8)
-    got = parts(WorkList.host(pages, pages * 16, bound, chunk=8, pack=True), bound, 9)
-    assert got["item_row"] == [0, 3, 4, 4, 4, 4, 4, 5, 6]
-    assert got["item_chunk"] == [0, 0, 0, 1, 2, 3, 4, 0, 0]
-    assert got["item_end"] == [3, 4, 5, 5, 5, 5, 5, 6, 9]
-    assert got["start"][4:6] == [2, 7]  # the long row's first item, for the merge
-    assert WorkList.items_of(pages, 8, pack=True).sum() == got["count"]
-
-
-def test_a_hydragen_step_of_equal_rows_packs_them_in_twos():
-    pages = np.full(2048, 12)
-    per_row = WorkList.items_of(pages, 32, pack=True)
-    assert per_row.sum() < 2048 and per_row.sum() <= WorkList.bound_for(2048, int(pages.sum()))
-    host = WorkList.host(pages, pages * 16, int(per_row.sum()), chunk=32, pack=True)
-    got = parts(host, int(per_row.sum()), 2048)
-    sizes = np.diff(np.array(got["indptr"])[np.array(got["item_row"] + [2048])])
-    assert sizes.max() < 2 * 32 and sizes.sum() == pages.sum()
 
 
 def test_the_bound_holds_any_split_of_its_pages_and_a_step_past_it_is_refused():
@@ -61,12 +37,9 @@ def test_the_bound_holds_any_split_of_its_pages_and_a_step_past_it_is_refused():
         rows = int(rng.integers(1, 50))
         pages = rng.integers(1, 200, rows)
         bound = WorkList.bound_for(rows, int(pages.sum()))
-        for pack in (False, True):
-            host = WorkList.host(pages, pages * 16, bound, pack=pack)
-            assert host[3 * bound + rows + 1] <= bound
-    none = np.array([], dtype=np.int64)
-    for pack in (False, True):  # a step of no decode rows
-        assert parts(WorkList.host(none, none, 4, pack=pack), 4, 0)["count"] == 0
+        assert parts(WorkList.host(pages, pages * 16, bound), bound, rows)["count"] <= bound
+    none = np.array([], dtype=np.int64)  # a step of no decode rows
+    assert parts(WorkList.host(none, none, 4), 4, 0)["count"] == 0
     with pytest.raises(ValueError, match="3 decode work items; the buffer holds 2"):
         WorkList.host(np.array([1, 1, 1]), np.array([1, 1, 1]), bound=2)
 

@@ -19,10 +19,7 @@ log-sum-exp, which a second kernel merges. The work list (item -> row, chunk) is
 with the step's other metadata. A step's own list launches a program an item; a CUDA graph's list
 has a fixed bound that covers any split of the whole cache (2,048 rows + 15,070 items on the H200's
 cache), so its grid is a program a row (eight an SM at least), each looping over the items past the
-grid, and a replay launches no programs that find nothing to do. A packed list (PACK_ROWS) also
-puts consecutive short rows in one item, read as one stream of pages, so that a row's first loads
-do not wait for the row before it to end (rows of a few pages, as Hydragen's own pages are, pay a
-program's start-up a row otherwise).
+grid, and a replay launches no programs that find nothing to do.
 
 `per_kv_head` takes a second kernel of the same arithmetic: a program per (item, kv head), its
 query heads (4 on that shape, in a tile of 16 rows) against that head's [tokens, head_dim] of each
@@ -64,9 +61,6 @@ CHUNK_PAGES = 16
 WARPS = 2
 HEAD_WARPS = 1  # per_kv_head's
 STAGES = 2
-# packed work lists (WorkList): off in the engine until measured faster on the card (tools/gpu.py tune
-# times both, `4:2:32` against `4:2:32:pack`)
-PACK_ROWS = False
 PAGES_A_TILE = 1  # pages loaded and multiplied at once
 
 
@@ -81,7 +75,7 @@ if triton is not None:
 
     # The work list's parts and the page lists are views at offsets that change from step to step:
     # specialized on their 16-byte alignment, each new combination would compile while serving
-    _VIEWS = ["work_row", "work_chunk", "work_end", "n_work", "page_indptr", "page_indices", "kv_lens"]
+    _VIEWS = ["work_row", "work_chunk", "n_work", "page_indptr", "page_indices", "kv_lens"]
 
     @triton.jit
     def _finish(Out, Lse, PartO, PartLse, row, w, pages, m, s_sum, acc, v_scale, o_row_stride, o_head_stride, h, d,
@@ -120,12 +114,11 @@ if triton is not None:
         return m_new, s_sum * alpha + tl.sum(prob, 1), acc * alpha[:, None] + tl.dot(prob.to(DOT), v)
 
     @triton.jit(do_not_specialize=_VIEWS)
-    def _chunk_kernel(Q, KV, Out, Lse, PartO, PartLse, work_row, work_chunk, work_end, n_work, page_indptr,
-                      page_indices, kv_lens, qk_scale, v_scale, q_row_stride, q_head_stride, o_row_stride,
-                      o_head_stride, page_stride, v_offset,
+    def _chunk_kernel(Q, KV, Out, Lse, PartO, PartLse, work_row, work_chunk, n_work, page_indptr, page_indices,
+                      kv_lens, qk_scale, v_scale, q_row_stride, q_head_stride, o_row_stride, o_head_stride,
+                      page_stride, v_offset,
                       HQ: tl.constexpr, HQ_PAD: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, PS: tl.constexpr,
-                      PB: tl.constexpr, CHUNK: tl.constexpr, WRITE_LSE: tl.constexpr, DOT: tl.constexpr,
-                      PACKED: tl.constexpr):
+                      PB: tl.constexpr, CHUNK: tl.constexpr, WRITE_LSE: tl.constexpr, DOT: tl.constexpr):
         h = tl.arange(0, HQ_PAD)
         d = tl.arange(0, D)
         # tile row i: page i // (PS * HKV) of the tile, then token and kv head in NHD order
@@ -141,26 +134,11 @@ if triton is not None:
         # past the grid: a graph's bound covers any split of the whole cache, most of it past any step
         for w in range(tl.program_id(0), tl.load(n_work), tl.num_programs(0)):
             row, lo, hi, kv_len, first, end = _item(w, work_row, work_chunk, page_indptr, kv_lens, CHUNK)
-            if PACKED:  # an item of several whole rows: their pages follow one another in the page list
-                rows_end = tl.load(work_end + w)
-                end = tl.where(rows_end > row + 1, tl.load(page_indptr + rows_end), end)
             q = tl.load(Q + row * q_row_stride + q_heads, mask=(h < HQ)[:, None], other=0.0).to(DOT)
             m = tl.full([HQ_PAD], float("-inf"), tl.float32)
             s_sum = tl.zeros([HQ_PAD], tl.float32)
             acc = tl.zeros([HQ_PAD, D], tl.float32)
             for p in range(first, end, PB):
-                if PACKED:
-                    if p == hi:  # the row's pages are done: write it and start the next, the loads running on
-                        _finish(Out, Lse, PartO, PartLse, row, w, hi - lo, m, s_sum, acc, v_scale, o_row_stride,
-                                o_head_stride, h, d, h < HQ, HQ, HQ_PAD, D, CHUNK, WRITE_LSE)
-                        row += 1
-                        lo = hi
-                        hi = tl.load(page_indptr + row + 1)
-                        kv_len = tl.load(kv_lens + row)
-                        q = tl.load(Q + row * q_row_stride + q_heads, mask=(h < HQ)[:, None], other=0.0).to(DOT)
-                        m = tl.full([HQ_PAD], float("-inf"), tl.float32)
-                        s_sum = tl.zeros([HQ_PAD], tl.float32)
-                        acc = tl.zeros([HQ_PAD, D], tl.float32)
                 idx = p + tile_page
                 live = idx < end
                 page = tl.load(page_indices + idx, mask=live, other=0).to(tl.int64)
@@ -172,7 +150,7 @@ if triton is not None:
             _finish(Out, Lse, PartO, PartLse, row, w, hi - lo, m, s_sum, acc, v_scale, o_row_stride, o_head_stride,
                     h, d, h < HQ, HQ, HQ_PAD, D, CHUNK, WRITE_LSE)
 
-    @triton.jit(do_not_specialize=[v for v in _VIEWS if v != "work_end"])
+    @triton.jit(do_not_specialize=_VIEWS)
     def _head_kernel(Q, KV, Out, Lse, PartO, PartLse, work_row, work_chunk, n_work, page_indptr, page_indices,
                      kv_lens, qk_scale, v_scale, q_row_stride, q_head_stride, o_row_stride, o_head_stride,
                      page_stride, v_offset,
@@ -249,18 +227,13 @@ def _sm_count(device: torch.device) -> int:
 
 class WorkList:
     """A step's decode rows as work items, in one int32 device buffer filled by one copy: each item's
-    first row, chunk and end (one past its last row), each row's first item, the item count, and the
-    rows' page offsets (into the page list the kernel is given) and KV lengths. `bound` items (a graph's
-    fixed grid) or the step's.
-
-    An item is a chunk of `chunk` pages of a row; `pack` also puts consecutive rows of at most `chunk`
-    pages into one item (those whose pages start within the same `chunk` pages of the page list, so an
-    item holds fewer than 2 x `chunk` pages), which the kernel reads as one stream of pages: a row's
-    first loads need not wait for the row before it to end."""
+    row and chunk (of `chunk` pages of the row), each row's first item, the item count, and the rows'
+    page offsets (into the page list the kernel is given) and KV lengths. `bound` items (a graph's
+    fixed grid) or the step's."""
 
     def __init__(self, rows: int, bound: int, device, chunk: int = CHUNK_PAGES, own: bool = False,
-                 pack: bool = PACK_ROWS, split: bool = True):
-        self.rows, self.bound, self.chunk, self.pack = rows, bound, chunk, pack
+                 split: bool = True):
+        self.rows, self.bound, self.chunk = rows, bound, chunk
         # `own`: a step's own list of exactly `bound` items, which a copy is about to write whole (no
         # memset to wait on before it), a program an item. A graph's list is read by a program a row,
         # or eight an SM (four waves of the two an SM holds) where rows are few, so that a few rows
@@ -269,49 +242,28 @@ class WorkList:
         self.split = split or not own
         self.programs = bound if own else min(bound, max(rows, 8 * _sm_count(torch.device(device))))
         alloc = torch.empty if own else torch.zeros
-        self.buffer = alloc(3 * bound + 3 * rows + 3, dtype=torch.int32, device=device)
-        parts = torch.split(self.buffer, [bound, bound, bound, rows + 1, 1, rows + 1, rows])
-        self.item_row, self.item_chunk, self.item_end, self.row_start, self.count, self.page_indptr, self.kv_lens = parts
+        self.buffer = alloc(2 * bound + 3 * rows + 3, dtype=torch.int32, device=device)
+        parts = torch.split(self.buffer, [bound, bound, rows + 1, 1, rows + 1, rows])
+        self.item_row, self.item_chunk, self.row_start, self.count, self.page_indptr, self.kv_lens = parts
 
     @staticmethod
     def chunks_of(pages: np.ndarray, chunk: int = CHUNK_PAGES) -> np.ndarray:
-        """Work items a row for rows of these page counts (without packing)."""
+        """Work items a row for rows of these page counts."""
         return (pages + chunk - 1) // chunk
 
     @staticmethod
-    def items_of(pages: np.ndarray, chunk: int = CHUNK_PAGES, pack: bool = False) -> np.ndarray:
-        """Work items each row starts: its chunks, or with `pack` one for the first row of a pack and
-        none for the others."""
-        chunks = WorkList.chunks_of(pages, chunk)
-        if not pack or len(pages) == 0:
-            return chunks
-        short = pages <= chunk
-        bins = cumsum0(pages)[:-1] // chunk
-        # a row starts an item unless it and the row before it are short and start in the same bin
-        starts = np.ones(len(pages), dtype=bool)
-        starts[1:] = ~(short[1:] & short[:-1] & (bins[1:] == bins[:-1]))
-        return np.where(starts, chunks, 0)
-
-    @staticmethod
-    def host(pages: np.ndarray, kv_lens: np.ndarray, bound: int, chunk: int = CHUNK_PAGES,
-             pack: bool = False) -> np.ndarray:
+    def host(pages: np.ndarray, kv_lens: np.ndarray, bound: int, chunk: int = CHUNK_PAGES) -> np.ndarray:
         """The buffer's contents (int32, on the host) for rows of these page counts and KV lengths."""
-        per_row = WorkList.items_of(pages, chunk, pack)
+        per_row = WorkList.chunks_of(pages, chunk)
         start = cumsum0(per_row)
         items, rows = int(start[-1]), len(pages)
         if items > bound:
             raise ValueError(f"{items} decode work items; the buffer holds {bound}")
         item_row = np.repeat(np.arange(rows), per_row)
-        out = np.zeros(3 * bound + 3 * rows + 3, dtype=np.int32)
+        out = np.zeros(2 * bound + 3 * rows + 3, dtype=np.int32)
         out[:items] = item_row
         out[bound : bound + items] = np.arange(items) - start[item_row]
-        if pack:  # an item's rows end where the next row that starts items begins (a chunked row: at itself + 1)
-            starters = np.flatnonzero(per_row)
-            ends = np.append(starters[1:], rows)[: len(starters)]
-            out[2 * bound : 2 * bound + items] = np.repeat(ends, per_row[starters])
-        else:
-            out[2 * bound : 2 * bound + items] = item_row + 1
-        at = 3 * bound
+        at = 2 * bound
         out[at : at + rows + 1] = start
         out[at + rows + 1] = items
         out[at + rows + 2 : at + 2 * rows + 3] = cumsum0(pages)
@@ -320,21 +272,20 @@ class WorkList:
 
     @classmethod
     def of(cls, pages: np.ndarray, kv_lens: np.ndarray, device=None, into: WorkList | None = None,
-           chunk: int = CHUNK_PAGES, pack: bool = PACK_ROWS) -> WorkList:
+           chunk: int = CHUNK_PAGES) -> WorkList:
         """The work list of these rows on the device: copied into `into` (a graph's, whose buffer the
-        replays read; its own `pack`) or into a new one on `device` sized to the step, of `chunk` pages
-        an item."""
+        replays read) or into a new one on `device` sized to the step, of `chunk` pages an item."""
         if into is None:
-            into = cls(len(pages), int(cls.items_of(pages, chunk, pack).sum()), device, chunk=chunk, own=True,
-                       pack=pack, split=bool((pages > chunk).any()))
-        host = cls.host(pages, kv_lens, into.bound, into.chunk, into.pack)
+            into = cls(len(pages), int(cls.chunks_of(pages, chunk).sum()), device, chunk=chunk, own=True,
+                       split=bool((pages > chunk).any()))
+        host = cls.host(pages, kv_lens, into.bound, into.chunk)
         host = torch.from_numpy(host)
         into.buffer.copy_(host.pin_memory() if into.buffer.is_cuda else host, non_blocking=True)
         return into
 
     @staticmethod
     def bound_for(rows: int, pages: int, chunk: int = CHUNK_PAGES) -> int:
-        """The most items `rows` rows holding `pages` pages in all can make (packed or not)."""
+        """The most items `rows` rows holding `pages` pages in all can make."""
         return rows + pages // chunk
 
 
@@ -348,12 +299,11 @@ def decode(q: torch.Tensor, kv: torch.Tensor, work: WorkList, page_indices: torc
     out [rows, heads, head_dim] in q's type (written into `out` where given: any strides but the
     last), and with return_lse the base-2 log-sum-exps [rows, heads] (float32). `max_registers` caps
     the registers a thread (on sm90 the kernel takes 232-249 at four warps, 255 at two);
-    `per_kv_head` runs the kernel of a program per kv head (above; not on packed lists), by default
-    over FP8 pages; `num_warps` by default the kernel's (WARPS, HEAD_WARPS)."""
+    `per_kv_head` runs the kernel of a program per kv head (above), by default over FP8 pages; `num_warps` by default the kernel's (WARPS, HEAD_WARPS)."""
     rows, hq, dim = q.shape
     _, _, ps, hkv, _ = kv.shape
     if per_kv_head is None:
-        per_kv_head = kv.dtype == torch.float8_e4m3fn and not work.pack
+        per_kv_head = kv.dtype == torch.float8_e4m3fn
     num_warps = num_warps or (HEAD_WARPS if per_kv_head else WARPS)
     hq_pad = max(16, triton.next_power_of_2(hq))  # tensor-core tiles have 16 rows or more
     if out is None:
@@ -370,8 +320,6 @@ def decode(q: torch.Tensor, kv: torch.Tensor, work: WorkList, page_indices: torc
     dot = tl.float16 if kv.dtype == torch.float8_e4m3fn else _TL[q.dtype]
     strides = (q.stride(0), q.stride(1), out.stride(0), out.stride(1), kv.stride(0), kv.stride(1))
     if per_kv_head:
-        if work.pack:
-            raise ValueError("a packed work list is read by the kernel of all kv heads at once")
         _head_kernel[(work.programs, hkv)](
             q, kv, out, lse, part_o, part_lse, work.item_row, work.item_chunk, work.count, work.page_indptr,
             page_indices, work.kv_lens, qk_scale, v_scale, *strides, HKV=hkv, PS=ps,
@@ -379,13 +327,11 @@ def decode(q: torch.Tensor, kv: torch.Tensor, work: WorkList, page_indices: torc
             CHUNK=work.chunk, DOT=dot, num_warps=num_warps, num_stages=num_stages, **shape)
     else:
         pages_a_tile = max(pages_a_tile, triton.cdiv(16, ps * hkv))  # a tile of 16 tokens x heads at least (tl.dot's)
-        if work.pack and pages_a_tile > 1:
-            raise ValueError("a packed work list is read a page a tile")
         _chunk_kernel[(work.programs,)](
-            q, kv, out, lse, part_o, part_lse, work.item_row, work.item_chunk, work.item_end, work.count,
-            work.page_indptr, page_indices, work.kv_lens, qk_scale, v_scale, *strides, HKV=hkv, PS=ps,
-            PB=pages_a_tile, CHUNK=work.chunk, num_warps=num_warps, num_stages=num_stages, DOT=dot,
-            PACKED=work.pack, **shape, **({"maxnreg": max_registers} if max_registers else {}))
+            q, kv, out, lse, part_o, part_lse, work.item_row, work.item_chunk, work.count, work.page_indptr,
+            page_indices, work.kv_lens, qk_scale, v_scale, *strides, HKV=hkv, PS=ps, PB=pages_a_tile,
+            CHUNK=work.chunk, num_warps=num_warps, num_stages=num_stages, DOT=dot, **shape,
+            **({"maxnreg": max_registers} if max_registers else {}))
     if work.split:  # a launch saved where every row fits one item (the host knows)
         _merge_kernel[(rows,)](out, lse, part_o, part_lse, work.row_start, work.page_indptr, v_scale,
                                out.stride(0), out.stride(1), CHUNK=work.chunk, **shape)

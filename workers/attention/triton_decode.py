@@ -1,5 +1,5 @@
 """Decode attention over the paged KV cache in Triton: one query token a row, every query head of a
-row in one program.
+row in one program (or, `per_kv_head`, the query heads of one kv head).
 
 Why its own kernel: decode attention only streams the cache, so its speed is the bytes in flight.
 A page of toka's NHD cache holds K (then V) of all its tokens and kv heads contiguously (16 tokens x
@@ -26,7 +26,7 @@ query heads (4 on that shape, in a tile of 16 rows) against that head's [tokens,
 page. It loads 1/kv_heads of a page a program and multiplies 16 query rows where the first kernel
 multiplies all of them against every kv head: on sm90 it compiles to ~30 % fewer instructions a page
 over FP8 pages, whose conversions make the first kernel bound by its instructions rather than by
-the bytes (tools/gpu.py tune times both).
+the bytes, and ran 3-12 % faster there on an H200 (tools/gpu.py tune times both).
 
 An FP8 cache is read as it is: pages are converted to float16 in registers (exactly; the queries
 too), K's scale folds into the softmax scale and V's into the output. Log-sum-exps are base 2, as
@@ -236,7 +236,7 @@ class WorkList:
         self.rows, self.bound, self.chunk = rows, bound, chunk
         # `own`: a step's own list of exactly `bound` items, which a copy is about to write whole (no
         # memset to wait on before it), a program an item. A graph's list is read by a program a row,
-        # or eight an SM (four waves of the two an SM holds) where rows are few, so that a few rows
+        # or eight an SM (two waves of the four two-warp programs an SM holds) where rows are few, so that a few rows
         # split in many items still spread over the SMs; each loops over the items past the grid. Its
         # rows may split (a merge to run); an own list's where one is longer than a chunk (`split`)
         self.split = split or not own

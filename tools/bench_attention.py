@@ -107,8 +107,8 @@ def main() -> None:
                             continue
                         fields = config.split(":")
                         head = fields[-1] == "head"
-                        run = triton_decode(pages, kv_len, indices, dev, *(int(v) for v in fields[: len(fields) - head]),
-                                            per_kv_head=head)
+                        settings = (int(v) for v in fields[: len(fields) - head])
+                        run = triton_decode(pages, kv_len, indices, dev, *settings, per_kv_head=head)
                     else:
                         w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(ws, layout, **kernels[kernel])
                         w.plan(torch.from_numpy(indptr), indices, torch.from_numpy(last), *heads,

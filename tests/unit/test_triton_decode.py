@@ -13,8 +13,8 @@ def parts(host: np.ndarray, bound: int, rows: int) -> dict:
     at = 2 * bound
     count = int(host[at + rows + 1])
     return dict(item_row=host[:count].tolist(), item_chunk=host[bound : bound + count].tolist(),
-                start=host[at : at + rows + 1].tolist(), count=count, indptr=host[at + rows + 2 : at + 2 * rows + 3].tolist(),
-                lens=host[at + 2 * rows + 3 :].tolist())
+                start=host[at : at + rows + 1].tolist(), count=count,
+                indptr=host[at + rows + 2 : at + 2 * rows + 3].tolist(), lens=host[at + 2 * rows + 3 :].tolist())
 
 
 def test_rows_split_into_chunks_of_pages_an_item_each():

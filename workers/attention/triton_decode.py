@@ -104,6 +104,16 @@ if triton is not None:
         return row, lo, hi, tl.load(kv_lens + row), first, tl.minimum(first + CHUNK, hi)
 
     @triton.jit
+    def _tile(KV, page_indices, idx, end, rows, d, page_stride, v_offset, D: tl.constexpr, DOT: tl.constexpr):
+        # K and V of the tile's rows: page idx's row `rows` of (token, kv head), in the products' type;
+        # pages at end or past it read as zeros
+        live = idx < end
+        page = tl.load(page_indices + idx, mask=live, other=0).to(tl.int64)
+        at = page * page_stride + rows * D
+        k = tl.load(KV + at[:, None] + d[None, :], mask=live[:, None], other=0.0).to(DOT)
+        return k, tl.load(KV + v_offset + at[:, None] + d[None, :], mask=live[:, None], other=0.0).to(DOT)
+
+    @triton.jit
     def _attend(q, k, v, keep, qk_scale, m, s_sum, acc, DOT: tl.constexpr):
         # one tile of keys and values into the online softmax of q's rows, the scores where not `keep`
         # masked out (a chunk's first tile keeps a key for every row, so the maximum stays finite)
@@ -140,11 +150,7 @@ if triton is not None:
             acc = tl.zeros([HQ_PAD, D], tl.float32)
             for p in range(first, end, PB):
                 idx = p + tile_page
-                live = idx < end
-                page = tl.load(page_indices + idx, mask=live, other=0).to(tl.int64)
-                at = page * page_stride + within * D
-                k = tl.load(KV + at[:, None] + d[None, :], mask=live[:, None], other=0.0).to(DOT)
-                v = tl.load(KV + v_offset + at[:, None] + d[None, :], mask=live[:, None], other=0.0).to(DOT)
+                k, v = _tile(KV, page_indices, idx, end, within, d, page_stride, v_offset, D, DOT)
                 pos = (idx - lo) * PS + within // HKV
                 m, s_sum, acc = _attend(q, k, v, pair & (pos < kv_len)[None, :], qk_scale, m, s_sum, acc, DOT)
             _finish(Out, Lse, PartO, PartLse, row, w, hi - lo, m, s_sum, acc, v_scale, o_row_stride, o_head_stride,
@@ -178,11 +184,7 @@ if triton is not None:
             acc = tl.zeros([GP, D], tl.float32)
             for p in range(first, end, PB):
                 idx = p + tile_page
-                live = idx < end
-                page = tl.load(page_indices + idx, mask=live, other=0).to(tl.int64)
-                at = page * page_stride + token * D
-                k = tl.load(KV + at[:, None] + d[None, :], mask=live[:, None], other=0.0).to(DOT)
-                v = tl.load(KV + v_offset + at[:, None] + d[None, :], mask=live[:, None], other=0.0).to(DOT)
+                k, v = _tile(KV, page_indices, idx, end, token, d, page_stride, v_offset, D, DOT)
                 pos = (idx - lo) * PS + t % PS
                 m, s_sum, acc = _attend(q, k, v, (pos < kv_len)[None, :], qk_scale, m, s_sum, acc, DOT)
             _finish(Out, Lse, PartO, PartLse, row, w, hi - lo, m, s_sum, acc, v_scale, o_row_stride, o_head_stride,
@@ -236,8 +238,8 @@ class WorkList:
         self.rows, self.bound, self.chunk = rows, bound, chunk
         # `own`: a step's own list of exactly `bound` items, which a copy is about to write whole (no
         # memset to wait on before it), a program an item. A graph's list is read by a program a row,
-        # or eight an SM (two waves of the four two-warp programs an SM holds) where rows are few, so that a few rows
-        # split in many items still spread over the SMs; each loops over the items past the grid. Its
+        # or eight an SM (two waves of the four two-warp programs an SM holds) where rows are few, so
+        # that a few rows split in many items still spread over the SMs; each loops over the items past the grid. Its
         # rows may split (a merge to run); an own list's where one is longer than a chunk (`split`)
         self.split = split or not own
         self.programs = bound if own else min(bound, max(rows, 8 * _sm_count(torch.device(device))))
@@ -290,16 +292,17 @@ class WorkList:
 
 
 def decode(q: torch.Tensor, kv: torch.Tensor, work: WorkList, page_indices: torch.Tensor, k_scale: float = 1.0,
-           v_scale: float = 1.0, return_lse: bool = False, pages_a_tile: int = PAGES_A_TILE, num_warps: int | None = None,
-           num_stages: int = STAGES, out: torch.Tensor | None = None, max_registers: int | None = None,
-           per_kv_head: bool | None = None):
+           v_scale: float = 1.0, return_lse: bool = False, pages_a_tile: int = PAGES_A_TILE,
+           num_warps: int | None = None, num_stages: int = STAGES, out: torch.Tensor | None = None,
+           max_registers: int | None = None, per_kv_head: bool | None = None):
     """Attention of q ([rows, heads, head_dim], one token a row; any strides but the last) over each
     row's pages (the work list's offsets into page_indices, int32) of one layer's cache kv ([pages,
     2, page_size, kv_heads, head_dim]), its K and V stored divided by k_scale and v_scale. Returns
     out [rows, heads, head_dim] in q's type (written into `out` where given: any strides but the
     last), and with return_lse the base-2 log-sum-exps [rows, heads] (float32). `max_registers` caps
-    the registers a thread (on sm90 the kernel takes 232-249 at four warps, 255 at two);
-    `per_kv_head` runs the kernel of a program per kv head (above), by default over FP8 pages; `num_warps` by default the kernel's (WARPS, HEAD_WARPS)."""
+    the registers a thread (on sm90 the kernel of all kv heads takes 232-249 at four warps, 255 at
+    two; the per-kv-head one 126 at one). `per_kv_head` runs the kernel of a program per kv head
+    (above), by default over FP8 pages; `num_warps` is by default the kernel's (WARPS, HEAD_WARPS)."""
     rows, hq, dim = q.shape
     _, _, ps, hkv, _ = kv.shape
     if per_kv_head is None:
@@ -319,19 +322,19 @@ def decode(q: torch.Tensor, kv: torch.Tensor, work: WorkList, page_indices: torc
     # probabilities to 11 bits instead of 8
     dot = tl.float16 if kv.dtype == torch.float8_e4m3fn else _TL[q.dtype]
     strides = (q.stride(0), q.stride(1), out.stride(0), out.stride(1), kv.stride(0), kv.stride(1))
+    launch = dict(num_warps=num_warps, num_stages=num_stages, **({"maxnreg": max_registers} if max_registers else {}))
     if per_kv_head:
         _head_kernel[(work.programs, hkv)](
             q, kv, out, lse, part_o, part_lse, work.item_row, work.item_chunk, work.count, work.page_indptr,
             page_indices, work.kv_lens, qk_scale, v_scale, *strides, HKV=hkv, PS=ps,
             GP=max(16, triton.next_power_of_2(hq // hkv)), PB=max(pages_a_tile, triton.cdiv(16, ps)),
-            CHUNK=work.chunk, DOT=dot, num_warps=num_warps, num_stages=num_stages, **shape)
+            CHUNK=work.chunk, DOT=dot, **launch, **shape)
     else:
         pages_a_tile = max(pages_a_tile, triton.cdiv(16, ps * hkv))  # a tile of 16 tokens x heads at least (tl.dot's)
         _chunk_kernel[(work.programs,)](
             q, kv, out, lse, part_o, part_lse, work.item_row, work.item_chunk, work.count, work.page_indptr,
             page_indices, work.kv_lens, qk_scale, v_scale, *strides, HKV=hkv, PS=ps, PB=pages_a_tile,
-            CHUNK=work.chunk, num_warps=num_warps, num_stages=num_stages, DOT=dot, **shape,
-            **({"maxnreg": max_registers} if max_registers else {}))
+            CHUNK=work.chunk, DOT=dot, **launch, **shape)
     if work.split:  # a launch saved where every row fits one item (the host knows)
         _merge_kernel[(rows,)](out, lse, part_o, part_lse, work.row_start, work.page_indptr, v_scale,
                                out.stride(0), out.stride(1), CHUNK=work.chunk, **shape)

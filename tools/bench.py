@@ -41,6 +41,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import aiohttp
 
@@ -140,7 +141,7 @@ async def run(url: str, reqs: list[dict], clients: int = 1) -> dict:
 
     ctx = mp.get_context("spawn")
     go, ready, results = ctx.Event(), ctx.Queue(), ctx.Queue()
-    procs = [ctx.Process(target=_client, args=(url, reqs[i::clients], go, ready, results), daemon=True)
+    procs = [ctx.Process(target=_client, args=(url, reqs[i::clients], clients, go, ready, results), daemon=True)
              for i in range(clients)]
     for proc in procs:
         proc.start()
@@ -177,15 +178,27 @@ async def run(url: str, reqs: list[dict], clients: int = 1) -> dict:
     return _result(reqs, end - start, usages, running, metrics)
 
 
-def _client(url: str, reqs: list[dict], go, ready, results) -> None:
+def connection_limit(requests: int, clients: int = 1) -> int:
+    """Connections one of `clients` client processes may hold: within its open-files limit and its
+    share of half the local port range. Connections to one server come from one address, whose
+    ephemeral ports (~28k on Linux) the clients share with the TIME_WAIT sockets of earlier runs:
+    65,536 requests on connections of their own failed with "Cannot assign requested address"."""
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+        ports = (high - low + 1) // (2 * clients)
+    except (OSError, ValueError):
+        ports = requests
+    return max(1, min(requests, raise_open_files_limit() - 256, ports))
+
+
+def _client(url: str, reqs: list[dict], clients: int, go, ready, results) -> None:
     """One client process: its requests at once on their own connections, once `go` is set; puts
     (usages, error, time of its last response)."""
 
     async def send() -> list[dict]:
-        # one connection per request in flight, within the open-files limit; the rest wait in the
+        # one connection per request in flight, within connection_limit; the rest wait in the
         # client, which still keeps far more requests at the server than it runs at once
-        limit = max(1, min(len(reqs), raise_open_files_limit() - 256))
-        connector = aiohttp.TCPConnector(limit=limit)
+        connector = aiohttp.TCPConnector(limit=connection_limit(len(reqs), clients))
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None), connector=connector) as session:
             async def one(body):
                 async with session.post(url + "/v1/completions", json=body) as resp:

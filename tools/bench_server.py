@@ -107,11 +107,10 @@ def serve(args, port: int, ready, done, results) -> None:
 async def client(url: str, reqs: list[dict]) -> float:
     import aiohttp
 
-    from toka.launch import raise_open_files_limit
+    from tools.bench import connection_limit
 
-    limit = min(len(reqs), raise_open_files_limit() - 256)
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None),
-                                     connector=aiohttp.TCPConnector(limit=limit)) as session:
+                                     connector=aiohttp.TCPConnector(limit=connection_limit(len(reqs)))) as session:
         async def one(body):
             async with session.post(url + "/v1/completions", json=body) as resp:
                 data = await resp.json()

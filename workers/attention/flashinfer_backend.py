@@ -291,8 +291,12 @@ class FlashInferAttention(AttentionBackend):
         it plans only steps without Hydragen groups), or FlashInfer's decode wrapper; into `out`
         where given."""
         if self.work is not None:
+            # only Hydragen asks for log-sum-exps: its rows' own pages are mostly short (1-256 tokens
+            # on shared-prefix), where a program per kv head is the faster kernel over bf16 pages too
+            # (0.160 against 0.168 ms a layer of 2,048 rows on an H200, tools/gpu.py tune); over
+            # sharegpt-like rows it is not (0.455 against 0.433), so other steps keep the default
             return triton_decode(q, kv, self.work, self.work_pages, *self.cache.scales[layer], return_lse=return_lse,
-                                 out=out)
+                                 out=out, per_kv_head=True if return_lse else None)
         if self.xqa is not None and not return_lse:
             return self.xqa.run(q, kv, *self.cache.scales[layer], out=out)
         return wrapper.run(q, kv, return_lse=return_lse, out=out, **self._scales(layer))

@@ -56,7 +56,8 @@ except ImportError:  # CPU builds of torch: the work list below still builds, th
 # take 255 registers a thread, so four programs share an SM where two of four warps did). Over FP8
 # pages the kernel of a program per kv head (one warp) is the default: 0.411 against 0.424 ms at
 # sharegpt-like lengths, 0.152 against 0.173 over Hydragen's own pages (1-256), 1.00 either way at
-# 900-1,156; over bf16 pages it loses at sharegpt-like lengths (0.455)
+# 900-1,156; over bf16 pages it loses at sharegpt-like lengths (0.455) and wins on Hydragen's own pages
+# (0.160 against 0.168), where the attention backend asks for it
 CHUNK_PAGES = 16
 WARPS = 2
 HEAD_WARPS = 1  # per_kv_head's

@@ -52,3 +52,16 @@ def test_given_rates_skip_the_probe_and_without_cuda_a_missing_one_says_what_to_
         pytest.skip("a CUDA device measures the missing rate")
     with pytest.raises(RuntimeError, match="no CUDA device.*--flops and --bandwidth"):
         card_rates(flops=2e14)
+
+
+def test_clients_share_half_the_local_port_range_in_connections(monkeypatch):
+    # the client's connections to one server come from one address: 65,536 of them at once cannot all
+    # get a local port, so each of the clients keeps within its share of half the range
+    import tools.bench as bench
+
+    monkeypatch.setattr(bench, "raise_open_files_limit", lambda: 1 << 20)
+    monkeypatch.setattr(bench.Path, "read_text", lambda self: "32768\t60999\n")
+    assert bench.connection_limit(65536 // 8, 8) == (60999 - 32768 + 1) // 16
+    assert bench.connection_limit(100, 8) == 100  # fewer requests than that: one connection each
+    monkeypatch.setattr(bench, "raise_open_files_limit", lambda: 1000)
+    assert bench.connection_limit(65536, 1) == 1000 - 256  # and within the open-files limit

@@ -12,9 +12,10 @@ Parts (their files under OUT/PART/; each run's log beside its result):
   step                   bench_step.py on the llama-3.2-1b shape: decode steps (1..2,048 rows at 512
                          tokens) and mixed steps (1,024 and 2,048 rows + 2,048 prompt tokens at 384),
                          each with its host and kernel profile in the log
-  sharegpt-quick, sharegpt-full, prefix-quick, prefix-full, prefix-quick-hydragen, prefix-full-hydragen
+  sharegpt-quick, sharegpt-full, prefix-quick, prefix-full (Hydragen where groups form), and
+  prefix-quick-hydragen, prefix-full-hydragen, prefix-quick-no-hydragen, prefix-full-no-hydragen
                          bench.py through the API, llama-3.2-1b shape, random weights (--flags adds
-                         launch flags)
+                         launch flags; the -hydragen and -no-hydragen parts force it either way)
   compare                the quick --compare-workload under each --compare-flags, one GPU each at
                          once (in turns when there are fewer GPUs), steps 1,200..1,239 traced
                          (TOKA_TRACE; the kernels' summary kept, the raw trace deleted)
@@ -104,11 +105,14 @@ WORKLOADS = {  # part -> (bench.py workload, quick, launch flags)
     "prefix-full": ("shared-prefix", False, ""),
     "prefix-quick-hydragen": ("shared-prefix", True, "--hydragen"),
     "prefix-full-hydragen": ("shared-prefix", False, "--hydragen"),
+    "prefix-quick-no-hydragen": ("shared-prefix", True, "--no-hydragen"),
+    "prefix-full-no-hydragen": ("shared-prefix", False, "--no-hydragen"),
 }
 TAIL_LINES = 30  # of a failed run's log, printed with the progress lines
 TRACE_STEPS = "1200:40"  # compare's traced steps: past the ramp-up of either workload's quick run
 TIMEOUTS = {"models": 1200, "tests": 1800, "step": 600, "sharegpt-quick": 600, "sharegpt-full": 1200,
             "prefix-quick": 600, "prefix-full": 1500, "prefix-quick-hydragen": 600, "prefix-full-hydragen": 1200,
+            "prefix-quick-no-hydragen": 600, "prefix-full-no-hydragen": 1500,
             "compare": 600, "ab": 400, "tp": 900, "dp": 1200, "pp": 1200, "batch": 400, "attention": 900,
             "tune": 600, "sampling": 300}
 

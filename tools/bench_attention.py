@@ -15,9 +15,10 @@ and one timed pass runs every layer in turn, as a step does.
     python tools/bench_attention.py --lengths 1-256 --kernels triton --triton-configs 2:2:16,4:2:32,1:2:16:head
 
 --triton-configs sweeps the Triton kernel's warps, pipeline stages and pages a work item (a chunk),
-and optionally a cap on its registers a thread (more programs resident on an SM) or `head` (the
-kernel of a program per kv head), each a row of its own, so that one run on a card finds the best
-setting for a workload's lengths.
+and optionally a cap on its registers a thread (more programs resident on an SM), `head` (the
+kernel of a program per kv head), `lazy` (the accumulator rescaled only where the maximum grows by
+more than LAZY_SLACK) and `pbN` (N pages loaded and multiplied at once), each a row of its own, so
+that one run on a card finds the best setting for a workload's lengths.
 """
 
 from __future__ import annotations
@@ -59,8 +60,9 @@ def main() -> None:
     p.add_argument("--kv-dtypes", default="bf16,fp8")
     p.add_argument("--kernels", default="triton,cuda-cores,fa2,xqa", help="of triton, cuda-cores, fa2, fa3, xqa")
     p.add_argument("--triton-configs", default="4:2:32",
-                   help="the Triton kernel's settings to time, each WARPS:STAGES:CHUNK_PAGES[:MAX_REGISTERS][:head] "
-                        "(comma-separated; head: a program per kv head)")
+                   help="the Triton kernel's settings to time, each WARPS:STAGES:CHUNK_PAGES[:MAX_REGISTERS] and "
+                        "any of :head (a program per kv head), :lazy (lazy rescaling), :pbN (N pages a tile); "
+                        "comma-separated")
     p.add_argument("--out", help="JSON of the results")
     args = p.parse_args()
     dev, dt = torch.device("cuda"), torch.bfloat16
@@ -105,10 +107,7 @@ def main() -> None:
                     elif kernel == "triton":
                         if layout != "NHD":  # it reads toka's layout only
                             continue
-                        fields = config.split(":")
-                        head = fields[-1] == "head"
-                        settings = (int(v) for v in fields[: len(fields) - head])
-                        run = triton_decode(pages, kv_len, indices, dev, *settings, per_kv_head=head)
+                        run = triton_decode(pages, kv_len, indices, dev, **triton_settings(config))
                     else:
                         w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(ws, layout, **kernels[kernel])
                         w.plan(torch.from_numpy(indptr), indices, torch.from_numpy(last), *heads,
@@ -152,17 +151,34 @@ def xqa_decode(indptr: np.ndarray, indices: torch.Tensor, kv_len: np.ndarray, q:
                                                            bmm1_scale=scale, out=out, kv_layout=layout)
 
 
+def triton_settings(config: str) -> dict:
+    """A --triton-configs entry, WARPS:STAGES:CHUNK_PAGES[:MAX_REGISTERS] then any of the words head,
+    lazy and pbN, as triton_decode's keywords."""
+    fields = config.split(":")
+    numbers = [int(f) for f in fields if f.isdigit()]
+    words = [f for f in fields if not f.isdigit()]
+    settings = dict(zip(("warps", "stages", "chunk", "max_registers"), numbers),
+                    per_kv_head="head" in words, lazy_rescale="lazy" in words)
+    for word in words:
+        if word.startswith("pb") and word[2:].isdigit():
+            settings["pages_a_tile"] = int(word[2:])
+        elif word not in ("head", "lazy"):
+            raise ValueError(f"--triton-configs {config}: unknown setting {word!r} (head, lazy or pbN)")
+    return settings
+
+
 def triton_decode(pages: np.ndarray, kv_len: np.ndarray, indices: torch.Tensor, dev, warps: int | None = None,
                   stages: int | None = None, chunk: int | None = None, max_registers: int | None = None,
-                  per_kv_head: bool = False):
+                  per_kv_head: bool = False, lazy_rescale: bool = False, pages_a_tile: int | None = None):
     """toka's Triton decode kernel over the same rows, with these settings (None: the engine's).
     Returns run(q, layer)."""
-    from workers.attention.triton_decode import CHUNK_PAGES, STAGES, WorkList, decode
+    from workers.attention.triton_decode import CHUNK_PAGES, PAGES_A_TILE, STAGES, WorkList, decode
 
     stages, chunk = stages or STAGES, chunk or CHUNK_PAGES
     work = WorkList.of(pages, kv_len, dev, chunk=chunk)
     return lambda q, layer: decode(q, layer, work, indices, num_warps=warps, num_stages=stages,
-                                   max_registers=max_registers, per_kv_head=per_kv_head)
+                                   max_registers=max_registers, per_kv_head=per_kv_head, lazy_rescale=lazy_rescale,
+                                   pages_a_tile=pages_a_tile or PAGES_A_TILE)
 
 
 def copy_bandwidth(dev) -> float:

@@ -310,12 +310,13 @@ def attention(p: Part) -> list[Row]:
     return [row for name in ATTENTION_RUNS for row in attention_rows(p.name, name, p.dir / f"{name}.json")]
 
 
-# the Triton decode kernel's settings (WARPS:STAGES:CHUNK_PAGES[:MAX_REGISTERS][:head]) timed by `tune`:
-# the engine's first (triton_decode.py), then its neighbours and the settings before it; 168 registers
-# a thread: four-warp programs three an SM instead of two; head: a program per (item, kv head)
-# instead of per item
-TRITON_CONFIGS = ("2:2:16,2:2:32,2:3:16,1:2:16,4:2:32,4:2:32:168,"
-                  "1:2:16:head,1:3:16:head,1:2:32:head,1:4:16:head,2:2:16:head")
+# the Triton decode kernel's settings timed by `tune` (WARPS:STAGES:CHUNK_PAGES[:MAX_REGISTERS] and any
+# of head: a program per (item, kv head); lazy: lazy rescaling; pbN: N pages a tile): the engine's
+# first (2:2:16 over bf16 pages, 1:2:16:head over FP8 ones), each with lazy rescaling, the
+# per-kv-head kernel with two pages a tile too (the kernel of all kv heads spills at two: 228 local
+# loads and stores on sm90) and with longer items
+TRITON_CONFIGS = ("2:2:16,2:2:16:lazy,1:2:16:head,1:2:16:head:lazy,1:2:16:head:pb2,"
+                  "1:2:16:head:pb2:lazy,1:2:32:head,1:2:32:head:pb2")
 TUNE_LENGTHS = {"sharegpt": "sharegpt", "own-pages": "1-256", "long": "900-1156"}  # the workloads' decode rows
 
 
@@ -424,8 +425,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dp-workload", default="sharegpt-like", choices=["sharegpt-like", "shared-prefix"],
                    help="dp: the full workload at --dp 1 and --dp N")
     p.add_argument("--triton-configs", default=TRITON_CONFIGS, metavar="LIST",
-                   help="tune: the Triton decode settings to time (WARPS:STAGES:CHUNK_PAGES[:MAX_REGISTERS][:head], "
-                        "comma-separated; default: TRITON_CONFIGS)")
+                   help="tune: the Triton decode settings to time (WARPS:STAGES:CHUNK_PAGES[:MAX_REGISTERS] and any "
+                        "of :head, :lazy, :pbN; comma-separated; default: TRITON_CONFIGS)")
     p.add_argument("--pp", type=int, default=2, help="pp: stages (and the --tp size of its agreement check)")
     p.add_argument("--pp-tp", type=int, default=0, metavar="K",
                    help="pp: also --pp N --tp K against --tp N x K (N x K GPUs)")

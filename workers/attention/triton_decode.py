@@ -63,6 +63,7 @@ WARPS = 2
 HEAD_WARPS = 1  # per_kv_head's
 STAGES = 2
 PAGES_A_TILE = 1  # pages loaded and multiplied at once
+LAZY_SLACK = 8.0  # lazy_rescale's: how far (base 2) scores may pass the reference maximum
 
 
 def supports(kv_heads: int, head_dim: int, page_size: int) -> bool:
@@ -73,6 +74,7 @@ def supports(kv_heads: int, head_dim: int, page_size: int) -> bool:
 if triton is not None:
 
     _TL = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
+    _SLACK = tl.constexpr(LAZY_SLACK)
 
     # The work list's parts and the page lists are views at offsets that change from step to step:
     # specialized on their 16-byte alignment, each new combination would compile while serving
@@ -115,11 +117,24 @@ if triton is not None:
         return k, tl.load(KV + v_offset + at[:, None] + d[None, :], mask=live[:, None], other=0.0).to(DOT)
 
     @triton.jit
-    def _attend(q, k, v, keep, qk_scale, m, s_sum, acc, DOT: tl.constexpr):
+    def _attend(q, k, v, keep, qk_scale, m, s_sum, acc, DOT: tl.constexpr, LAZY: tl.constexpr):
         # one tile of keys and values into the online softmax of q's rows, the scores where not `keep`
-        # masked out (a chunk's first tile keeps a key for every row, so the maximum stays finite)
+        # masked out (a chunk's first tile keeps a key for every row, so the maximum stays finite).
+        # LAZY: the rows' reference maximum moves only when some row's scores pass it by more than
+        # LAZY_SLACK (base 2), so most tiles skip rescaling the accumulator (a multiply an element of
+        # it); the probabilities then stay below 2**LAZY_SLACK, which float16 and bf16 hold
         s = tl.where(keep, tl.dot(q, tl.trans(k)) * qk_scale, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 1))
+        m_tile = tl.max(s, 1)
+        if LAZY:
+            if tl.max(m_tile - m, 0) > _SLACK:
+                m_new = tl.maximum(m, m_tile)
+                alpha = tl.exp2(m - m_new)
+                s_sum = s_sum * alpha
+                acc = acc * alpha[:, None]
+                m = m_new
+            prob = tl.exp2(s - m[:, None])
+            return m, s_sum + tl.sum(prob, 1), acc + tl.dot(prob.to(DOT), v)
+        m_new = tl.maximum(m, m_tile)
         alpha = tl.exp2(m - m_new)
         prob = tl.exp2(s - m_new[:, None])
         return m_new, s_sum * alpha + tl.sum(prob, 1), acc * alpha[:, None] + tl.dot(prob.to(DOT), v)
@@ -129,7 +144,8 @@ if triton is not None:
                       kv_lens, qk_scale, v_scale, q_row_stride, q_head_stride, o_row_stride, o_head_stride,
                       page_stride, v_offset,
                       HQ: tl.constexpr, HQ_PAD: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, PS: tl.constexpr,
-                      PB: tl.constexpr, CHUNK: tl.constexpr, WRITE_LSE: tl.constexpr, DOT: tl.constexpr):
+                      PB: tl.constexpr, CHUNK: tl.constexpr, WRITE_LSE: tl.constexpr, DOT: tl.constexpr,
+                      LAZY: tl.constexpr):
         h = tl.arange(0, HQ_PAD)
         d = tl.arange(0, D)
         # tile row i: page i // (PS * HKV) of the tile, then token and kv head in NHD order
@@ -153,7 +169,7 @@ if triton is not None:
                 idx = p + tile_page
                 k, v = _tile(KV, page_indices, idx, end, within, d, page_stride, v_offset, D, DOT)
                 pos = (idx - lo) * PS + within // HKV
-                m, s_sum, acc = _attend(q, k, v, pair & (pos < kv_len)[None, :], qk_scale, m, s_sum, acc, DOT)
+                m, s_sum, acc = _attend(q, k, v, pair & (pos < kv_len)[None, :], qk_scale, m, s_sum, acc, DOT, LAZY)
             _finish(Out, Lse, PartO, PartLse, row, w, hi - lo, m, s_sum, acc, v_scale, o_row_stride, o_head_stride,
                     h, d, h < HQ, HQ, HQ_PAD, D, CHUNK, WRITE_LSE)
 
@@ -163,7 +179,7 @@ if triton is not None:
                      page_stride, v_offset,
                      HQ: tl.constexpr, HQ_PAD: tl.constexpr, GP: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
                      PS: tl.constexpr, PB: tl.constexpr, CHUNK: tl.constexpr, WRITE_LSE: tl.constexpr,
-                     DOT: tl.constexpr):
+                     DOT: tl.constexpr, LAZY: tl.constexpr):
         # a program per (item, kv head): the kv head's query heads (a tile of GP rows, G of them live)
         # against that head's K and V of PB pages at a time, [PB x PS, D] each
         g = tl.program_id(1)
@@ -187,7 +203,7 @@ if triton is not None:
                 idx = p + tile_page
                 k, v = _tile(KV, page_indices, idx, end, token, d, page_stride, v_offset, D, DOT)
                 pos = (idx - lo) * PS + t % PS
-                m, s_sum, acc = _attend(q, k, v, (pos < kv_len)[None, :], qk_scale, m, s_sum, acc, DOT)
+                m, s_sum, acc = _attend(q, k, v, (pos < kv_len)[None, :], qk_scale, m, s_sum, acc, DOT, LAZY)
             _finish(Out, Lse, PartO, PartLse, row, w, hi - lo, m, s_sum, acc, v_scale, o_row_stride, o_head_stride,
                     h, d, mine, HQ, HQ_PAD, D, CHUNK, WRITE_LSE)
 
@@ -295,7 +311,7 @@ class WorkList:
 def decode(q: torch.Tensor, kv: torch.Tensor, work: WorkList, page_indices: torch.Tensor, k_scale: float = 1.0,
            v_scale: float = 1.0, return_lse: bool = False, pages_a_tile: int = PAGES_A_TILE,
            num_warps: int | None = None, num_stages: int = STAGES, out: torch.Tensor | None = None,
-           max_registers: int | None = None, per_kv_head: bool | None = None):
+           max_registers: int | None = None, per_kv_head: bool | None = None, lazy_rescale: bool = False):
     """Attention of q ([rows, heads, head_dim], one token a row; any strides but the last) over each
     row's pages (the work list's offsets into page_indices, int32) of one layer's cache kv ([pages,
     2, page_size, kv_heads, head_dim]), its K and V stored divided by k_scale and v_scale. Returns
@@ -303,7 +319,9 @@ def decode(q: torch.Tensor, kv: torch.Tensor, work: WorkList, page_indices: torc
     last), and with return_lse the base-2 log-sum-exps [rows, heads] (float32). `max_registers` caps
     the registers a thread (on sm90 the kernel of all kv heads takes 232-249 at four warps, 255 at
     two; the per-kv-head one 126 at one). `per_kv_head` runs the kernel of a program per kv head
-    (above), by default over FP8 pages; `num_warps` is by default the kernel's (WARPS, HEAD_WARPS)."""
+    (above), by default over FP8 pages; `num_warps` is by default the kernel's (WARPS, HEAD_WARPS).
+    `lazy_rescale` rescales the accumulator only where the running maximum grows by more than
+    LAZY_SLACK (fewer instructions a page; tools/bench_attention.py's `lazy` times it)."""
     rows, hq, dim = q.shape
     _, _, ps, hkv, _ = kv.shape
     if per_kv_head is None:
@@ -329,13 +347,13 @@ def decode(q: torch.Tensor, kv: torch.Tensor, work: WorkList, page_indices: torc
             q, kv, out, lse, part_o, part_lse, work.item_row, work.item_chunk, work.count, work.page_indptr,
             page_indices, work.kv_lens, qk_scale, v_scale, *strides, HKV=hkv, PS=ps,
             GP=max(16, triton.next_power_of_2(hq // hkv)), PB=max(pages_a_tile, triton.cdiv(16, ps)),
-            CHUNK=work.chunk, DOT=dot, **launch, **shape)
+            CHUNK=work.chunk, DOT=dot, LAZY=lazy_rescale, **launch, **shape)
     else:
         pages_a_tile = max(pages_a_tile, triton.cdiv(16, ps * hkv))  # a tile of 16 tokens x heads at least (tl.dot's)
         _chunk_kernel[(work.programs,)](
             q, kv, out, lse, part_o, part_lse, work.item_row, work.item_chunk, work.count, work.page_indptr,
             page_indices, work.kv_lens, qk_scale, v_scale, *strides, HKV=hkv, PS=ps, PB=pages_a_tile,
-            CHUNK=work.chunk, DOT=dot, **launch, **shape)
+            CHUNK=work.chunk, DOT=dot, LAZY=lazy_rescale, **launch, **shape)
     if work.split:  # a launch saved where every row fits one item (the host knows)
         _merge_kernel[(rows,)](out, lse, part_o, part_lse, work.row_start, work.page_indptr, v_scale,
                                out.stride(0), out.stride(1), CHUNK=work.chunk, **shape)

@@ -104,3 +104,13 @@ def check(kv_dtype, heads, kv_heads, head_dim, rows, chunk, graph, per_kv_head, 
     # log-sum-exps: the queries' rounding to the products' type (2**-11 over FP8 pages) moves a score
     # by that share of it, up to ~0.01 of the rising rows' ~100
     torch.testing.assert_close(lse.double().cpu(), want_lse, atol=1e-5 if exact else 1e-3, rtol=1e-5 if exact else 5e-4)
+
+
+def test_tiles_that_do_not_divide_an_item_are_refused():
+    lens = np.array([40, 300])
+    pages = (lens + PS - 1) // PS
+    cache = torch.zeros(int(pages.sum()), 2, PS, 2, 32, device=DEVICE)
+    q = torch.zeros(2, 8, 32, device=DEVICE)
+    work = WorkList.of(pages, lens, DEVICE)
+    with pytest.raises(ValueError, match="3 pages a tile do not divide work items of 16 pages"):
+        decode(q, cache, work, torch.arange(int(pages.sum()), dtype=torch.int32, device=DEVICE), pages_a_tile=3)

@@ -342,14 +342,17 @@ def decode(q: torch.Tensor, kv: torch.Tensor, work: WorkList, page_indices: torc
     dot = tl.float16 if kv.dtype == torch.float8_e4m3fn else _TL[q.dtype]
     strides = (q.stride(0), q.stride(1), out.stride(0), out.stride(1), kv.stride(0), kv.stride(1))
     launch = dict(num_warps=num_warps, num_stages=num_stages, **({"maxnreg": max_registers} if max_registers else {}))
+    # a tile of 16 tokens (per kv head: 16 tokens x heads) at least, tl.dot's smallest
+    pages_a_tile = max(pages_a_tile, triton.cdiv(16, ps if per_kv_head else ps * hkv))
+    if work.chunk % pages_a_tile:  # a tile past an item's end would read the next item's pages unmasked
+        raise ValueError(f"{pages_a_tile} pages a tile do not divide work items of {work.chunk} pages")
     if per_kv_head:
         _head_kernel[(work.programs, hkv)](
             q, kv, out, lse, part_o, part_lse, work.item_row, work.item_chunk, work.count, work.page_indptr,
             page_indices, work.kv_lens, qk_scale, v_scale, *strides, HKV=hkv, PS=ps,
-            GP=max(16, triton.next_power_of_2(hq // hkv)), PB=max(pages_a_tile, triton.cdiv(16, ps)),
+            GP=max(16, triton.next_power_of_2(hq // hkv)), PB=pages_a_tile,
             CHUNK=work.chunk, DOT=dot, LAZY=lazy_rescale, **launch, **shape)
     else:
-        pages_a_tile = max(pages_a_tile, triton.cdiv(16, ps * hkv))  # a tile of 16 tokens x heads at least (tl.dot's)
         _chunk_kernel[(work.programs,)](
             q, kv, out, lse, part_o, part_lse, work.item_row, work.item_chunk, work.count, work.page_indptr,
             page_indices, work.kv_lens, qk_scale, v_scale, *strides, HKV=hkv, PS=ps, PB=pages_a_tile,

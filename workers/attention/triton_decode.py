@@ -342,7 +342,7 @@ def decode(q: torch.Tensor, kv: torch.Tensor, work: WorkList, page_indices: torc
     dot = tl.float16 if kv.dtype == torch.float8_e4m3fn else _TL[q.dtype]
     strides = (q.stride(0), q.stride(1), out.stride(0), out.stride(1), kv.stride(0), kv.stride(1))
     launch = dict(num_warps=num_warps, num_stages=num_stages, **({"maxnreg": max_registers} if max_registers else {}))
-    # a tile of 16 tokens (per kv head: 16 tokens x heads) at least, tl.dot's smallest
+    # tiles of 16 rows at least, tl.dot's smallest: 16 tokens of one kv head, or 16 (token, kv head) pairs
     pages_a_tile = max(pages_a_tile, triton.cdiv(16, ps if per_kv_head else ps * hkv))
     if work.chunk % pages_a_tile:  # a tile past an item's end would read the next item's pages unmasked
         raise ValueError(f"{pages_a_tile} pages a tile do not divide work items of {work.chunk} pages")

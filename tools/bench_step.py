@@ -14,6 +14,12 @@ rank's shard), plus, with --tp, the measured time of the step's all-reduces alon
 With --prefill-tokens N every step also prefills N prompt tokens (rows of --prefill-len tokens, as
 chunked prefill mixes them into decode steps in a live server); such steps run eagerly, outside CUDA
 graphs, and their floor adds the prefill FLOPs.
+
+With --groups G --shared S the decode rows form G Hydragen groups of consecutive rows whose first S
+cached tokens are the same pages (as n samples of one prompt are), each row's --context tokens its
+own after them: the grouped CUDA graphs replay, and the floor reads the shared pages once a group
+(the shared-read floor of tools/bench.py's shared-prefix workload). --temperature samples as the
+workloads do (0.6 there); the default is greedy.
 """
 
 from __future__ import annotations
@@ -33,23 +39,34 @@ from tools.floor import Rates, floor_seconds, measured_rates
 
 
 def step_plan(step: int, batch: int, context: int, page_size: int, prefill_rows: int = 0,
-              prefill_len: int = 0) -> StepPlan:
+              prefill_len: int = 0, groups: int = 0, shared: int = 0) -> StepPlan:
     """Row r decodes in slot r with `context` cached tokens on pages r * pages ...; before them,
     `prefill_rows` rows in the next slots each prefill `prefill_len` tokens from position 0 (the same
-    pages every step). The first step enters every row's pages in the page table."""
+    pages every step). With `groups`, the decode rows are that many groups of consecutive rows (as
+    even as the rows allow), group g's first `shared` tokens (whole pages) on its own pages after all
+    others, each row's `context` tokens after them. The first step enters every row's pages in the
+    page table."""
+    if shared % page_size or (shared and not groups):
+        raise ValueError(f"--shared {shared}: whole pages of {page_size} tokens, with --groups")
     pages = -(-context // page_size)
     pre_pages = -(-prefill_len // page_size)
+    shared_pages = shared // page_size if groups else 0
+    group_rows = [batch // groups + (g < batch % groups) for g in range(groups)]
+    group_of = [g for g, n in enumerate(group_rows) for _ in range(n)]
     slots = list(range(batch, batch + prefill_rows)) + list(range(batch))
     writes = ([], [], [])
     if step == 0:
-        counts = [pre_pages] * prefill_rows + [pages] * batch
-        first = [batch * pages + i * pre_pages for i in range(prefill_rows)] + [r * pages for r in range(batch)]
-        writes = ([s for s, c in zip(slots, counts) for _ in range(c)], [j for c in counts for j in range(c)],
-                  [f + j for f, c in zip(first, counts) for j in range(c)])
+        shared_base = batch * pages + prefill_rows * pre_pages
+        tables = [[batch * pages + i * pre_pages + j for j in range(pre_pages)] for i in range(prefill_rows)]
+        tables += [[shared_base + group_of[r] * shared_pages + j for j in range(shared_pages)]
+                   + [r * pages + j for j in range(pages)] for r in range(batch)]
+        writes = ([s for s, t in zip(slots, tables) for _ in t], [j for t in tables for j in range(len(t))],
+                  [page for t in tables for page in t])
     rows = prefill_rows + batch
     return StepPlan(step, slots, slots, [prefill_len] * prefill_rows + [1] * batch,
-                    [prefill_len] * prefill_rows + [context] * batch, [True] * rows, prefill_rows,
-                    [1] * (prefill_rows * prefill_len), *writes)
+                    [prefill_len] * prefill_rows + [shared_pages * page_size + context] * batch, [True] * rows,
+                    prefill_rows, [1] * (prefill_rows * prefill_len), *writes, group_rows=group_rows,
+                    group_pages=[shared_pages] * groups)
 
 
 def all_reduce_ms(runner, batch: int, reps: int = 10) -> float:
@@ -105,6 +122,9 @@ def main() -> None:
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks, one process per GPU")
     p.add_argument("--prefill-tokens", type=int, default=0, help="prompt tokens each step also prefills")
     p.add_argument("--prefill-len", type=int, default=256, help="prompt tokens a prefill row takes")
+    p.add_argument("--groups", type=int, default=0, help="Hydragen groups the decode rows form")
+    p.add_argument("--shared", type=int, default=0, help="cached tokens a group's rows share (whole pages)")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default: greedy)")
     p.add_argument("--no-cuda-graphs", action="store_true")
     p.add_argument("--profile", action="store_true",
                    help="after the sweep, profile steps of the largest batch: host functions and GPU kernels")
@@ -126,10 +146,10 @@ def run(rank: int, args, run_dir: str) -> None:
     max_b = max(batches)
     pre_rows = -(-args.prefill_tokens // args.prefill_len) if args.prefill_tokens else 0
     pre_len = args.prefill_len if pre_rows else 0
-    pages = -(-args.context // 16) * max_b + pre_rows * -(-pre_len // 16)
+    pages = -(-args.context // 16) * max_b + pre_rows * -(-pre_len // 16) + args.groups * args.shared // 16
     cfg = EngineConfig(model=args.model, device="cuda", load_format="random", kv_cache_tokens=(pages + 1) * 16,
                        max_seqs=max_b + pre_rows, cuda_graphs=not args.no_cuda_graphs, tp=args.tp,
-                       cuda_graph_max_batch=max_b,
+                       cuda_graph_max_batch=max_b, hydragen=bool(args.groups) or None,
                        max_tokens_per_forward=max(8192, max_b + pre_rows * pre_len)).resolve()
     cfg.run_dir = run_dir
     runner, _ = build(cfg, rank)
@@ -143,11 +163,11 @@ def run(rank: int, args, run_dir: str) -> None:
     rows = []
     for b in batches:
         plan = functools.partial(step_plan, batch=b, context=args.context, page_size=16, prefill_rows=pre_rows,
-                                 prefill_len=pre_len)
+                                 prefill_len=pre_len, groups=args.groups, shared=args.shared)
         tokens = b + pre_rows * pre_len
-        # greedy, no logprobs: the warm-up left other settings in these slots
-        runner._admit(StepPlan(-1, [], [], [], [], [], 0, [], [], [], [],
-                               admit=[SeqParams(slot=s, temperature=0.0) for s in range(b + pre_rows)]))
+        # no logprobs, no filters: the warm-up left other settings in these slots
+        runner._admit(StepPlan(-1, [], [], [], [], [], 0, [], [], [], [], admit=[
+            SeqParams(slot=s, temperature=args.temperature) for s in range(b + pre_rows)]))
         times, host = [], []
         for i in range(args.steps):
             step_i = plan(i)
@@ -172,18 +192,22 @@ def run(rank: int, args, run_dir: str) -> None:
         runner.finish(pending)
         pipelined = (time.perf_counter() - t0) / args.steps
         comm = all_reduce_ms(runner, tokens) / 1e3 if args.tp > 1 else 0.0
-        floor = floor_seconds(tokens, params, weight_bytes + b * args.context * kv_per_token, rates) + comm
-        rows.append(dict(batch=b, context=args.context, step_ms=step * 1e3, host_ms=statistics.median(host[5:]) * 1e3,
+        kv_read = (b * args.context + args.groups * args.shared) * kv_per_token  # shared pages once a group
+        floor = floor_seconds(tokens, params, weight_bytes + kv_read, rates) + comm
+        rows.append(dict(batch=b, context=args.context, groups=args.groups, shared=args.shared, step_ms=step * 1e3, host_ms=statistics.median(host[5:]) * 1e3,
                          pipelined_ms=pipelined * 1e3, all_reduce_ms=comm * 1e3, floor_ms=floor * 1e3,
                          pct_of_floor=100 * floor / pipelined, prefill_tokens=tokens - b, tok_s=tokens / pipelined))
     if args.profile:
         profile_steps(runner, functools.partial(step_plan, batch=max_b, context=args.context, page_size=16,
-                                                prefill_rows=pre_rows, prefill_len=pre_len), show=rank == 0)
+                                                prefill_rows=pre_rows, prefill_len=pre_len, groups=args.groups,
+                                                shared=args.shared), show=rank == 0)
     if rank:
         return
     print(f"tp {args.tp}: matmul {flops_rate / 1e12:.0f} TFLOP/s, copy {bandwidth / 1e12:.2f} TB/s, "
           f"params {params / 1e9:.2f} B a rank" + (f"; each step also prefills {pre_rows} x {pre_len} tokens "
-                                                   "(tok/s counts them)" if pre_rows else ""))
+                                                   "(tok/s counts them)" if pre_rows else "")
+          + (f"; decode rows in {args.groups} Hydragen groups sharing {args.shared} cached tokens each, "
+             f"--context of their own" if args.groups else ""))
     print(f"{'batch':>6} {'ctx':>5} {'step ms':>8} {'host ms':>8} {'pipe ms':>8} {'allred ms':>9} {'floor ms':>9} "
           f"{'% floor':>8} {'tok/s':>9}")
     for r in rows:

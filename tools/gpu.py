@@ -10,8 +10,9 @@ Parts (their files under OUT/PART/; each run's log beside its result):
                          qwen3-0.6b and llama-3.2-1b written in bf16 with weights, once per --logprob-flags
                          set of launch flags (default: none)
   step                   bench_step.py on the llama-3.2-1b shape: decode steps (1..2,048 rows at 512
-                         tokens) and mixed steps (1,024 and 2,048 rows + 2,048 prompt tokens at 384),
-                         each with its host and kernel profile in the log
+                         tokens), mixed steps (1,024 and 2,048 rows + 2,048 prompt tokens at 384) and
+                         Hydragen steps (1,024 and 2,048 rows in two groups sharing 800 tokens, 192 their
+                         own, at temperature 0.6), each with its host and kernel profile in the log
   sharegpt-quick, sharegpt-full, prefix-quick, prefix-full (Hydragen where groups form), and
   prefix-quick-hydragen, prefix-full-hydragen, prefix-quick-no-hydragen, prefix-full-no-hydragen
                          bench.py through the API, llama-3.2-1b shape, random weights (--flags adds
@@ -97,7 +98,11 @@ LOGPROB_MODELS = ["qwen3-0.6b", "llama-3.2-1b"]
 # tests/test_logprobs.py writes its figures (compare_with_hf's dict) to the file this names
 LOGPROBS_ENV = "TOKA_LOGPROBS_OUT"
 STEP_SWEEPS = {"decode": ["--batches", "1,64,256,1024,2048", "--context", "512"],
-               "mixed": ["--batches", "1024,2048", "--context", "384", "--prefill-tokens", "2048"]}
+               "mixed": ["--batches", "1024,2048", "--context", "384", "--prefill-tokens", "2048"],
+               # shared-prefix's steady Hydragen step: two groups of n samples of an 800-token prompt,
+               # ~190 tokens of their own (traced), sampled at its temperature
+               "hydragen": ["--batches", "1024,2048", "--context", "192", "--groups", "2", "--shared", "800",
+                            "--temperature", "0.6"]}
 WORKLOADS = {  # part -> (bench.py workload, quick, launch flags)
     "sharegpt-quick": ("sharegpt-like", True, ""),
     "sharegpt-full": ("sharegpt-like", False, ""),

@@ -102,7 +102,8 @@ def step_rows(part: str, label: str, path: Path) -> list[Row]:
     rows = []
     for s in r["rows"]:
         prompt = f" + {s['prefill_tokens']:,} prompt tokens" if s.get("prefill_tokens") else ""
-        rows.append(Row(part, f"{label} {s['batch']:,} rows{prompt} at {s['context']}", s["pipelined_ms"], "ms a step",
+        at = f"{s['shared']} shared in {s['groups']} groups + {s['context']}" if s.get("groups") else s["context"]
+        rows.append(Row(part, f"{label} {s['batch']:,} rows{prompt} at {at}", s["pipelined_ms"], "ms a step",
                         s["pct_of_floor"], str(path)))
     return rows
 

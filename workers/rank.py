@@ -250,38 +250,58 @@ def rank_main(cfg: EngineConfig, rank: int) -> None:
     log.info("%s stopped", name)
 
 
-def serve(runner, plans: Channel, events: Channel | None, trace: StepTrace | None = None) -> None:
+def serve(runner, plans: Channel, events: Channel | None, trace: StepTrace | None = None) -> dict:
     """Runs plans in step order. Step N + 1 is launched before step N's tokens are copied out when
     its plan arrives while the device still runs step N, so the device does not wait for the host
     between them; step N is finished as soon as the device is done with it if no plan came first
     (the scheduler may need its tokens to plan more). The wait between the two spins: a timed poll
-    would add up to its timeout to every step's round trip through the scheduler."""
+    would add up to its timeout to every step's round trip through the scheduler.
+
+    Returns (and logs at the stop) the host seconds spent launching; the seconds the device idled
+    with every step finished before the next plan came (waiting for the scheduler, or for requests);
+    and, over the steps whose plan came while the one before was still in flight, the device's time
+    from that one's end to the step's forward (`runner.device_wait`: the step's input copies, and
+    whatever the host took to enqueue them late), which is what a host slower than the device costs."""
     expected = 0
-    pending = None
-    idle = launching = 0.0  # seconds the device waited for a plan / the host spent launching
+    pending, pending_behind = None, False  # the step in flight; whether its plan came while another was
+    launching = idle = host_wait = 0.0
     first = last = 0.0  # when the first and the latest plan arrived
+
+    def publish(launched, behind: bool) -> None:
+        nonlocal host_wait
+        if launched is None:
+            return
+        result = runner.finish(launched)
+        if events is not None:
+            events.send(result)
+        if behind:
+            host_wait += runner.device_wait(launched)
+
     if events is not None:
         events.wait_subscribers(2, timeout=600, name="events")  # scheduler and server
     while True:
         while pending is not None and not plans.poll(0):
             if runner.done(pending):
-                pending = _publish(runner, pending, events)
+                publish(pending, pending_behind)
+                pending = None
         t0 = time.perf_counter()
         msg = plans.recv()
         t1 = time.perf_counter()
         if msg.step_id != expected:
             raise RuntimeError(f"step plans out of order: expected {expected}, got {msg.step_id}")
         if isinstance(msg, protocol.Stop):
-            _publish(runner, pending, events)
+            publish(pending, pending_behind)
             runner.close()
             if trace is not None:
                 trace.close()
             if expected:
                 log.info("%d steps in %.1f s from the first plan to the last: launching %.2f ms a step; device idle "
-                         "waiting for plans %.2f ms a step (%.1f s in all)", expected, last - first,
-                         launching / expected * 1e3, idle / expected * 1e3, idle)
-            return
-        if pending is None and expected:  # nothing left on the device: it waited for this plan
+                         "waiting for plans %.2f ms a step (%.1f s in all); from a step's end to the next one's "
+                         "forward %.2f ms a step (%.1f s in all)", expected, last - first, launching / expected * 1e3,
+                         idle / expected * 1e3, idle, host_wait / expected * 1e3, host_wait)
+            return dict(steps=expected, span_s=last - first, launching_s=launching, idle_s=idle, host_wait_s=host_wait)
+        behind = pending is not None  # the last step may still be running: any wait before this one is the host's
+        if not behind and expected:  # nothing left on the device: it waited for this plan
             idle += t1 - t0  # (or for requests, between busy periods)
         first, last = first or t1, t1
         expected += 1
@@ -289,13 +309,5 @@ def serve(runner, plans: Channel, events: Channel | None, trace: StepTrace | Non
             trace.before_launch(msg)
         launched = runner.launch(msg)
         launching += time.perf_counter() - t1
-        _publish(runner, pending, events)
-        pending = launched
-
-
-def _publish(runner, launched, events: Channel | None) -> None:
-    if launched is not None:
-        result = runner.finish(launched)
-        if events is not None:
-            events.send(result)
-    return None
+        publish(pending, pending_behind)
+        pending, pending_behind = launched, behind

@@ -47,6 +47,10 @@ class Launched:
     packed: torch.Tensor | None  # None on a stage before the last: it reports nothing
     done: torch.cuda.Event | None
     prompt: list[PromptLogprobs]
+    # the previous launched step's `done` and this step's mark before its forward (timing events;
+    # None off CUDA): between them the device ran this step's input copies, or waited for the host
+    previous: torch.cuda.Event | None = None
+    forward_start: torch.cuda.Event | None = None
 
 
 class Pieces:
@@ -137,6 +141,8 @@ class ModelRunner:
         self.min_group = 0
         # other steps' forwards by token count, captured in pieces between attention calls (capture_pieces)
         self.pieces: dict[int, Pieces] = {}
+        self._last_done: torch.cuda.Event | None = None  # the latest launched step's
+        self._forward_start: torch.cuda.Event | None = None  # the step being launched's (_mark_forward)
 
     def to_device(self, values, dtype=torch.int64) -> torch.Tensor:
         """Host values (list or numpy) as a device tensor; one pinned, asynchronous copy on CUDA."""
@@ -259,8 +265,10 @@ class ModelRunner:
             self.p_ids[:tokens].copy_(inputs)
             self.p_pos[:tokens].copy_(batch.positions)
             self.p_seq[:tokens].copy_(batch.seq_lens)
+            self._mark_forward()
             self.pieces[size].replay(self.attn, tokens)
             return self.p_out[:tokens], batch.qo_indptr_host
+        self._mark_forward()
         hidden = self.model(inputs, ForwardContext(self.attn, batch.positions, batch.seq_lens))
         return hidden, batch.qo_indptr_host
 
@@ -382,6 +390,7 @@ class ModelRunner:
         else:  # padding rows keep earlier (finite) values
             self.pipe.recv_hidden(self.g_ids[:n])
         graph, out = graphs[bs]
+        self._mark_forward()
         graph.replay()
         # a copy: the next replay overwrites the graph's output while a send may still read it
         return (out[:n] if self.model.stage.last else out[:n].clone()), np.arange(n + 1)  # qo_indptr: a token a row
@@ -400,7 +409,7 @@ class ModelRunner:
                 pipe.send_hidden(hidden)
                 if stage.first and len(rows):
                     pipe.expect_tokens(plan.step_id, self.to_device(slots))
-            return Launched(plan, rows, slots, 0, None, self._record(), [])
+            return self._launched(plan, rows, slots, 0, None, [])
         self._admit(plan)
         hidden, qo_indptr = self.forward(plan)
         num_top = int(self.logprobs[slots].max(initial=0))
@@ -416,9 +425,9 @@ class ModelRunner:
             pipe.send_tokens(tokens)
         host = torch.empty(packed.shape, dtype=torch.float32, pin_memory=self.cuda)
         host.copy_(packed, non_blocking=True)
-        done = self._record()
-        prompt = self._prompt_logprobs(plan, hidden, qo_indptr)
-        return Launched(plan, rows, slots, num_top, host, done, prompt)
+        launched = self._launched(plan, rows, slots, num_top, host, [])
+        launched.prompt = self._prompt_logprobs(plan, hidden, qo_indptr)  # may synchronize: after the step's end
+        return launched
 
     def _logit_chunk(self, slots: np.ndarray, num_top: int) -> int:
         """Rows sampled at once: FUSED_CHUNK where the fused kernel takes them all (sampling.fused),
@@ -426,12 +435,29 @@ class ModelRunner:
         plain = fused(self.cuda, bool(self.filtered[slots].any()), num_top, self.processor.needed(slots))
         return FUSED_CHUNK if plain else LOGIT_CHUNK
 
-    def _record(self) -> torch.cuda.Event | None:
-        if not self.cuda:
-            return None
-        done = torch.cuda.Event()
-        done.record()
-        return done
+    def _mark_forward(self) -> None:
+        """Records where the step being launched begins its forward on the device, after its inputs."""
+        if self.cuda:
+            self._forward_start = torch.cuda.Event(enable_timing=True)
+            self._forward_start.record()
+
+    def _launched(self, plan: StepPlan, rows, slots, num_top: int, packed, prompt) -> Launched:
+        """The step just enqueued, its end recorded on the device."""
+        done = None
+        if self.cuda:
+            done = torch.cuda.Event(enable_timing=True)
+            done.record()
+        launched = Launched(plan, rows, slots, num_top, packed, done, prompt, self._last_done, self._forward_start)
+        self._last_done, self._forward_start = done, None
+        return launched
+
+    def device_wait(self, launched: Launched) -> float:
+        """Seconds from the previous launched step's end to this step's forward on the device: its
+        input copies, and any time the device waited for the host to enqueue them. 0 off CUDA. Call
+        after finish(launched)."""
+        if launched.previous is None or launched.forward_start is None:
+            return 0.0
+        return launched.previous.elapsed_time(launched.forward_start) / 1e3
 
     def done(self, launched: Launched) -> bool:
         """Whether the device has finished the step (finish() would not wait)."""

@@ -1,6 +1,7 @@
 """The rank's serve loop with a simulated device: the next step is launched before the running one
-is finished when its plan arrives first, and a finished step is published without waiting for a
-plan that may never come."""
+is finished when its plan arrives first, a finished step is published without waiting for a plan
+that may never come, and the device's wait before a step counts as the host's only when that step's
+plan came while the one before was still in flight."""
 
 from __future__ import annotations
 
@@ -53,6 +54,9 @@ class FakeDevice:
     def close(self) -> None:
         self.log.append("close")
 
+    def device_wait(self, launched) -> float:
+        return 1.0  # a second a step, so the summary counts the steps it was asked for
+
     # the events socket
     def send(self, result) -> None:
         self.sent.append(result)
@@ -63,14 +67,17 @@ class FakeDevice:
 
 def test_next_step_is_launched_before_the_running_one_finishes_when_its_plan_comes_first():
     dev = FakeDevice(plan_delays=[1, 3, 3, 3], device_polls=10)  # plans come faster than the device
-    serve(dev, dev, dev)
+    summary = serve(dev, dev, dev)
     assert dev.log == ["launch 0", "launch 1", "finish 0", "launch 2", "finish 1", "launch 3", "finish 2", "finish 3",
                        "close"]
     assert dev.sent == [0, 1, 2, 3]
+    assert summary["steps"] == 4 and summary["host_wait_s"] == 3.0  # steps 1-3 came while one was in flight
 
 
 def test_a_finished_step_is_published_without_waiting_for_the_next_plan():
     dev = FakeDevice(plan_delays=[1, 50, 50], device_polls=5)  # the scheduler needs each result first
-    serve(dev, dev, dev)
+    summary = serve(dev, dev, dev)
     assert dev.log == ["launch 0", "finish 0", "launch 1", "finish 1", "launch 2", "finish 2", "close"]
     assert dev.sent == [0, 1, 2]
+    # every plan came to an idle device: the waits are the scheduler's, not the host's launching
+    assert summary["host_wait_s"] == 0.0 and summary["idle_s"] > 0

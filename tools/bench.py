@@ -16,7 +16,9 @@ the percentage of the speed of light: the time the workload needs at least on th
 matmul rate, plus the KV cache bytes each decode step reads (its whole context, once per sequence:
 no prefix sharing) at the copy bandwidth (bytes read + written per second); for n > 1 also the floor
 when a request's sequences read their shared prompt once per step. The floor of a launch on several
-GPUs (--tp x --pp x --dp) splits the work evenly among them.
+GPUs (--tp x --pp x --dp) splits the work evenly among them. With --launch, the server's output
+passes through to stderr and the result's "engine" holds the host figures its ranks and schedulers
+log at the stop (engine_figures).
 
 --server-code DIR serves with another version's engine (an earlier commit's toka/ and workers/)
 while this client measures it: an A/B of two versions with one client (tools/gpu.py ab).
@@ -36,10 +38,12 @@ import json
 import os
 import queue
 import random
+import re
 import shlex
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -277,6 +281,49 @@ def _result(reqs: list[dict], elapsed: float, usages: list[dict], running: list[
     }
 
 
+# the per-step host figures the engine logs at its stop (workers/rank.py, toka/scheduler/main.py); the
+# rank's last figure is newer than some engines an A/B runs, so it may be missing
+RANK_LINE = re.compile(r"(\d+) steps in ([\d.]+) s from the first plan to the last: launching ([\d.]+) ms a step; "
+                       r"device idle waiting for plans ([\d.]+) ms a step(?:.*? next one's forward ([\d.]+) ms a step)?")
+SCHEDULER_LINE = re.compile(r"(\d+) steps: planning ([\d.]+) ms a step, taking results ([\d.]+) ms a step")
+
+
+def engine_figures(lines) -> dict:
+    """The engine's stop lines among `lines`: per rank 0 of each replica its steps, their span and
+    its host ms a step (launching; the device waiting for plans; from a step's end to the next
+    one's forward), per scheduler its ms a step planning and taking results."""
+    ranks, schedulers = [], []
+    for line in lines:
+        if m := RANK_LINE.search(line):
+            steps, span, launching, plan_wait, host_wait = m.groups()
+            ranks.append(dict(steps=int(steps), span_s=float(span), launching_ms=float(launching),
+                              plan_wait_ms=float(plan_wait), host_wait_ms=None if host_wait is None else float(host_wait)))
+        elif m := SCHEDULER_LINE.search(line):
+            schedulers.append(dict(steps=int(m[1]), planning_ms=float(m[2]), results_ms=float(m[3])))
+    return dict(ranks=ranks, schedulers=schedulers)
+
+
+class ServerOutput:
+    """Passes the server's output on to this process's stderr, a line at a time, and keeps the lines
+    engine_figures reads."""
+
+    def __init__(self, stream):
+        self.lines: list[str] = []
+        self._thread = threading.Thread(target=self._copy, args=(stream,), daemon=True)
+        self._thread.start()
+
+    def _copy(self, stream) -> None:
+        for line in stream:
+            sys.stderr.write(line)
+            if RANK_LINE.search(line) or SCHEDULER_LINE.search(line):
+                self.lines.append(line)
+
+    def figures(self, timeout: float = 30) -> dict:
+        """After the server has exited: its output read to the end."""
+        self._thread.join(timeout)
+        return engine_figures(self.lines)
+
+
 def launch(flags: str, code: str | None = None) -> tuple[subprocess.Popen, str]:
     """toka-launch with `flags` on a free port, once healthy. `code`: a folder holding another
     version's toka/ and workers/ for the server to run (this process's client code stays); the
@@ -292,7 +339,9 @@ def launch(flags: str, code: str | None = None) -> tuple[subprocess.Popen, str]:
         path = [code, *filter(None, [os.environ.get("PYTHONPATH")])]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}  # for any process that starts elsewhere
     proc = subprocess.Popen([sys.executable, "-m", "toka.launch", "--port", str(port), *shlex.split(flags)],
-                            cwd=code, env=env)
+                            cwd=code, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            errors="replace")
+    proc.output = ServerOutput(proc.stdout)
     url = f"http://127.0.0.1:{port}"
     import urllib.request
 
@@ -353,11 +402,12 @@ def main() -> None:
         if proc is not None:
             proc.terminate()
             proc.wait(60)
+    engine = proc.output.figures() if proc is not None else None
     gpus = launch_gpus(flags)
     result.update(workload=args.workload, quick=args.quick, via=args.via, launch=args.launch, gpus=gpus,
                   clients=args.clients if args.via == "live" else None,
                   server_code=args.server_code and os.path.abspath(args.server_code),
-                  rates=rates.as_json() if rates else None)
+                  rates=rates.as_json() if rates else None, engine=engine)
     if rates:
         result.update(speed_of_light(reqs, model, rates, gpus, result["seconds"]))
     else:

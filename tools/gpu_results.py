@@ -56,7 +56,24 @@ def bench_rows(part: str, label: str, path: Path) -> list[Row]:
     rows = [Row(part, label, value, unit, r.get("pct_of_speed_of_light"), str(path))]
     if "pct_of_speed_of_light_shared" in r:
         rows.append(Row(part, f"{label}: shared-read floor", value, unit, r["pct_of_speed_of_light_shared"], str(path)))
-    return rows
+    return rows + engine_rows(part, label, r, path)
+
+
+def engine_rows(part: str, label: str, r: dict, path: Path) -> list[Row]:
+    """The host figures the engine logged at its stop (bench.py's `engine`), of the first rank and
+    scheduler: whether the host kept ahead of the device."""
+    engine = r.get("engine") or {}
+    ranks, schedulers = engine.get("ranks") or [], engine.get("schedulers") or []
+    if not ranks:
+        return []
+    rank = ranks[0]
+    figures = [f"launching {rank['launching_ms']:.2f}", f"device waiting for plans {rank['plan_wait_ms']:.2f}"]
+    if rank.get("host_wait_ms") is not None:
+        figures.append(f"from a step's end to the next forward {rank['host_wait_ms']:.2f}")
+    if schedulers:
+        figures += [f"planning {schedulers[0]['planning_ms']:.2f}", f"taking results {schedulers[0]['results_ms']:.2f}"]
+    return [Row(part, f"{label}: host, {rank['steps']:,} steps in {rank['span_s']:.1f} s", ", ".join(figures),
+                "ms a step", file=str(path))]
 
 
 def ratio_row(part: str, figure: str, top: Path, bottom: Path) -> list[Row]:

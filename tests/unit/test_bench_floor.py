@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from tools.bench import flag, launch_gpus, model_costs, speed_of_light, speed_of_light_seconds
+from tools.bench import engine_figures, flag, launch_gpus, model_costs, speed_of_light, speed_of_light_seconds
 from tools.floor import Rates, card_rates, floor_seconds
 from tools.make_model import make_model
 
@@ -65,3 +65,20 @@ def test_clients_share_half_the_local_port_range_in_connections(monkeypatch):
     assert bench.connection_limit(100, 8) == 100  # fewer requests than that: one connection each
     monkeypatch.setattr(bench, "raise_open_files_limit", lambda: 1000)
     assert bench.connection_limit(65536, 1) == 1000 - 256  # and within the open-files limit
+
+
+def test_the_engines_stop_lines_give_its_host_figures_also_from_an_older_rank():
+    lines = [
+        "2026-12-03 14:00:00 rank0 INFO toka.rank: 4131 steps in 56.6 s from the first plan to the last: launching "
+        "8.60 ms a step; device idle waiting for plans 0.04 ms a step (0.2 s in all); from a step's end to the next "
+        "one's forward 1.25 ms a step (5.2 s in all)\n",
+        "2026-12-03 14:00:00 scheduler INFO toka.scheduler: 4131 steps: planning 2.63 ms a step, taking results "
+        "0.55 ms a step\n",
+        "rank1 INFO toka.rank: 10 steps in 1.0 s from the first plan to the last: launching 3.00 ms a step; device "
+        "idle waiting for plans 0.50 ms a step (0.0 s in all)\n",  # an engine before the last figure
+        "an unrelated line\n",
+    ]
+    assert engine_figures(lines) == dict(
+        ranks=[dict(steps=4131, span_s=56.6, launching_ms=8.6, plan_wait_ms=0.04, host_wait_ms=1.25),
+               dict(steps=10, span_s=1.0, launching_ms=3.0, plan_wait_ms=0.5, host_wait_ms=None)],
+        schedulers=[dict(steps=4131, planning_ms=2.63, results_ms=0.55)])

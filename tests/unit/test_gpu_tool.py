@@ -83,6 +83,17 @@ def test_workload_command_line_and_its_table(tmp_path):
         ("shared-prefix quick, --hydragen --max-seqs 4096: shared-read floor", 117_000.0, "output tok/s", 48.6)]
 
 
+def test_a_workloads_host_figures_come_from_the_engines_stop_lines(tmp_path):
+    p = part("prefix-quick", tmp_path)
+    engine = dict(ranks=[dict(steps=4131, span_s=56.6, launching_ms=8.6, plan_wait_ms=0.04, host_wait_ms=1.25)],
+                  schedulers=[dict(steps=4131, planning_ms=2.63, results_ms=0.55)])
+    write(p.dir / "bench.json", bench_result("shared-prefix", engine=engine))
+    (row,) = [r for r in gpu.workload(p) if r.unit == "ms a step"]
+    assert row.figure == "shared-prefix quick, defaults: host, 4,131 steps in 56.6 s"
+    assert row.value == ("launching 8.60, device waiting for plans 0.04, from a step's end to the next forward 1.25, "
+                         "planning 2.63, taking results 0.55")
+
+
 def test_compare_runs_one_lane_a_gpu_and_in_turns_on_fewer(tmp_path):
     flags = ["--compare-flags", "", "--compare-flags", "--max-seqs 4096", "--compare-flags=--hydragen"]
     p = part("compare", tmp_path, *flags, gpus=("2", "3"))

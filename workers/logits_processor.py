@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from toka.protocol import SeqParams
+from workers import staging
 
 
 class LogitsProcessor:
@@ -128,5 +129,4 @@ class LogitsProcessor:
             self.counts.index_put_((idx[1], tokens[idx[0]]), one, accumulate=True)
 
     def _to_device(self, values: np.ndarray, dtype=torch.int64) -> torch.Tensor:
-        t = torch.as_tensor(values, dtype=dtype)
-        return t.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else t
+        return staging.to_device(values, dtype, self.device)

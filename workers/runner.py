@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from toka.protocol import PromptLogprobs, StepPlan, StepResult, TopLogprobs
+from workers import staging
 from workers.attention import AttentionBackend, AttentionBatch, PrefixGroups, cumsum0
 from workers.layers.attention import ForwardContext
 from workers.logits_processor import LogitsProcessor
@@ -145,9 +146,9 @@ class ModelRunner:
         self._forward_start: torch.cuda.Event | None = None  # the step being launched's (_mark_forward)
 
     def to_device(self, values, dtype=torch.int64) -> torch.Tensor:
-        """Host values (list or numpy) as a device tensor; one pinned, asynchronous copy on CUDA."""
-        t = torch.as_tensor(np.asarray(values), dtype=dtype)
-        return t.pin_memory().to(self.device, non_blocking=True) if self.cuda else t
+        """Host values (list or numpy) as a device tensor; one pinned, asynchronous copy on CUDA (from
+        the launch's part of the staging ring, workers/staging.py)."""
+        return staging.to_device(values, dtype, self.device)
 
     # ---- inputs --------------------------------------------------------------------------------
     def _admit(self, plan: StepPlan) -> None:
@@ -396,8 +397,17 @@ class ModelRunner:
         return (out[:n] if self.model.stage.last else out[:n].clone()), np.arange(n + 1)  # qo_indptr: a token a row
 
     # ---- step ----------------------------------------------------------------------------------
-    @torch.inference_mode()
     def launch(self, plan: StepPlan) -> Launched:
+        """Enqueues the step's device work; its host-to-device copies come from the next part of the
+        staging ring."""
+        staging.RING.begin()
+        try:
+            return self._launch(plan)
+        finally:
+            staging.RING.end()
+
+    @torch.inference_mode()
+    def _launch(self, plan: StepPlan) -> Launched:
         stage, pipe = self.model.stage, self.pipe if plan.step_id >= 0 else None
         rows = np.flatnonzero(plan.emit)
         slots = np.asarray(plan.slots, dtype=np.int64)[rows]

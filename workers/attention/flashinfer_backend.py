@@ -28,6 +28,7 @@ import torch
 from workers.attention import AttentionBackend, AttentionBatch, cumsum0
 from workers.attention.triton_decode import WorkList
 from workers.attention.triton_decode import decode as triton_decode
+from workers.staging import RING
 
 WORKSPACE_BYTES = 256 * 1024 * 1024
 
@@ -241,7 +242,7 @@ class FlashInferAttention(AttentionBackend):
             self._plan(slot.wrapper, _pinned(g.suffix_indptr_host), g.suffix_indices,
                        _pinned(batch.last_page_len_host), *heads, **common)
         slot.positions.copy_(_pinned(own_positions), non_blocking=True)
-        slot.prefix.grouped.copy_(torch.from_numpy(np.arange(bs) < rows[:real].sum()).pin_memory(), non_blocking=True)
+        slot.prefix.grouped.copy_(RING.host(np.arange(bs) < rows[:real].sum()), non_blocking=True)
 
     def _plan(self, wrapper, *args, **kwargs) -> None:
         # A wrapper's plan() fills its pinned buffer and enqueues a copy from it to the device. The
@@ -327,5 +328,6 @@ def _prefill(wrapper, q: torch.Tensor, kv: torch.Tensor, out: torch.Tensor | Non
 
 
 def _pinned(values: np.ndarray) -> torch.Tensor:
-    """Host int32 tensor in pinned memory: FlashInfer's planners copy it to the device asynchronously."""
-    return torch.from_numpy(values.astype(np.int32)).pin_memory()
+    """Host int32 tensor in pinned memory (the staging ring's): FlashInfer's planners read it on the
+    host and copy it to the device asynchronously."""
+    return RING.host(values.astype(np.int32))

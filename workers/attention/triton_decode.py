@@ -42,6 +42,7 @@ import numpy as np
 import torch
 
 from workers.attention import cumsum0
+from workers.staging import RING
 
 try:
     import triton
@@ -298,8 +299,7 @@ class WorkList:
             into = cls(len(pages), int(cls.chunks_of(pages, chunk).sum()), device, chunk=chunk, own=True,
                        split=bool((pages > chunk).any()))
         host = cls.host(pages, kv_lens, into.bound, into.chunk)
-        host = torch.from_numpy(host)
-        into.buffer.copy_(host.pin_memory() if into.buffer.is_cuda else host, non_blocking=True)
+        into.buffer.copy_(RING.host(host) if into.buffer.is_cuda else torch.from_numpy(host), non_blocking=True)
         return into
 
     @staticmethod

@@ -118,6 +118,7 @@ WORKLOADS = {  # part -> (bench.py workload, quick, launch flags)
     "prefix-full-no-hydragen": ("shared-prefix", False, "--no-hydragen"),
 }
 TAIL_LINES = 30  # of a failed run's log, printed with the progress lines
+PROFILE_ENV = "TOKA_PROFILE"  # --engine-profile: the folder each engine process writes its cProfile into
 TRACE_STEPS = "1200:40"  # compare's traced steps: past the ramp-up of either workload's quick run
 TIMEOUTS = {"models": 1200, "tests": 1800, "step": 600, "sharegpt-quick": 600, "sharegpt-full": 1200,
             "prefix-quick": 600, "prefix-full": 1500, "prefix-quick-hydragen": 600, "prefix-full-hydragen": 1200,
@@ -153,6 +154,8 @@ class Part:
                     self.failed.append(f"{job.name}: {why}, log {job.log}")
                     if rc != STOPPED:  # the log may stay on the GPU host: its end comes back with stdout
                         say(log_tail(job.log, f"{job.name}: {why}; the end of its log:"))
+                if PROFILE_ENV in job.env:
+                    profile_summary(Path(job.env[PROFILE_ENV]))
 
     def bench(self, name: str, workload: str, flags: str, quick: bool, model: str = SMALL, extra: tuple = (),
               env: dict | None = None, gpus: list[str] | None = None, results: tuple[Path, ...] = ()) -> Job:
@@ -161,6 +164,8 @@ class Part:
         launch = shlex.join(["--model", str(self.models.path(model)), "--load-format", "random"])
         rates = [f"--{k}={getattr(self.args, k)}" for k in ("flops", "bandwidth") if getattr(self.args, k)]
         out = self.dir / f"{name}.json"
+        if self.args.engine_profile:  # every engine process's cProfile, summarized after the run
+            env = {**(env or {}), PROFILE_ENV: str(self.dir / f"{name}-profile")}
         return self.job(name, py("tools.bench", f"--launch={launch} {flags}".strip(), "--vocab", VOCAB,
                                  "--workload", workload, *(["--quick"] if quick else []), *rates, "--out", out,
                                  *extra), (out, *results), env, gpus)
@@ -176,6 +181,24 @@ class Part:
         """bench_step.py on random weights of `model`'s shape, its result in NAME.json."""
         out = self.dir / f"{name}.json"
         return self.job(name, py("tools.bench_step", self.models.path(model), *flags, "--out", out), (out,))
+
+
+def profile_summary(folder: Path, lines: int = 25) -> Path | None:
+    """FOLDER.txt: each engine process's cProfile (TOKA_PROFILE's FOLDER/<process>.prof), its
+    functions by their own time."""
+    import io
+    import pstats
+
+    profiles = sorted(folder.glob("*.prof"))
+    if not profiles:
+        return None
+    out = io.StringIO()
+    for prof in profiles:
+        out.write(f"--- {prof.stem}\n")
+        pstats.Stats(str(prof), stream=out).sort_stats("tottime").print_stats(lines)
+    path = folder.with_name(folder.name + ".txt")
+    path.write_text(out.getvalue())
+    return path
 
 
 def log_tail(log: Path, heading: str) -> str:
@@ -439,6 +462,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--pp", type=int, default=2, help="pp: stages (and the --tp size of its agreement check)")
     p.add_argument("--pp-tp", type=int, default=0, metavar="K",
                    help="pp: also --pp N --tp K against --tp N x K (N x K GPUs)")
+    p.add_argument("--engine-profile", action="store_true",
+                   help="bench.py runs: every engine process under cProfile (TOKA_PROFILE; slows the host several "
+                        "times, so not for figures), each summarized into report.txt")
     p.add_argument("--report-to", type=Path, metavar="DIR",
                    help="also write report.txt and summary.json into DIR after every part (what finished "
                         "survives the whole command being killed)")
@@ -591,10 +617,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def write_report(out: Path, text: str, into: Path | None = None) -> Path:
     """report.txt in `into` (default OUT): the table, then every traced run's summary (compare's
-    *-steps.txt) and every step run's log (its host and kernel profiles) under OUT, in one file: what
+    *-steps.txt), every step run's log (its host and kernel profiles) and every engine profile's
+    summary (--engine-profile) under OUT, in one file: what
     a GPU host that brings back few files, and none deep in folders, needs to bring back."""
     sections = [text]
-    for f in sorted(out.rglob("*-steps.txt")) + sorted((out / "step").glob("*.log")):
+    for f in sorted(out.rglob("*-steps.txt")) + sorted((out / "step").glob("*.log")) + sorted(out.rglob("*-profile.txt")):
         sections += ["", f"=== {f.relative_to(out)}", f.read_text(errors="replace").rstrip()]
     into = into or out
     into.mkdir(parents=True, exist_ok=True)

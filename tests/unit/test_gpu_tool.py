@@ -391,3 +391,21 @@ def test_a_failed_run_prints_the_end_of_its_log(tmp_path, capsys):
     assert "bench: exit 1; the end of its log:\n" in out and "    Traceback: the cause" in out
     assert "    line 71" in out and "line 70" not in out  # the last 30 lines
     assert p.failed == [f"bench: exit 1, log {p.dir / 'bench.log'}"]
+
+
+def test_engine_profiles_are_summarized_into_the_report(tmp_path):
+    import cProfile
+
+    p = part("prefix-quick", tmp_path, "--engine-profile")
+    gpu.workload(p)
+    (job,) = p.runner.batches[0]
+    folder = Path(job.env["TOKA_PROFILE"])
+    assert folder == p.dir / "bench-profile"
+    folder.mkdir(parents=True)
+    prof = cProfile.Profile()
+    prof.runcall(sorted, range(1000))
+    prof.dump_stats(str(folder / "rank0.prof"))
+    summary = gpu.profile_summary(folder)
+    assert summary == p.dir / "bench-profile.txt" and "--- rank0" in summary.read_text()
+    report = gpu.write_report(p.args.out, "table").read_text()
+    assert "=== prefix-quick/bench-profile.txt" in report and "sorted" in report

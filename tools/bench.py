@@ -325,7 +325,8 @@ class ServerOutput:
 
 
 def launch(flags: str, code: str | None = None) -> tuple[subprocess.Popen, str]:
-    """toka-launch with `flags` on a free port, once healthy. `code`: a folder holding another
+    """toka-launch with `flags` on a free port, once healthy; its output passes on to stderr through
+    `proc.output` (a ServerOutput, read after the server exits). `code`: a folder holding another
     version's toka/ and workers/ for the server to run (this process's client code stays); the
     server starts in it, since `python -m` puts its working folder before PYTHONPATH."""
     with socket.socket() as s:

@@ -48,6 +48,8 @@ def step_plan(step: int, batch: int, context: int, page_size: int, prefill_rows:
     page table."""
     if shared % page_size or (shared and not groups):
         raise ValueError(f"--shared {shared}: whole pages of {page_size} tokens, with --groups")
+    if groups > batch:
+        raise ValueError(f"--groups {groups} of {batch} rows: every group needs a row")
     pages = -(-context // page_size)
     pre_pages = -(-prefill_len // page_size)
     shared_pages = shared // page_size if groups else 0

@@ -419,7 +419,7 @@ class ModelRunner:
                 pipe.send_hidden(hidden)
                 if stage.first and len(rows):
                     pipe.expect_tokens(plan.step_id, self.to_device(slots))
-            return self._launched(plan, rows, slots, 0, None, [])
+            return self._launched(plan, rows, slots, 0, None)
         self._admit(plan)
         hidden, qo_indptr = self.forward(plan)
         num_top = int(self.logprobs[slots].max(initial=0))
@@ -435,7 +435,7 @@ class ModelRunner:
             pipe.send_tokens(tokens)
         host = torch.empty(packed.shape, dtype=torch.float32, pin_memory=self.cuda)
         host.copy_(packed, non_blocking=True)
-        launched = self._launched(plan, rows, slots, num_top, host, [])
+        launched = self._launched(plan, rows, slots, num_top, host)
         launched.prompt = self._prompt_logprobs(plan, hidden, qo_indptr)  # may synchronize: after the step's end
         return launched
 
@@ -451,13 +451,13 @@ class ModelRunner:
             self._forward_start = torch.cuda.Event(enable_timing=True)
             self._forward_start.record()
 
-    def _launched(self, plan: StepPlan, rows, slots, num_top: int, packed, prompt) -> Launched:
-        """The step just enqueued, its end recorded on the device."""
+    def _launched(self, plan: StepPlan, rows, slots, num_top: int, packed) -> Launched:
+        """The step just enqueued, its end recorded on the device (its prompt logprobs to come)."""
         done = None
         if self.cuda:
             done = torch.cuda.Event(enable_timing=True)
             done.record()
-        launched = Launched(plan, rows, slots, num_top, packed, done, prompt, self._last_done, self._forward_start)
+        launched = Launched(plan, rows, slots, num_top, packed, done, [], self._last_done, self._forward_start)
         self._last_done, self._forward_start = done, None
         return launched
 

@@ -14,6 +14,7 @@ read on the host later, after other launches may have taken its part.
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import numpy as np
@@ -68,10 +69,10 @@ class Ring:
         n = a.nbytes
         if self.used is None or self.used + n > self.slot_bytes:
             t = torch.from_numpy(a if a.flags.writeable else a.copy())
-            return t.pin_memory() if self.pin or (self.pin is None and torch.cuda.is_available()) else t
+            return t if self.pin is False else t.pin_memory()  # only CUDA paths stage: unset means CUDA
         start = self.used
         self.used = -(-(start + n) // ALIGN) * ALIGN
-        t = self.buf[self.slot, start : start + n].view(torch.from_numpy(a[:0].reshape(-1)).dtype).view(a.shape)
+        t = self.buf[self.slot, start : start + n].view(_torch_dtype(a.dtype)).view(a.shape)
         np.copyto(t.numpy(), a)
         return t
 
@@ -79,10 +80,20 @@ class Ring:
 RING = Ring()  # the process's: a rank drives one device
 
 
+@functools.cache
+def _torch_dtype(dtype: np.dtype) -> torch.dtype:
+    return torch.from_numpy(np.empty(0, dtype=dtype)).dtype
+
+
+@functools.cache
+def _numpy_dtype(dtype: torch.dtype) -> np.dtype:
+    return torch.empty(0, dtype=dtype).numpy().dtype
+
+
 def to_device(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """Host values (list or numpy) as a tensor of `dtype` on `device`: on CUDA one asynchronous copy
     from pinned memory."""
-    a = np.asarray(values, dtype=torch.empty((), dtype=dtype).numpy().dtype)
+    a = np.asarray(values, dtype=_numpy_dtype(dtype))
     if device.type != "cuda":
         return torch.from_numpy(a)
     return RING.host(a).to(device, non_blocking=True)

@@ -31,6 +31,8 @@ def test_group_rows_share_their_groups_pages_and_own_the_rest():
     assert step_plan(1, **PLAN).table_pages == []  # later steps write no pages
     with pytest.raises(ValueError, match="whole pages"):
         step_plan(0, **{**PLAN, "shared": 20})
+    with pytest.raises(ValueError, match="every group needs a row"):
+        step_plan(0, **{**PLAN, "batch": 1})
 
 
 def test_grouped_steps_decode_as_the_same_pages_without_groups(tiny_models):

@@ -252,9 +252,9 @@ class FlashInferAttention(AttentionBackend):
         if previous is not None:
             previous.synchronize()
         if isinstance(wrapper, flashinfer.BatchPrefillWithPagedKVCacheWrapper):
-            # given, the longest query is not found by a Python loop over the entries' tensor elements
-            # (~0.2 ms for a graph's 129 Hydragen entries, on the host that paces those steps); only
-            # FlashInfer's cuDNN backend reads it. args[0]: qo_indptr, pinned on the host
+            # the longest query, which plan() otherwise finds by a Python loop over the tensor's
+            # elements (~0.2 ms for a graph's 129 Hydragen entries, on the host that paces those
+            # steps); only FlashInfer's cuDNN backend reads it. args[0]: qo_indptr, on the host
             kwargs["max_token_per_sequence"] = int(np.diff(args[0].numpy()).max())
         wrapper.plan(*args, **kwargs)
         done = self._planned[id(wrapper)] = torch.cuda.Event()

@@ -98,22 +98,24 @@ def kind_of(name: str) -> str:
 def device_lines(kernels: list[tuple[float, float, str]], steps: int) -> list[str]:
     """What the device did over `steps` steps, from its kernels' (start, end, name) in µs sorted by
     start: busy and idle time a step, the kernels' time by kind (KINDS) and by kernel, and where the
-    idle time fell: each
-    gap is put down to the kernel that ended it (the one the device waited to start), so a wait for
-    the host shows as the first kernel of what the host had not yet launched."""
+    idle time fell: each gap is put down to the kernel before it and the one that ended it (the one
+    the device waited to start), so a wait for the host shows as the first kernel of what the host had
+    not yet launched, and the kernel before says where in the step the host fell behind."""
     if not kernels:
         return []
     span = kernels[-1][1] - kernels[0][0]
-    busy, end = 0.0, kernels[0][0]
+    busy, end, last = 0.0, kernels[0][0], kernels[0][2]
     gaps: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
     sizes = np.zeros(3)  # idle in gaps under 10 µs, 10-100 µs, over 100 µs
     for lo, hi, name in kernels:  # union of the kernels' intervals
         if lo > end:
-            gaps[name][0] += lo - end
-            gaps[name][1] += 1
+            gap = gaps[f"{last[:50]} -> {name[:55]}"]
+            gap[0] += lo - end
+            gap[1] += 1
             sizes[np.searchsorted([10.0, 100.0], lo - end)] += lo - end
         busy += max(0.0, hi - max(lo, end))
-        end = max(end, hi)
+        if hi >= end:
+            end, last = hi, name
     ms = 1e3 * steps
     lines = [f"device: {span / ms:.2f} ms a step, busy {busy / ms:.2f}, idle {(span - busy) / ms:.2f} "
              f"({100 * (span - busy) / span:.1f} %)"]
@@ -130,8 +132,8 @@ def device_lines(kernels: list[tuple[float, float, str]], steps: int) -> list[st
         lines.append(f"{t / ms:10.3f} {calls / steps:6.1f}  {name[:110]}")
     if gaps:
         lines.append("idle a step in gaps of < 10 µs, 10-100 µs, > 100 µs: " + ", ".join(f"{v / ms:.2f}" for v in sizes)
-                     + " ms; by the kernel that ended the gap:")
-        lines.append(f"{'ms a step':>10} {'gaps':>6}  kernel")
+                     + " ms; by the kernels before and after the gap:")
+        lines.append(f"{'ms a step':>10} {'gaps':>6}  kernel before -> kernel after")
         for name, (t, count) in sorted(gaps.items(), key=lambda kv: -kv[1][0])[:8]:
-            lines.append(f"{t / ms:10.3f} {count / steps:6.1f}  {name[:110]}")
+            lines.append(f"{t / ms:10.3f} {count / steps:6.1f}  {name}")
     return lines

@@ -44,17 +44,19 @@ def test_off_without_spec(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
-def test_device_lines_put_idle_time_down_to_the_kernel_that_ended_it():
-    # two steps' kernels (µs): gaps of 4 µs before "b", 60 before "c" and 200 before "a" (the second
-    # step's first kernel); the overlapping "b" kernels count once in the busy time
+def test_device_lines_put_idle_time_down_to_the_kernels_around_it():
+    # two steps' kernels (µs): gaps of 4 µs between "a" and "b", 60 between "b" and "c" and 200 between
+    # "c" and "a" (the second step's first kernel); the overlapping "b" kernels count once in the busy
+    # time, and the later-ending one is the kernel before the next gap
     kernels = [(0, 100, "a"), (104, 200, "b"), (150, 210, "b"), (270, 300, "c"), (500, 600, "a"), (600, 700, "b")]
     lines = device_lines(kernels, steps=2)
     assert lines[0] == "device: 0.35 ms a step, busy 0.22, idle 0.13 (37.7 %)"
     assert lines[1] == "by kind, ms a step: matmul 0.00, attention 0.00, copy 0.00, other 0.24"  # sums of durations
     at = next(i for i, line in enumerate(lines) if line.startswith("idle a step"))
     assert lines[at].startswith("idle a step in gaps of < 10 µs, 10-100 µs, > 100 µs: 0.00, 0.03, 0.10 ms")
-    assert [line.split() for line in lines[at + 2:]] == [["0.100", "0.5", "a"], ["0.030", "0.5", "c"],
-                                                        ["0.002", "0.5", "b"]]
+    assert [line.split() for line in lines[at + 2:]] == [["0.100", "0.5", "c", "->", "a"],
+                                                        ["0.030", "0.5", "b", "->", "c"],
+                                                        ["0.002", "0.5", "a", "->", "b"]]
 
 
 def test_kernels_are_put_down_to_their_kind():

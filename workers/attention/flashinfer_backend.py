@@ -252,10 +252,15 @@ class FlashInferAttention(AttentionBackend):
         if previous is not None:
             previous.synchronize()
         if isinstance(wrapper, flashinfer.BatchPrefillWithPagedKVCacheWrapper):
+            qo_indptr, kv_indptr, _, last_page_len, *_, page_size = args  # host tensors, pinned
             # the longest query, which plan() otherwise finds by a Python loop over the tensor's
-            # elements (~0.2 ms for a graph's 129 Hydragen entries, on the host that paces those
-            # steps); only FlashInfer's cuDNN backend reads it. args[0]: qo_indptr, on the host
-            kwargs["max_token_per_sequence"] = int(np.diff(args[0].numpy()).max())
+            # elements (~0.2 ms for a graph's 129 Hydragen entries); only the cuDNN backend reads it
+            kwargs["max_token_per_sequence"] = int(np.diff(qo_indptr.numpy()).max())
+            # each entry's KV length, pinned: plan() otherwise computes it into pageable memory and
+            # copies that to the device, and a copy from pageable memory first waits for the stream
+            # to drain, so the host, a step ahead, waited for the device's last step every plan
+            kwargs["seq_lens"] = _pinned(np.maximum(np.diff(kv_indptr.numpy()) - 1, 0) * page_size
+                                         + last_page_len.numpy())
         wrapper.plan(*args, **kwargs)
         done = self._planned[id(wrapper)] = torch.cuda.Event()
         done.record()

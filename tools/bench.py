@@ -18,7 +18,9 @@ no prefix sharing) at the copy bandwidth (bytes read + written per second); for 
 when a request's sequences read their shared prompt once per step. The floor of a launch on several
 GPUs (--tp x --pp x --dp) splits the work evenly among them. With --launch, the server's output
 passes through to stderr and the result's "engine" holds the host figures its ranks and schedulers
-log at the stop (engine_figures).
+log at the stop (engine_figures). Where nvidia-smi runs, "card" holds the SM clock, power and
+temperature over the run (tools/card_clock.py): a card may run a long workload at a lower clock than
+the burst that measured its rates.
 
 --server-code DIR serves with another version's engine (an earlier commit's toka/ and workers/)
 while this client measures it: an A/B of two versions with one client (tools/gpu.py ab).
@@ -50,6 +52,7 @@ from pathlib import Path
 import aiohttp
 
 from toka.launch import raise_open_files_limit
+from tools.card_clock import ClockSampler
 from tools.floor import Rates, card_rates, floor_seconds
 
 
@@ -397,9 +400,11 @@ def main() -> None:
     reqs = workload(args)
     if args.launch:
         proc, url = launch(args.launch, args.server_code)
+    sampler = ClockSampler.start()  # over the run alone: the server is up
     try:
         result = asyncio.run(run_batch(url, reqs) if args.via == "batch" else run(url, reqs, args.clients))
     finally:
+        card = sampler.stop() if sampler is not None else None
         if proc is not None:
             proc.terminate()
             proc.wait(60)
@@ -408,7 +413,7 @@ def main() -> None:
     result.update(workload=args.workload, quick=args.quick, via=args.via, launch=args.launch, gpus=gpus,
                   clients=args.clients if args.via == "live" else None,
                   server_code=args.server_code and os.path.abspath(args.server_code),
-                  rates=rates.as_json() if rates else None, engine=engine)
+                  rates=rates.as_json() if rates else None, engine=engine, card=card)
     if rates:
         result.update(speed_of_light(reqs, model, rates, gpus, result["seconds"]))
     else:

@@ -92,6 +92,31 @@ def all_reduce_ms(runner, batch: int, reps: int = 10) -> float:
     return (time.perf_counter() - t0) / reps * 1e3
 
 
+def sustain(runner, plan, seconds: float) -> dict:
+    """Steps `plan(1)`, `plan(2)`, ... overlapped as the rank runs them, for `seconds`: the time a step
+    over the first and the last tenth of them, and the card's clock and power over the run
+    (tools/card_clock.py; None without nvidia-smi)."""
+    from tools.card_clock import ClockSampler
+
+    sampler = ClockSampler.start()
+    ends = []
+    pending, i = runner.launch(plan(1)), 2
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < seconds or len(ends) < 20:
+        launched = runner.launch(plan(i))
+        runner.finish(pending)
+        ends.append(time.perf_counter())
+        pending, i = launched, i + 1
+    runner.finish(pending)
+    card = sampler.stop() if sampler is not None else None
+    n = len(ends) // 10
+
+    def per_step(part: list[float]) -> float:
+        return (part[-1] - part[0]) / (len(part) - 1) * 1e3
+
+    return dict(seconds=seconds, steps=len(ends), first_ms=per_step(ends[:n]), last_ms=per_step(ends[-n:]), card=card)
+
+
 def profile_steps(runner, plan, steps: int = 10, show: bool = True) -> None:
     """Where a step's time goes: host functions (cProfile) and GPU kernels (torch.profiler).
     `plan(i)` is the i-th step's plan."""
@@ -128,6 +153,10 @@ def main() -> None:
     p.add_argument("--shared", type=int, default=0, help="cached tokens a group's rows share (whole pages)")
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default: greedy)")
     p.add_argument("--no-cuda-graphs", action="store_true")
+    p.add_argument("--sustain", type=float, default=0.0,
+                   help="then run the largest batch's steps, overlapped, for this many seconds: the time a step "
+                   "over the first and the last tenth of them, and the card's clock (a served run keeps the card "
+                   "busy for minutes, where it may clock lower than in the sweep's bursts)")
     p.add_argument("--profile", action="store_true",
                    help="after the sweep, profile steps of the largest batch: host functions and GPU kernels")
     p.add_argument("--out")
@@ -199,10 +228,11 @@ def run(rank: int, args, run_dir: str) -> None:
         rows.append(dict(batch=b, context=args.context, groups=args.groups, shared=args.shared, step_ms=step * 1e3, host_ms=statistics.median(host[5:]) * 1e3,
                          pipelined_ms=pipelined * 1e3, all_reduce_ms=comm * 1e3, floor_ms=floor * 1e3,
                          pct_of_floor=100 * floor / pipelined, prefill_tokens=tokens - b, tok_s=tokens / pipelined))
+    largest = functools.partial(step_plan, batch=max_b, context=args.context, page_size=16, prefill_rows=pre_rows,
+                                prefill_len=pre_len, groups=args.groups, shared=args.shared)
+    sustained = sustain(runner, largest, args.sustain) if args.sustain else None
     if args.profile:
-        profile_steps(runner, functools.partial(step_plan, batch=max_b, context=args.context, page_size=16,
-                                                prefill_rows=pre_rows, prefill_len=pre_len, groups=args.groups,
-                                                shared=args.shared), show=rank == 0)
+        profile_steps(runner, largest, show=rank == 0)
     if rank:
         return
     print(f"tp {args.tp}: matmul {flops_rate / 1e12:.0f} TFLOP/s, copy {bandwidth / 1e12:.2f} TB/s, "
@@ -215,10 +245,16 @@ def run(rank: int, args, run_dir: str) -> None:
     for r in rows:
         print(f"{r['batch']:>6} {r['context']:>5} {r['step_ms']:>8.2f} {r['host_ms']:>8.2f} {r['pipelined_ms']:>8.2f} "
               f"{r['all_reduce_ms']:>9.2f} {r['floor_ms']:>9.2f} {r['pct_of_floor']:>8.1f} {r['tok_s']:>9.0f}")
+    if sustained:
+        card = sustained["card"]
+        print(f"{max_b} rows for {sustained['seconds']:.0f} s ({sustained['steps']} steps): {sustained['first_ms']:.2f} ms "
+              f"a step over the first tenth, {sustained['last_ms']:.2f} over the last"
+              + (f"; SM clock {card['sm_mhz_mean']:.0f} MHz mean, {card['sm_mhz_min']:.0f} min of "
+                 f"{card['sm_mhz_max_card']:.0f}, {card['power_w_mean']:.0f} W" if card else ""))
     if args.out:
         with open(args.out, "w") as f:
-            json.dump(dict(flops=flops_rate, bandwidth=bandwidth, rates=rates.as_json(), params=params, rows=rows), f,
-                      indent=2)
+            json.dump(dict(flops=flops_rate, bandwidth=bandwidth, rates=rates.as_json(), params=params, rows=rows,
+                           sustained=sustained), f, indent=2)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,8 @@ Parts (their files under OUT/PART/; each run's log beside its result):
   step                   bench_step.py on the llama-3.2-1b shape: decode steps (1..2,048 rows at 512
                          tokens), mixed steps (1,024 and 2,048 rows + 2,048 prompt tokens at 384) and
                          Hydragen steps (1,024 and 2,048 rows in two groups sharing 800 tokens, 192 their
-                         own, at temperature 0.6), each with its host and kernel profile in the log
+                         own, at temperature 0.6; then 2,048 rows for 40 s, with the card's clock), each
+                         with its host and kernel profile in the log
   sharegpt-quick, sharegpt-full, prefix-quick, prefix-full (Hydragen where groups form), and
   prefix-quick-hydragen, prefix-full-hydragen, prefix-quick-no-hydragen, prefix-full-no-hydragen
                          bench.py through the API, llama-3.2-1b shape, random weights (--flags adds
@@ -106,7 +107,7 @@ STEP_SWEEPS = {"decode": ["--batches", "1,64,256,1024,2048", "--context", "512"]
                # shared-prefix's steady Hydragen step: two groups of n samples of an 800-token prompt,
                # ~190 tokens of their own (traced), sampled at its temperature
                "hydragen": ["--batches", "1024,2048", "--context", "192", "--groups", "2", "--shared", "800",
-                            "--temperature", "0.6"]}
+                            "--temperature", "0.6", "--sustain", "40"]}
 WORKLOADS = {  # part -> (bench.py workload, quick, launch flags)
     "sharegpt-quick": ("sharegpt-like", True, ""),
     "sharegpt-full": ("sharegpt-like", False, ""),

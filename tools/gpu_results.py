@@ -56,7 +56,7 @@ def bench_rows(part: str, label: str, path: Path) -> list[Row]:
     rows = [Row(part, label, value, unit, r.get("pct_of_speed_of_light"), str(path))]
     if "pct_of_speed_of_light_shared" in r:
         rows.append(Row(part, f"{label}: shared-read floor", value, unit, r["pct_of_speed_of_light_shared"], str(path)))
-    return rows + engine_rows(part, label, r, path)
+    return rows + engine_rows(part, label, r, path) + card_rows(part, label, r, path)
 
 
 def engine_rows(part: str, label: str, r: dict, path: Path) -> list[Row]:
@@ -74,6 +74,16 @@ def engine_rows(part: str, label: str, r: dict, path: Path) -> list[Row]:
         figures += [f"planning {schedulers[0]['planning_ms']:.2f}", f"taking results {schedulers[0]['results_ms']:.2f}"]
     return [Row(part, f"{label}: host, {rank['steps']:,} steps in {rank['span_s']:.1f} s", ", ".join(figures),
                 "ms a step", file=str(path))]
+
+
+def card_rows(part: str, label: str, r: dict, path: Path) -> list[Row]:
+    """The card's SM clock and power over the run (bench.py's `card`), where it was sampled."""
+    card = r.get("card")
+    if not card:
+        return []
+    return [Row(part, f"{label}: card over the run", f"SM {card['sm_mhz_mean']:,.0f} MHz mean, {card['sm_mhz_min']:,.0f} "
+                f"min, {card['sm_mhz_max_card']:,.0f} top; {card['power_w_mean']:.0f} W mean; {card['temperature_c_max']:.0f} C max",
+                "", file=str(path))]
 
 
 def ratio_row(part: str, figure: str, top: Path, bottom: Path) -> list[Row]:
@@ -122,6 +132,12 @@ def step_rows(part: str, label: str, path: Path) -> list[Row]:
         at = f"{s['shared']} shared in {s['groups']} groups + {s['context']}" if s.get("groups") else s["context"]
         rows.append(Row(part, f"{label} {s['batch']:,} rows{prompt} at {at}", s["pipelined_ms"], "ms a step",
                         s["pct_of_floor"], str(path)))
+    sustained = r.get("sustained")
+    if sustained:
+        rows.append(Row(part, f"{label} {r['rows'][-1]['batch']:,} rows for {sustained['seconds']:.0f} s: first tenth, "
+                        "last tenth", f"{sustained['first_ms']:.2f}, {sustained['last_ms']:.2f}", "ms a step",
+                        file=str(path)))
+        rows += card_rows(part, label, sustained, path)
     return rows
 
 

@@ -23,8 +23,9 @@ SHAPES = {"mixed": dict(prefill_rows=2, prefill_len=40), "decode": {}, "grouped"
 @pytest.fixture(scope="module")
 def runner(tmp_path_factory):
     path = make_model("small-llama", tmp_path_factory.mktemp("m") / "m", dtype="bfloat16")
-    # one captured size (16 rows), which holds one Hydragen group of 16
-    return local_runner(str(path), dtype="bfloat16", device="cuda", kv_tokens=8192, max_seqs=16, cuda_graphs=True)
+    # 16 decode rows in slots 0-15 and the mixed step's prefill rows in the next two; the captured size
+    # of 16 rows holds one Hydragen group (of at least 16)
+    return local_runner(str(path), dtype="bfloat16", device="cuda", kv_tokens=8192, max_seqs=32, cuda_graphs=True)
 
 
 @pytest.mark.parametrize("kind", SHAPES)

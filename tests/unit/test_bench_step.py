@@ -1,5 +1,5 @@
 """tools/bench_step.py's step plans: rows in Hydragen groups read their group's shared pages, and a
-grouped step decodes as the same pages do without groups."""
+grouped step decodes as the same pages do without groups; its sustained run of steps."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 
 from tests.helpers import local_runner
 from toka.protocol import SeqParams, StepPlan
-from tools.bench_step import step_plan
+from tools.bench_step import step_plan, sustain
 
 PLAN = dict(batch=40, context=5, page_size=16, groups=2, shared=32)  # 20 rows a group, 2 shared pages
 
@@ -51,3 +51,11 @@ def test_grouped_steps_decode_as_the_same_pages_without_groups(tiny_models):
     for grouped, plain in zip(results["grouped"], results["plain"]):
         assert grouped.tokens == plain.tokens
         assert grouped.logprobs == pytest.approx(plain.logprobs, abs=1e-4)
+
+
+def test_a_sustained_run_times_its_first_and_last_tenth(tiny_models, monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no nvidia-smi: no card figures
+    runner = local_runner(tiny_models["tiny-llama"], max_seqs=40)
+    runner.step(step_plan(0, **PLAN))  # enters the page tables
+    r = sustain(runner, lambda i: step_plan(i, **PLAN), seconds=0.2)
+    assert r["steps"] >= 20 and r["first_ms"] > 0 and r["last_ms"] > 0 and r["card"] is None

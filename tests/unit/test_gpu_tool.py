@@ -94,6 +94,26 @@ def test_a_workloads_host_figures_come_from_the_engines_stop_lines(tmp_path):
                          "planning 2.63, taking results 0.55")
 
 
+CARD = dict(samples=120, sm_mhz_mean=1712.4, sm_mhz_min=1545.0, sm_mhz_max_card=1980.0, power_w_mean=688.2,
+            temperature_c_max=71.0)
+
+
+def test_the_cards_clock_over_a_run_and_over_sustained_steps(tmp_path):
+    p = part("prefix-quick", tmp_path)
+    write(p.dir / "bench.json", bench_result("shared-prefix", card=CARD))
+    (row,) = [r for r in gpu.workload(p) if r.figure.endswith("card over the run")]
+    assert row.value == "SM 1,712 MHz mean, 1,545 min, 1,980 top; 688 W mean; 71 C max"
+    step = part("step", tmp_path)
+    assert gpu.STEP_SWEEPS["hydragen"][-2:] == ["--sustain", "40"]
+    write(step.dir / "hydragen.json", dict(rows=[dict(batch=2048, context=192, groups=2, shared=800, pipelined_ms=12.2,
+                                                       pct_of_floor=83.0, prefill_tokens=0)],
+                                           sustained=dict(seconds=40, steps=3000, first_ms=12.2, last_ms=13.6,
+                                                          card=CARD)))
+    rows = {r.figure: r.value for r in gpu.step(step)}
+    assert rows["hydragen 2,048 rows for 40 s: first tenth, last tenth"] == "12.20, 13.60"
+    assert rows["hydragen: card over the run"].startswith("SM 1,712 MHz mean")
+
+
 def test_compare_runs_one_lane_a_gpu_and_in_turns_on_fewer(tmp_path):
     flags = ["--compare-flags", "", "--compare-flags", "--max-seqs 4096", "--compare-flags=--hydragen"]
     p = part("compare", tmp_path, *flags, gpus=("2", "3"))

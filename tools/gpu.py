@@ -37,6 +37,9 @@ Parts (their files under OUT/PART/; each run's log beside its result):
                          (900-1,156), bf16 and FP8 pages
   sampling               bench_sampling.py: the fused sampler alone, 2,048 rows x 128,256 logits, greedy and at
                          temperature 0.6, under pieces a row and warps a program
+  fp8                    Llama-3.1-8B shape, 2,048 sharegpt-like requests: bf16, --quantization fp8,
+                         --kv-cache-dtype fp8_e4m3 and both, each against bf16 (an FP8 kernel FlashInfer
+                         has not prebuilt compiles at the first launch that needs it)
   pp                     Llama-3.1-8B shape sharegpt-like quick at --pp 1 and --pp N (--pp-tp K: also
                          --pp N --tp K against --tp N x K), and agreement of --pp N and --tp N with one
                          GPU on written weights
@@ -125,7 +128,7 @@ TIMEOUTS = {"models": 1200, "tests": 1800, "step": 600, "sharegpt-quick": 600, "
             "prefix-quick": 600, "prefix-full": 1500, "prefix-quick-hydragen": 600, "prefix-full-hydragen": 1200,
             "prefix-quick-no-hydragen": 600, "prefix-full-no-hydragen": 1500,
             "compare": 600, "ab": 400, "tp": 900, "dp": 1200, "pp": 1200, "batch": 400, "attention": 900,
-            "tune": 600, "sampling": 300}
+            "tune": 600, "sampling": 300, "fp8": 900}
 
 
 @dataclass
@@ -387,6 +390,26 @@ def pp(p: Part) -> list[Row]:
     return rows + agree_rows(p.name, p.dir / "agree.json")
 
 
+# the FP8 options on the Llama-3.1-8B shape, each against bf16 (docs/fp8.md's table)
+FP8_RUNS = {"bf16": "", "fp8-weights": "--quantization fp8", "fp8-kv": "--kv-cache-dtype fp8_e4m3",
+            "fp8-both": "--kv-cache-dtype fp8_e4m3 --quantization fp8"}
+FP8_REQUESTS = "2048"
+
+
+def fp8(p: Part) -> list[Row]:
+    """Llama-3.1-8B shape, FP8_REQUESTS sharegpt-like requests, bf16 and each FP8 option (--flags
+    adds launch flags to every run), and each against bf16."""
+    p.run([p.bench(name, "sharegpt-like", with_flags(flags, p.args.flags), False, LARGE,
+                   extra=("--requests", FP8_REQUESTS)) for name, flags in FP8_RUNS.items()])
+    rows = rates_row(p.name, p.dir / "bf16.json")
+    for name, flags in FP8_RUNS.items():
+        rows += bench_rows(p.name, f"{LARGE} sharegpt-like {FP8_REQUESTS}, {with_flags(flags, p.args.flags) or 'defaults'}",
+                           p.dir / f"{name}.json")
+    for name in list(FP8_RUNS)[1:]:
+        rows += ratio_row(p.name, f"{name} / bf16", p.dir / f"{name}.json", p.dir / "bf16.json")
+    return rows
+
+
 @dataclass(frozen=True)
 class Spec:
     run: Callable[[Part], list[Row]]
@@ -411,6 +434,7 @@ PARTS = {
     "tune": Spec(tune, (), _one),
     "sampling": Spec(sampling, (), _one),
     "pp": Spec(pp, ((LARGE, False), (LARGE, True)), lambda a, v: a.pp * max(1, a.pp_tp)),
+    "fp8": Spec(fp8, ((LARGE, False),), _one),
 }
 
 

@@ -114,6 +114,23 @@ def test_the_cards_clock_over_a_run_and_over_sustained_steps(tmp_path):
     assert rows["hydragen: card over the run"].startswith("SM 1,712 MHz mean")
 
 
+def test_fp8_part_runs_each_option_on_the_8b_shape_against_bf16(tmp_path):
+    p = part("fp8", tmp_path, "--flags", "--max-seqs 1024")
+    for name, total in (("bf16", 27.6e3), ("fp8-weights", 35.4e3), ("fp8-both", 41.4e3)):
+        write(p.dir / f"{name}.json", bench_result(total=total))
+    rows = {r.figure: r.value for r in gpu.fp8(p)}
+    argvs = [b[0].argv for b in p.runner.batches]
+    assert all(str(tmp_path / "models" / "llama-3.1-8b") in a[3] and a[-2:] == ["--requests", "2048"]
+               for a in argvs)
+    assert [a[3].split("random ")[1] for a in argvs] == [
+        "--max-seqs 1024", "--quantization fp8 --max-seqs 1024", "--kv-cache-dtype fp8_e4m3 --max-seqs 1024",
+        "--kv-cache-dtype fp8_e4m3 --quantization fp8 --max-seqs 1024"]
+    assert rows["fp8-weights / bf16"] == pytest.approx(35.4 / 27.6)
+    assert rows["fp8-both / bf16"] == pytest.approx(41.4 / 27.6)
+    assert rows["llama-3.1-8b sharegpt-like 2048, --kv-cache-dtype fp8_e4m3 --max-seqs 1024"] == NO_RESULT
+    assert "fp8-kv / bf16" not in rows
+
+
 def test_compare_runs_one_lane_a_gpu_and_in_turns_on_fewer(tmp_path):
     flags = ["--compare-flags", "", "--compare-flags", "--max-seqs 4096", "--compare-flags=--hydragen"]
     p = part("compare", tmp_path, *flags, gpus=("2", "3"))

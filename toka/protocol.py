@@ -137,6 +137,11 @@ class StepPlan(Struct, tag="plan", array_like=True):
     # under pipeline parallelism: the latest step whose sampled tokens the decode rows read, which the
     # first stage must have received from the last before it embeds them (-1: none)
     input_step: int = -1
+    # before the step, every layer's page copy_dst[i] becomes a copy of page copy_src[i]: a sequence
+    # whose whole prompt is cached pages takes the last one as its own copy (it recomputes only its
+    # last token there, for the logits), not recomputing the page's tokens
+    copy_src: list[int] = []
+    copy_dst: list[int] = []
 
 
 class Stop(Struct, tag="stop", array_like=True):

@@ -24,6 +24,12 @@ class KVCache:
         if len(self.scales) != num_layers:
             raise ValueError(f"{len(self.scales)} KV scales for {num_layers} layers")
 
+    def copy_pages(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Every layer's page dst[i] becomes a copy of page src[i] (device index tensors), as bytes:
+        the same for any element type, FP8 included."""
+        data = self.data.view(torch.uint8)
+        data[:, dst] = data[:, src]
+
     @property
     def fp8(self) -> bool:
         return self.data.dtype == FP8

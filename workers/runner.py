@@ -169,9 +169,13 @@ class ModelRunner:
             self.processor.admit(a)
 
     def _write_pages(self, plan: StepPlan) -> None:
+        """The plan's new page-table entries, and its page copies (before any layer appends to them)."""
         if plan.table_pages:
             w = self.to_device([plan.table_slots, plan.table_cols, plan.table_pages])
             self.page_table[w[0], w[1]] = w[2].to(torch.int32)
+        if plan.copy_src:
+            src, dst = self.to_device([plan.copy_src, plan.copy_dst])
+            self.attn.cache.copy_pages(src, dst)
 
     def _table_pages(self, slots: torch.Tensor, count: torch.Tensor, indptr: torch.Tensor, total: int,
                      start: torch.Tensor | None = None) -> torch.Tensor:

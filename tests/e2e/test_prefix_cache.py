@@ -51,6 +51,18 @@ def test_n_choices_share_their_prompt(client):
     assert again.usage.prompt_tokens_details.cached_tokens == 96
 
 
+def test_choices_of_a_prompt_of_whole_pages_copy_its_last_page(client):
+    """A prompt of 8 full pages, n = 4 greedy: the first choice computes every page; the others find
+    all 8 cached, copy the last into a page of their own and recompute only the last token there, so
+    each gives the first's tokens and logprobs (a wrong copy would change what the last token sees)."""
+    prompt = [(29 * i + 11) % 400 + 20 for i in range(128)]
+    out = client.completions.create(model=TINY_NAME, prompt=prompt, max_tokens=6, temperature=0, n=4, logprobs=1)
+    first = out.choices[0]
+    for c in out.choices[1:]:
+        assert c.text == first.text
+        assert c.logprobs.token_logprobs == pytest.approx(first.logprobs.token_logprobs, abs=1e-4)
+
+
 def test_hydragen_gives_what_plain_attention_gives(tiny_models, client):
     """n = 8 greedy-and-sampled choices of one long prompt, with Hydragen grouping every decode step
     (groups of >= 2 rows sharing >= 1 page), against the shared server without Hydragen."""

@@ -218,3 +218,16 @@ def test_fp8_cache_stores_scaled_e4m3_and_attends_to_what_it_stores(k_scale, v_s
         start += ql
     err = (out[9:].double() - exact).abs()
     assert 0 < err.max() < 0.1 and err.mean() < 0.02
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float8_e4m3fn])
+def test_copied_pages_hold_the_sources_bytes_in_every_layer(dtype):
+    cache = KVCache(3, 8, 4, 2, 16, dtype, torch.device("cpu"))
+    cache.data.copy_(torch.randn(cache.data.shape).to(dtype))
+    before = cache.data.clone()
+    cache.copy_pages(torch.tensor([1, 6]), torch.tensor([5, 2]))
+    as_bytes = cache.data.view(torch.uint8)
+    assert torch.equal(as_bytes[:, 5], before.view(torch.uint8)[:, 1])
+    assert torch.equal(as_bytes[:, 2], before.view(torch.uint8)[:, 6])
+    untouched = [0, 1, 3, 4, 6, 7]
+    assert torch.equal(as_bytes[:, untouched], before.view(torch.uint8)[:, untouched])

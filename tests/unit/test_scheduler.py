@@ -72,6 +72,8 @@ class FakeRanks:
             self.last_token[slot] = tok
         tokens_in = list(plan.prefill_tokens)
         self.rows_pages = apply_table_writes(self.table, plan, ps)
+        for src, dst in zip(plan.copy_src, plan.copy_dst, strict=True):
+            self.cache[dst] = list(self.cache[src])
         result = StepResult(plan.step_id, [], [], [])
         cursor = 0
         for r, rid in enumerate(plan.rids):
@@ -193,6 +195,9 @@ class Harness:
         # a row writes the pages of its new tokens; other rows may share (read) only full cached pages
         written = [p for r, pages in enumerate(rows_pages) for p in pages[(plan.kv_lens[r] - plan.q_lens[r]) // ps :]]
         assert len(set(written)) == len(written), "one page written by two rows"
+        assert set(plan.copy_dst) <= set(written) and len(set(plan.copy_dst)) == len(plan.copy_dst), \
+            "a page copied into is its row's own"
+        assert not set(plan.copy_src) & set(written), "a copied page is written in the same step"
         assert all(0 <= p < self.num_pages for p in used)
         assert not set(used) & set(s.pages._free), "a planned page is free"
         admitted = {a.slot for a in plan.admit}
@@ -207,7 +212,11 @@ class Harness:
             if r < plan.num_prefill:
                 if plan.slots[r] in admitted:  # (re)admission: prefill everything known but cached pages
                     self.admitted_known[rid] = known
-                    assert (kv - q) % ps == 0 and kv - q < known, "cached prefix: whole pages, never the last token"
+                    copied = rows_pages[r][-1] in plan.copy_dst
+                    if copied:  # every page cached: the last one copied, only the last token computed
+                        assert q == 1 and kv == known and known % ps == 0, "a copy only for a prompt of whole pages"
+                    else:
+                        assert (kv - q) % ps == 0 and kv - q < known, "cached prefix: whole pages, never the last token"
                 # prefill tokens are the prompt followed by what was generated so far
                 assert kv <= self.admitted_known[rid]
                 assert plan.emit[r] == (kv == self.admitted_known[rid])
@@ -643,6 +652,40 @@ def test_repeated_prompt_prefills_only_its_last_partial_page():
     assert h.sched.pages.num_free == 64 and h.sched.pages.num_cached > 0
 
 
+def test_a_prompt_of_whole_cached_pages_copies_its_last_page_and_recomputes_one_token():
+    h = Harness(num_pages=64, page_size=4, max_seqs=8, max_tokens_per_forward=64)
+    prompt = list(range(10, 22))  # 12 tokens: 3 full pages
+    for rid in (1, 2, 3):  # like n = 3: the first computes the pages, the others copy the last one
+        h.add(rid, prompt, params(3, stop=()))
+    # a step copies before it appends: the copies wait for the step that writes the pages
+    assert h.schedule().q_lens == [12]
+    plan = h.schedule()
+    assert plan.rids == [2, 3, 1] and plan.q_lens == [1, 1, 1] and plan.kv_lens == [12, 12, 13]
+    first = h.sched.seqs[1].pages
+    assert plan.copy_src == [first[2], first[2]]
+    copies = [h.sched.seqs[rid].pages for rid in (2, 3)]
+    assert [p[:2] for p in copies] == [first[:2]] * 2  # the leading pages are shared
+    assert plan.copy_dst == [p[2] for p in copies] and len({first[2], *plan.copy_dst}) == 3
+    assert plan.cached_tokens == [11, 11] and [h.sched.seqs[rid].keyed for rid in (1, 2, 3)] == [3, 2, 2]
+    h.sched.check()
+    h.run()  # the fake ranks check every row's context, the copies' included
+    assert h.sched.pages.num_free == 64
+    h.add(4, prompt, params(2, stop=()))  # all three pages cached, none held: the copy again
+    plan = h.schedule()
+    assert plan.q_lens == [1] and len(plan.copy_src) == 1 and plan.cached_tokens == [11]
+    h.run()
+
+
+def test_no_copy_without_a_free_page_for_it():
+    h = Harness(num_pages=3, page_size=4, max_seqs=8, max_tokens_per_forward=64)
+    h.add(1, list(range(12)), params(1, stop=()))
+    h.run()  # its 3 pages are cached now, and none is free
+    h.add(2, list(range(12)), params(1, stop=()))
+    plan = h.schedule()
+    assert plan.q_lens == [4] and plan.copy_src == []  # the last page recomputed, as without copies
+    h.run()
+
+
 def test_a_head_waiting_for_pages_is_not_counted_as_hits_again():
     h = Harness(num_pages=4, page_size=4, max_seqs=8, max_tokens_per_forward=64, steps_ahead=1)
     h.add(1, list(range(8)), params(8, stop=()))  # 2 cached pages, then decodes into all 4
@@ -706,8 +749,8 @@ def test_preempted_sequences_do_not_thrash_when_the_cache_is_far_too_small():
 
 def test_no_reserve_while_nothing_was_preempted():
     s = Scheduler(num_pages=64, page_size=4, max_seqs=8, max_tokens_per_forward=64)
-    for rid in range(8):
-        s.add(rid, [3] * 8, params(100, stop=()))
+    for rid in range(8):  # prompts of their own (the choices of one wait a step to copy its last page)
+        s.add(rid, [3 + rid] * 8, params(100, stop=()))
     plan = s.schedule()
     assert len(plan.rids) == 8, "with room for every prompt, all are admitted at once"
 
@@ -730,11 +773,12 @@ def test_a_prompts_page_keys_are_hashed_once_for_its_choices(monkeypatch):
     real = batching.page_keys
     monkeypatch.setattr(batching, "page_keys", lambda tokens, ps: calls.append(len(tokens)) or real(tokens, ps))
     s = Scheduler(num_pages=256, page_size=4, max_seqs=64, max_tokens_per_forward=4096)
-    s.add(0, [5] * 40, params(3, seed=1), n=32)
-    s.add(32, [6] * 40, params(3, seed=1), n=32)
+    # 42 tokens: 10 full pages and 2 more, so the choices after the first are admitted with it
+    s.add(0, [5] * 42, params(3, seed=1), n=32)
+    s.add(32, [6] * 42, params(3, seed=1), n=32)
     plan = s.schedule()
-    assert len(plan.rids) == 64 and calls == [40, 40]
-    assert s.seqs[0].keys == real([5] * 40, 4) and s.seqs[40].keys == real([6] * 40, 4)
+    assert len(plan.rids) == 64 and calls == [42, 42]
+    assert s.seqs[0].keys == real([5] * 42, 4) and s.seqs[40].keys == real([6] * 42, 4)
 
 
 @pytest.mark.parametrize("seed", range(6))

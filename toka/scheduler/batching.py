@@ -53,6 +53,7 @@ class Sequence:
     keys: list[bytes] = field(default_factory=list)  # prefix-cache keys of the full pages of the known tokens
     keyed: int = 0  # leading pages that are prefix-cache pages (shareable, never written again)
     cached: int = -1  # prompt tokens found in the prefix cache at the first admission (-1: not admitted yet)
+    copy_from: int = -1  # a cached page the next step copies into its last page (_start), held until then
 
     @property
     def known(self) -> list[int]:
@@ -90,6 +91,7 @@ class Scheduler:
         self.grouped_rows = 0
         self.reserve_ratio = 0.0
         self._hashed: tuple[list[int] | None, list[bytes]] = (None, [])  # the last token list hashed, its keys
+        self._written: set[int] = set()  # full pages the step being planned writes (prefill chunks complete them)
 
     # ---- requests ------------------------------------------------------------------------------
     def add(self, rid: int, prompt: list[int], params: SamplingParams, n: int = 1) -> None:
@@ -120,6 +122,7 @@ class Scheduler:
     # ---- planning ------------------------------------------------------------------------------
     def schedule(self) -> StepPlan | None:
         budget = self.max_tokens
+        self._written.clear()
         decode: list[Sequence] = []
         prefill: list[tuple[Sequence, int]] = []
         admit: list[Sequence] = []
@@ -147,13 +150,15 @@ class Scheduler:
             seq = self.waiting[0]
             if reserve and self.running and self.pages.num_free - -(-len(seq.known) // self.page_size) < reserve:
                 break  # the running sequences' growth would preempt it (or them) soon
+            if not self._start(seq):
+                break
             reserve += self.reserve_ratio * self._future_pages(seq)
-            self._start(seq)
             n = self._chunk(seq, budget)
             if n == 0:
                 # give the matched pages back; steps in flight may read them, so not before those end
-                self.pages.release(seq.pages, after_step=self.next_step - 1)
-                seq.pages, seq.computed, seq.keyed = [], 0, 0
+                self.pages.release(seq.pages + ([seq.copy_from] if seq.copy_from >= 0 else []),
+                                   after_step=self.next_step - 1)
+                seq.pages, seq.computed, seq.keyed, seq.copy_from = [], 0, 0, -1
                 break
             self.waiting.popleft()
             seq.slot = self.free_slots.pop()
@@ -173,17 +178,37 @@ class Scheduler:
     def _reserve(self) -> float:
         return self.reserve_ratio * sum(self._future_pages(s) for s in self.running)
 
-    def _start(self, seq: Sequence) -> None:
+    def _start(self, seq: Sequence) -> bool:
         """Prepares a waiting sequence's prefill: everything it knows, less the full pages found in
-        the prefix cache (never the last token: its logits are needed)."""
+        the prefix cache (never the last token: its logits are needed). Where every page of what it
+        knows is cached (n choices of a prompt of whole pages, after the first), the last one is
+        copied into a page of its own, where only the last token is recomputed: a cached page is
+        never written, and recomputing its page_size tokens for each choice is ~16 times the work.
+        False (nothing held) where that page is one this step writes: the sequence waits a step."""
         known = seq.known
+        ps = self.page_size
         seq.target = len(known)
         if self.prefix_caching and seq.params.prompt_logprobs < 0:  # prompt logprobs need every position
-            if len(seq.keys) != len(known) // self.page_size:  # keys depend only on the known tokens
+            if len(seq.keys) != len(known) // ps:  # keys depend only on the known tokens
                 seq.keys = self._page_keys(known)
-            seq.pages = self.pages.match(seq.keys[: (len(known) - 1) // self.page_size])
+            seq.pages = self.pages.match(seq.keys[: (len(known) - 1) // ps])
+            seq.keyed = len(seq.pages)
+            last = self.pages.match(seq.keys[-1:]) if len(known) % ps == 0 and seq.keyed == len(seq.keys) - 1 else []
+            if last and last[0] in self._written:
+                # this step writes it, and a step copies before it appends: copy it next step
+                self.pages.release(seq.pages + last, after_step=self.next_step - 1)
+                seq.pages, seq.keyed = [], 0
+                return False
+            if last and self.pages.num_free:  # (matching it took it off the evictable pages)
+                seq.copy_from = last[0]
+                seq.pages += self.pages.alloc(1)
+                seq.computed = len(known) - 1
+                return True
+            if last:  # no page to copy it into: recompute it
+                self.pages.release(last, after_step=self.next_step - 1)
         seq.keyed = len(seq.pages)
-        seq.computed = len(seq.pages) * self.page_size
+        seq.computed = len(seq.pages) * ps
+        return True
 
     def _page_keys(self, known: list[int]) -> list[bytes]:
         """page_keys(known), hashed once for the n choices of a prompt: they share its list and are
@@ -203,6 +228,7 @@ class Scheduler:
             return 0
         ps = self.page_size
         for i in range(seq.computed // ps, min(seq.computed + n, len(seq.keys) * ps) // ps):
+            self._written.add(seq.pages[i])
             if self.pages.register(seq.pages[i], seq.keys[i]) and i == seq.keyed:
                 seq.keyed += 1
         return n
@@ -242,7 +268,11 @@ class Scheduler:
             decode, groups, prefixes = group_by_prefix(decode, *self.hydragen)
             self.grouped_rows += sum(groups)
         first = []  # first admissions that found prompt tokens in the prefix cache
+        copies = [(s.copy_from, s.pages[-1]) for s in admit if s.copy_from >= 0]
         for seq in admit:
+            if seq.copy_from >= 0:  # the step reads the cached page, then no longer needs it
+                self.pages.release([seq.copy_from], after_step=self.next_step)
+                seq.copy_from = -1
             self.prefix_hit_tokens += seq.computed  # before this step's tokens: what the cache held
             if seq.cached < 0:
                 seq.cached = min(seq.computed, len(seq.prompt))
@@ -295,6 +325,8 @@ class Scheduler:
             cached_tokens=[s.cached for s in first],
             prefill_next=prefill_next,
             input_step=input_step,
+            copy_src=[src for src, _ in copies],
+            copy_dst=[dst for _, dst in copies],
         )
 
     @staticmethod

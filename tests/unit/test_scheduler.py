@@ -657,10 +657,13 @@ def test_a_prompt_of_whole_cached_pages_copies_its_last_page_and_recomputes_one_
     prompt = list(range(10, 22))  # 12 tokens: 3 full pages
     for rid in (1, 2, 3):  # like n = 3: the first computes the pages, the others copy the last one
         h.add(rid, prompt, params(3, stop=()))
-    # a step copies before it appends: the copies wait for the step that writes the pages
-    assert h.schedule().q_lens == [12]
+    h.add(9, list(range(30, 40)), params(2, stop=()))
+    # a step copies before it appends: the copies wait for the step that writes the pages, and the
+    # requests behind them do not
     plan = h.schedule()
-    assert plan.rids == [2, 3, 1] and plan.q_lens == [1, 1, 1] and plan.kv_lens == [12, 12, 13]
+    assert plan.rids == [1, 9] and plan.q_lens == [12, 10] and [s.rid for s in h.sched.waiting] == [2, 3]
+    plan = h.schedule()
+    assert plan.rids == [2, 3, 1, 9] and plan.q_lens == [1, 1, 1, 1] and plan.kv_lens == [12, 12, 13, 11]
     first = h.sched.seqs[1].pages
     assert plan.copy_src == [first[2], first[2]]
     copies = [h.sched.seqs[rid].pages for rid in (2, 3)]

@@ -146,12 +146,15 @@ class Scheduler:
                     prefill.append((seq, n))
                     budget -= n
         reserve = self._reserve() if self.reserve_ratio and self.waiting and self.free_slots else 0.0
+        deferred: list[Sequence] = []  # choices that copy a page this step writes: first in line next step
         while budget > 0 and self.waiting and self.free_slots and self.waiting[0].inflight == 0:
             seq = self.waiting[0]
             if reserve and self.running and self.pages.num_free - -(-len(seq.known) // self.page_size) < reserve:
                 break  # the running sequences' growth would preempt it (or them) soon
-            if not self._start(seq):
-                break
+            # a prompt's choices share its list: after one waits, the others do without a look
+            if (deferred and seq.known is deferred[-1].known) or not self._start(seq):
+                deferred.append(self.waiting.popleft())
+                continue
             reserve += self.reserve_ratio * self._future_pages(seq)
             n = self._chunk(seq, budget)
             if n == 0:
@@ -166,6 +169,7 @@ class Scheduler:
             admit.append(seq)
             prefill.append((seq, n))
             budget -= n
+        self.waiting.extendleft(reversed(deferred))
         if not decode and not prefill:
             return None
         return self._plan(prefill, decode, admit)
@@ -184,7 +188,8 @@ class Scheduler:
         knows is cached (n choices of a prompt of whole pages, after the first), the last one is
         copied into a page of its own, where only the last token is recomputed: a cached page is
         never written, and recomputing its page_size tokens for each choice is ~16 times the work.
-        False (nothing held) where that page is one this step writes: the sequence waits a step."""
+        False (nothing held) where that page is one this step writes: the sequence waits a step, and
+        those behind it go on."""
         known = seq.known
         ps = self.page_size
         seq.target = len(known)

@@ -257,8 +257,8 @@ class FlashInferAttention(AttentionBackend):
             # elements (~0.2 ms for a graph's 129 Hydragen entries); only the cuDNN backend reads it
             kwargs["max_token_per_sequence"] = int(np.diff(qo_indptr.numpy()).max())
             # each entry's KV length, pinned: plan() otherwise computes it into pageable memory and
-            # copies that to the device, and a copy from pageable memory first waits for the stream
-            # to drain, so the host, a step ahead, waited for the device's last step every plan
+            # copies it to the device from there, which the CUDA runtime may start only once the
+            # stream has drained (the host runs a step ahead; tests/gpu/test_launch_async.py)
             kwargs["seq_lens"] = _pinned(np.maximum(np.diff(kv_indptr.numpy()) - 1, 0) * page_size
                                          + last_page_len.numpy())
         wrapper.plan(*args, **kwargs)

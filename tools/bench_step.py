@@ -92,13 +92,13 @@ def all_reduce_ms(runner, batch: int, reps: int = 10) -> float:
     return (time.perf_counter() - t0) / reps * 1e3
 
 
-def sustain(runner, plan, seconds: float) -> dict:
+def sustain(runner, plan, seconds: float, clock: bool = True) -> dict:
     """Steps `plan(1)`, `plan(2)`, ... overlapped as the rank runs them, for `seconds`: the time a step
-    over the first and the last tenth of them, and the card's clock and power over the run
-    (tools/card_clock.py; None without nvidia-smi)."""
+    over the first and the last tenth of them, and with `clock` the card's clock and power over the
+    run (tools/card_clock.py; None without nvidia-smi)."""
     from tools.card_clock import ClockSampler
 
-    sampler = ClockSampler.start()
+    sampler = ClockSampler.start() if clock else None
     ends = []
     pending, i = runner.launch(plan(1)), 2
     t0 = time.perf_counter()
@@ -230,7 +230,8 @@ def run(rank: int, args, run_dir: str) -> None:
                          pct_of_floor=100 * floor / pipelined, prefill_tokens=tokens - b, tok_s=tokens / pipelined))
     largest = functools.partial(step_plan, batch=max_b, context=args.context, page_size=16, prefill_rows=pre_rows,
                                 prefill_len=pre_len, groups=args.groups, shared=args.shared)
-    sustained = sustain(runner, largest, args.sustain) if args.sustain else None
+    # every rank runs the steps; rank 0 samples the clocks (nvidia-smi reads every card)
+    sustained = dict(batch=max_b, **sustain(runner, largest, args.sustain, clock=rank == 0)) if args.sustain else None
     if args.profile:
         profile_steps(runner, largest, show=rank == 0)
     if rank:
@@ -247,7 +248,7 @@ def run(rank: int, args, run_dir: str) -> None:
               f"{r['all_reduce_ms']:>9.2f} {r['floor_ms']:>9.2f} {r['pct_of_floor']:>8.1f} {r['tok_s']:>9.0f}")
     if sustained:
         card = sustained["card"]
-        print(f"{max_b} rows for {sustained['seconds']:.0f} s ({sustained['steps']} steps): {sustained['first_ms']:.2f} ms "
+        print(f"{sustained['batch']} rows for {sustained['seconds']:.0f} s ({sustained['steps']} steps): {sustained['first_ms']:.2f} ms "
               f"a step over the first tenth, {sustained['last_ms']:.2f} over the last"
               + (f"; SM clock {card['sm_mhz_mean']:.0f} MHz mean, {card['sm_mhz_min']:.0f} min of "
                  f"{card['sm_mhz_max_card']:.0f}, {card['power_w_mean']:.0f} W" if card else ""))

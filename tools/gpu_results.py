@@ -134,7 +134,7 @@ def step_rows(part: str, label: str, path: Path) -> list[Row]:
                         s["pct_of_floor"], str(path)))
     sustained = r.get("sustained")
     if sustained:
-        rows.append(Row(part, f"{label} {r['rows'][-1]['batch']:,} rows for {sustained['seconds']:.0f} s: first tenth, "
+        rows.append(Row(part, f"{label} {sustained['batch']:,} rows for {sustained['seconds']:.0f} s: first tenth, "
                         "last tenth", f"{sustained['first_ms']:.2f}, {sustained['last_ms']:.2f}", "ms a step",
                         file=str(path)))
         rows += card_rows(part, label, sustained, path)

@@ -107,7 +107,7 @@ def test_the_cards_clock_over_a_run_and_over_sustained_steps(tmp_path):
     assert gpu.STEP_SWEEPS["hydragen"][-2:] == ["--sustain", "40"]
     write(step.dir / "hydragen.json", dict(rows=[dict(batch=2048, context=192, groups=2, shared=800, pipelined_ms=12.2,
                                                        pct_of_floor=83.0, prefill_tokens=0)],
-                                           sustained=dict(seconds=40, steps=3000, first_ms=12.2, last_ms=13.6,
+                                           sustained=dict(batch=2048, seconds=40, steps=3000, first_ms=12.2, last_ms=13.6,
                                                           card=CARD)))
     rows = {r.figure: r.value for r in gpu.step(step)}
     assert rows["hydragen 2,048 rows for 40 s: first tenth, last tenth"] == "12.20, 13.60"

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import random
 import statistics
 import tempfile
 import time
@@ -39,13 +40,13 @@ from tools.floor import Rates, floor_seconds, measured_rates
 
 
 def step_plan(step: int, batch: int, context: int, page_size: int, prefill_rows: int = 0,
-              prefill_len: int = 0, groups: int = 0, shared: int = 0) -> StepPlan:
+              prefill_len: int = 0, groups: int = 0, shared: int = 0, page_map: list[int] | None = None) -> StepPlan:
     """Row r decodes in slot r with `context` cached tokens on pages r * pages ...; before them,
     `prefill_rows` rows in the next slots each prefill `prefill_len` tokens from position 0 (the same
     pages every step). With `groups`, the decode rows are that many groups of consecutive rows (as
     even as the rows allow), group g's first `shared` tokens (whole pages) on its own pages after all
     others, each row's `context` tokens after them. The first step enters every row's pages in the
-    page table."""
+    page table. `page_map` puts page p at page_map[p] (--scatter: pages spread over a large cache)."""
     if shared % page_size or (shared and not groups):
         raise ValueError(f"--shared {shared}: whole pages of {page_size} tokens, with --groups")
     if groups > batch:
@@ -63,12 +64,24 @@ def step_plan(step: int, batch: int, context: int, page_size: int, prefill_rows:
         tables += [[shared_base + group_of[r] * shared_pages + j for j in range(shared_pages)]
                    + [r * pages + j for j in range(pages)] for r in range(batch)]
         writes = ([s for s, t in zip(slots, tables) for _ in t], [j for t in tables for j in range(len(t))],
-                  [page for t in tables for page in t])
+                  [page_map[page] if page_map else page for t in tables for page in t])
     rows = prefill_rows + batch
     return StepPlan(step, slots, slots, [prefill_len] * prefill_rows + [1] * batch,
                     [prefill_len] * prefill_rows + [shared_pages * page_size + context] * batch, [True] * rows,
                     prefill_rows, [1] * (prefill_rows * prefill_len), *writes, group_rows=group_rows,
                     group_pages=[shared_pages] * groups)
+
+
+def kv_bytes_per_token(model: str) -> int:
+    """A bf16 cache's bytes a token for the model folder's shape (K and V, every layer)."""
+    from transformers import AutoConfig
+
+    from workers.kv_cache import KVCache
+
+    c = AutoConfig.from_pretrained(model)
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+    return KVCache.bytes_per_token(c.num_hidden_layers, kv_heads, head_dim, torch.bfloat16)
 
 
 def all_reduce_ms(runner, batch: int, reps: int = 10) -> float:
@@ -153,6 +166,12 @@ def main() -> None:
     p.add_argument("--shared", type=int, default=0, help="cached tokens a group's rows share (whole pages)")
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default: greedy)")
     p.add_argument("--no-cuda-graphs", action="store_true")
+    p.add_argument("--fill-cache", action="store_true",
+                   help="random values in the KV cache, as a served one holds (else the allocation's, "
+                        "often zeros, which the matmuls after attention then see)")
+    p.add_argument("--scatter", type=float, default=0.0, metavar="GB",
+                   help="a KV cache of GB gigabytes with the steps' pages at random places in it (as a served "
+                        "cache's pages lie), not packed at its start")
     p.add_argument("--sustain", type=float, default=0.0,
                    help="then run the largest batch's steps, overlapped, for this many seconds: the time a step "
                    "over the first and the last tenth of them, and the card's clock (a served run keeps the card "
@@ -178,7 +197,9 @@ def run(rank: int, args, run_dir: str) -> None:
     pre_rows = -(-args.prefill_tokens // args.prefill_len) if args.prefill_tokens else 0
     pre_len = args.prefill_len if pre_rows else 0
     pages = -(-args.context // 16) * max_b + pre_rows * -(-pre_len // 16) + args.groups * args.shared // 16
-    cfg = EngineConfig(model=args.model, device="cuda", load_format="random", kv_cache_tokens=(pages + 1) * 16,
+    cache_pages = max(pages + 1, int(args.scatter * 1e9 / (16 * kv_bytes_per_token(args.model))))
+    page_map = random.Random(0).sample(range(cache_pages), pages) if args.scatter else None
+    cfg = EngineConfig(model=args.model, device="cuda", load_format="random", kv_cache_tokens=cache_pages * 16,
                        max_seqs=max_b + pre_rows, cuda_graphs=not args.no_cuda_graphs, tp=args.tp,
                        cuda_graph_max_batch=max_b, hydragen=bool(args.groups) or None,
                        max_tokens_per_forward=max(8192, max_b + pre_rows * pre_len)).resolve()
@@ -189,12 +210,15 @@ def run(rank: int, args, run_dir: str) -> None:
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     cache = runner.attn.cache.data  # [layers, pages, 2, page_size, kv_heads, head_dim]
     kv_per_token = cache[:, 0, :, 0].numel() * cache.element_size()
+    if args.fill_cache:
+        for layer in cache:  # a layer at a time: no second copy of the cache
+            layer.copy_(torch.randn(layer.shape, dtype=torch.bfloat16, device=layer.device))
     flops_rate, bandwidth = measured_rates(torch.device("cuda"))
     rates = Rates(flops_rate, bandwidth, "measured", "measured", torch.cuda.get_device_name())
     rows = []
     for b in batches:
         plan = functools.partial(step_plan, batch=b, context=args.context, page_size=16, prefill_rows=pre_rows,
-                                 prefill_len=pre_len, groups=args.groups, shared=args.shared)
+                                 prefill_len=pre_len, groups=args.groups, shared=args.shared, page_map=page_map)
         tokens = b + pre_rows * pre_len
         # no logprobs, no filters: the warm-up left other settings in these slots
         runner._admit(StepPlan(-1, [], [], [], [], [], 0, [], [], [], [], admit=[
@@ -229,7 +253,7 @@ def run(rank: int, args, run_dir: str) -> None:
                          pipelined_ms=pipelined * 1e3, all_reduce_ms=comm * 1e3, floor_ms=floor * 1e3,
                          pct_of_floor=100 * floor / pipelined, prefill_tokens=tokens - b, tok_s=tokens / pipelined))
     largest = functools.partial(step_plan, batch=max_b, context=args.context, page_size=16, prefill_rows=pre_rows,
-                                prefill_len=pre_len, groups=args.groups, shared=args.shared)
+                                prefill_len=pre_len, groups=args.groups, shared=args.shared, page_map=page_map)
     # every rank runs the steps; rank 0 samples the clocks (nvidia-smi reads every card)
     sustained = dict(batch=max_b, **sustain(runner, largest, args.sustain, clock=rank == 0)) if args.sustain else None
     if args.profile:

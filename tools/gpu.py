@@ -12,8 +12,9 @@ Parts (their files under OUT/PART/; each run's log beside its result):
   step                   bench_step.py on the llama-3.2-1b shape: decode steps (1..2,048 rows at 512
                          tokens), mixed steps (1,024 and 2,048 rows + 2,048 prompt tokens at 384) and
                          Hydragen steps (1,024 and 2,048 rows in two groups sharing 800 tokens, 192 their
-                         own, at temperature 0.6; then 2,048 rows for 40 s, with the card's clock), each
-                         with its host and kernel profile in the log
+                         own, at temperature 0.6; then 2,048 rows for 40 s, with the card's clock; then
+                         the same over a cache of random values), each with its host and kernel profile
+                         in the log
   sharegpt-quick, sharegpt-full, prefix-quick, prefix-full (Hydragen where groups form), and
   prefix-quick-hydragen, prefix-full-hydragen, prefix-quick-no-hydragen, prefix-full-no-hydragen
                          bench.py through the API, llama-3.2-1b shape, random weights (--flags adds
@@ -110,7 +111,10 @@ STEP_SWEEPS = {"decode": ["--batches", "1,64,256,1024,2048", "--context", "512"]
                # shared-prefix's steady Hydragen step: two groups of n samples of an 800-token prompt,
                # ~190 tokens of their own (traced), sampled at its temperature
                "hydragen": ["--batches", "1024,2048", "--context", "192", "--groups", "2", "--shared", "800",
-                            "--temperature", "0.6", "--sustain", "40"]}
+                            "--temperature", "0.6", "--sustain", "40"],
+               # the same step over a cache of random values, as a served one holds: the power it draws
+               "hydragen-filled": ["--batches", "2048", "--context", "192", "--groups", "2", "--shared", "800",
+                                   "--temperature", "0.6", "--fill-cache", "--sustain", "40"]}
 WORKLOADS = {  # part -> (bench.py workload, quick, launch flags)
     "sharegpt-quick": ("sharegpt-like", True, ""),
     "sharegpt-full": ("sharegpt-like", False, ""),
@@ -240,9 +244,10 @@ def tests(p: Part) -> list[Row]:
 
 
 def step(p: Part) -> list[Row]:
-    p.run([p.step(name, SMALL, *flags, "--profile") for name, flags in STEP_SWEEPS.items()])
-    rows = rates_row(p.name, p.dir / "decode.json")
-    for name in STEP_SWEEPS:
+    sweeps = p.args.sweeps or list(STEP_SWEEPS)
+    p.run([p.step(name, SMALL, *STEP_SWEEPS[name], "--profile") for name in sweeps])
+    rows = rates_row(p.name, p.dir / f"{sweeps[0]}.json")
+    for name in sweeps:
         rows += step_rows(p.name, name, p.dir / f"{name}.json")
     return rows
 
@@ -463,6 +468,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print the command lines, run nothing")
     p.add_argument("--flops", type=float, help="bf16 matmul FLOP/s of one card for bench.py (default: measured)")
     p.add_argument("--bandwidth", type=float, help="device copy bytes/s, read + written (default: measured)")
+    p.add_argument("--sweeps", type=lambda s: s.split(","), metavar="LIST",
+                   help=f"step: only these sweeps (of {', '.join(STEP_SWEEPS)})")
     p.add_argument("--gpu-tests", metavar="EXPR", help="tests: only the tests/gpu tests pytest -k EXPR selects")
     p.add_argument("--logprob-flags", action="append", default=[], metavar="FLAGS",
                    help="tests: the logprob tests once with each set of launch flags (TOKA_ARGS; default: none)")
@@ -510,6 +517,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(str(e))
     if "compare" in args.parts and not args.compare_flags:
         p.error('compare needs --compare-flags (repeatable; "" for the defaults)')
+    unknown = [name for name in args.sweeps or [] if name not in STEP_SWEEPS]
+    if unknown:
+        p.error(f"--sweeps {','.join(unknown)}: not a step sweep (of {', '.join(STEP_SWEEPS)})")
     if "ab" in args.parts and not (Path(args.base) / "toka").is_dir():
         p.error(f"ab: {args.base} holds no toka/: git archive REV toka workers | tar -x -C {args.base}")
     if args.side_by_side and "dp" in args.parts and not args.dp:

@@ -81,9 +81,16 @@ def card_rows(part: str, label: str, r: dict, path: Path) -> list[Row]:
     card = r.get("card")
     if not card:
         return []
-    return [Row(part, f"{label}: card over the run", f"SM {card['sm_mhz_mean']:,.0f} MHz mean, {card['sm_mhz_min']:,.0f} "
+    rows = [Row(part, f"{label}: card over the run", f"SM {card['sm_mhz_mean']:,.0f} MHz mean, {card['sm_mhz_min']:,.0f} "
                 f"min, {card['sm_mhz_max_card']:,.0f} top; {card['power_w_mean']:.0f} W mean; {card['temperature_c_max']:.0f} C max",
                 "", file=str(path))]
+    if card.get("reasons") is not None:  # drivers that name why the clock was held down
+        busy = f"{card['sm_mhz_busy']:,.0f} MHz" if card["sm_mhz_busy"] else "none"
+        held = ", ".join(f"{r} {100 * v:.0f} %" for r, v in card["reasons"].items() if v) or "none"
+        rows.append(Row(part, f"{label}: card's clock when busy; by tenths; held down by",
+                        f"{busy} ({card['busy_samples']} samples); {' '.join(map(str, card['sm_mhz_tenths']))}; "
+                        f"{held} (limit {card['power_limit_w']:.0f} W)", "", file=str(path)))
+    return rows
 
 
 def ratio_row(part: str, figure: str, top: Path, bottom: Path) -> list[Row]:

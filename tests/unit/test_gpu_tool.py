@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.reliability.conftest import alive
-from tools import gpu
+from tools import gpu, gpu_results
 from tools.gpu_jobs import STOPPED, TIMED_OUT, Job, Models, Runner
 from tools.gpu_results import NO_RESULT, table
 
@@ -112,6 +112,13 @@ def test_the_cards_clock_over_a_run_and_over_sustained_steps(tmp_path):
     rows = {r.figure: r.value for r in gpu.step(step)}
     assert rows["hydragen 2,048 rows for 40 s: first tenth, last tenth"] == "12.20, 13.60"
     assert rows["hydragen: card over the run"].startswith("SM 1,712 MHz mean")
+
+
+def test_why_the_clock_was_held_down_where_the_driver_says():
+    held = dict(CARD, sm_mhz_busy=1650.0, busy_samples=100, sm_mhz_tenths=[1980, 1700, 1650], power_limit_w=700.0,
+                reasons=dict(sw_power_cap=0.75, hw_slowdown=0.0))
+    (_, why) = gpu_results.card_rows("prefix-quick", "shared-prefix quick", dict(card=held), Path("bench.json"))
+    assert why.value == "1,650 MHz (100 samples); 1980 1700 1650; sw_power_cap 75 % (limit 700 W)"
 
 
 def test_fp8_part_runs_each_option_on_the_8b_shape_against_bf16(tmp_path):
@@ -285,7 +292,7 @@ def test_models_are_written_once_and_only_whole(tmp_path):
 
 SLEEPER = """
 import sys
-from tools import gpu
+from tools import gpu, gpu_results
 from tools.gpu_jobs import py
 
 def sleeper(p):  # a run that writes its figure, then one that leaves a child and waits far past the test

@@ -249,3 +249,28 @@ def test_flashinfer_hydragen_groups_equal_torch_without_them(decode_kernel, kv_d
     assert torch.isfinite(grouped).all()
     rel = ((grouped - plain).norm() / plain.norm()).item()
     assert rel <= 1e-2, rel
+
+
+@kv_types
+def test_a_captured_hydragen_plan_of_2048_rows_at_8b_heads_fits_its_workspace(kv_dtype):
+    """The capture's plan of 2,048 rows in 128 groups at Llama-3.1-8B's heads (32 of 128 dimensions
+    over 8 kv heads): FlashInfer's FA2 path over an FP8 cache sizes its split outputs for every
+    query tile the rows can make, more than the shared prefill workspace holds; the graphs' prefix
+    plans get a workspace of their own, sized for the largest."""
+    from workers.attention.flashinfer_backend import graph_prefix_workspace_bytes
+
+    heads, kv_heads, dim, bs, min_group, num_pages = 32, 8, 128, 2048, 16, 8
+    device = torch.device("cuda")
+    cache = KVCache(1, num_pages, PAGE, kv_heads, dim, kv_dtype, device)
+    attn = make_backend("flashinfer", cache, heads, dim, "triton", torch.bfloat16)
+    runner = ModelRunner(None, attn, bs, PAGE, device, scratch_page=num_pages - 1, max_pages_per_seq=4)
+    runner.page_table[runner.scratch_slot, 1] = runner.scratch_page
+    attn.add_graph_size(bs, max_pages=num_pages + bs, groups=bs // min_group)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    assert attn.prefix_ws.numel() >= graph_prefix_workspace_bytes(bs, bs // min_group + 1, heads, kv_heads, dim, sms)
+    batch, _ = runner._attention_batch([runner.scratch_slot] * bs, [1] * bs, [PAGE + 1] * bs, 0,
+                                       [min_group] * (bs // min_group), [1] * (bs // min_group))
+    attn.plan(batch, graph_size=bs)  # raised "Buffer overflow ... batch_prefill_tmp_v" over FP8 in 256 MiB
+    q = torch.randn(bs, heads, dim, device=device, dtype=torch.bfloat16)
+    k = torch.randn(bs, kv_heads, dim, device=device, dtype=torch.bfloat16)
+    assert torch.isfinite(attn.forward(0, q, k, k.clone())).all()

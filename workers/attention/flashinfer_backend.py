@@ -26,11 +26,23 @@ import numpy as np
 import torch
 
 from workers.attention import AttentionBackend, AttentionBatch, cumsum0
-from workers.attention.triton_decode import WorkList
+from workers.attention.triton_decode import WorkList, sm_count
 from workers.attention.triton_decode import decode as triton_decode
 from workers.staging import RING
 
 WORKSPACE_BYTES = 256 * 1024 * 1024
+
+
+def graph_prefix_workspace_bytes(rows: int, entries: int, qo_heads: int, kv_heads: int, head_dim: int,
+                                 num_sm: int) -> int:
+    """The float workspace a captured prefix plan of `rows` queries over `entries` page lists may
+    take when FlashInfer's FA2 prefill splits the keys (its path over an FP8 cache): in a graph it
+    sizes the split outputs for the most query tiles the rows can make (their packed rows, a tile of
+    up to 128 more an entry) or for its split grid (two CTAs an SM over the kv heads), whichever is
+    more, and keeps a float a head and dimension (and one for the log-sum-exp) per tile row."""
+    tile = 128
+    tile_rows = max(2 * num_sm // kv_heads * tile, rows * (qo_heads // kv_heads) + entries * tile)
+    return qo_heads * tile_rows * (head_dim + 1) * 4 + (1 << 20)  # + alignment
 
 
 def _decode_args(kernel: str) -> dict:
@@ -139,6 +151,7 @@ class FlashInferAttention(AttentionBackend):
         self.prefix = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.prefill_ws, "NHD")
         self.grouped = 0  # decode rows in Hydragen groups this step
         self.graph_slots: dict[int, _GraphSlot] = {}
+        self.prefix_ws: torch.Tensor | None = None  # the graphs' prefix plans' (add_graph_size sizes it)
         self.graph: _GraphSlot | None = None  # the planned step's graph buffers, or None when eager
         self.graph_grouped = False  # whether that graph step has Hydragen groups
         # the planned step's append_paged_kv_cache arguments (rows, positions, page indices, indptr,
@@ -151,7 +164,12 @@ class FlashInferAttention(AttentionBackend):
         device = self.cache.data.device
         slot = self.graph_slots.get(bs) or _GraphSlot(bs, max_pages, device, self.decode_ws, self.decode_kernel)
         if groups:
-            slot.prefix = _PrefixSlot(bs, groups, max_pages, self.cache.page_size, device, self.prefill_ws)
+            if self.prefix_ws is None:  # sizes come largest first (the runner's capture): sized once
+                need = graph_prefix_workspace_bytes(bs, groups + 1, self.num_heads, self.num_kv_heads, self.head_dim,
+                                                    sm_count(device))
+                self.prefix_ws = self.prefill_ws if need <= WORKSPACE_BYTES else \
+                    torch.empty(need, dtype=torch.uint8, device=device)
+            slot.prefix = _PrefixSlot(bs, groups, max_pages, self.cache.page_size, device, self.prefix_ws)
         self.graph_slots[bs] = slot
 
     def plan(self, batch: AttentionBatch, graph_size: int | None = None) -> None:

@@ -241,7 +241,7 @@ if triton is not None:
 
 
 @functools.cache
-def _sm_count(device: torch.device) -> int:
+def sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
@@ -260,7 +260,7 @@ class WorkList:
         # that a few rows split in many items still spread over the SMs; each loops over the items past the grid. Its
         # rows may split (a merge to run); an own list's where one is longer than a chunk (`split`)
         self.split = split or not own
-        self.programs = bound if own else min(bound, max(rows, 8 * _sm_count(torch.device(device))))
+        self.programs = bound if own else min(bound, max(rows, 8 * sm_count(torch.device(device))))
         alloc = torch.empty if own else torch.zeros
         self.buffer = alloc(2 * bound + 3 * rows + 3, dtype=torch.int32, device=device)
         parts = torch.split(self.buffer, [bound, bound, rows + 1, 1, rows + 1, rows])

@@ -20,7 +20,8 @@ GPUs (--tp x --pp x --dp) splits the work evenly among them. With --launch, the 
 passes through to stderr and the result's "engine" holds the host figures its ranks and schedulers
 log at the stop (engine_figures). Where nvidia-smi runs, "card" holds the SM clock, power and
 temperature over the run (tools/card_clock.py): a card may run a long workload at a lower clock than
-the burst that measured its rates.
+the burst that measured its rates (a card at its power limit does), and where the busy samples' clock
+is known the result also gives the share of the floor with the matmul rate scaled to that clock.
 
 --server-code DIR serves with another version's engine (an earlier commit's toka/ and workers/)
 while this client measures it: an A/B of two versions with one client (tools/gpu.py ab).
@@ -117,15 +118,26 @@ def launch_gpus(flags: list[str]) -> int:
     return int(flag(flags, "--tp", "1")) * int(flag(flags, "--pp", "1")) * int(flag(flags, "--dp", "1"))
 
 
-def speed_of_light(reqs: list[dict], model: str, rates: Rates, gpus: int, seconds: float) -> dict:
-    """The result's floor fields for a run of `seconds` on `gpus` cards of `rates` each."""
+def speed_of_light(reqs: list[dict], model: str, rates: Rates, gpus: int, seconds: float,
+                   card: dict | None = None) -> dict:
+    """The result's floor fields for a run of `seconds` on `gpus` cards of `rates` each. With the
+    run's `card` figures (tools/card_clock.py) where they hold the busy samples' clock, also the
+    share of the floor at the clock the card kept while busy: the matmul rate is measured in a burst
+    at the card's top clock, and a card held down by its power limit runs its matmuls at the lower
+    clock's rate (the bandwidth is left as measured)."""
     params, kv_bytes = model_costs(model)
     total = Rates(rates.flops * gpus, rates.bandwidth * gpus, rates.flops_from, rates.bandwidth_from)
+    shared = any(r.get("n", 1) > 1 for r in reqs)
     floor = speed_of_light_seconds(reqs, params, kv_bytes, total)
     out = dict(speed_of_light_s=floor, pct_of_speed_of_light=100 * floor / seconds)
-    if any(r.get("n", 1) > 1 for r in reqs):
+    if shared:
         floor = speed_of_light_seconds(reqs, params, kv_bytes, total, shared=True)
         out.update(speed_of_light_shared_s=floor, pct_of_speed_of_light_shared=100 * floor / seconds)
+    if card and card.get("sm_mhz_busy"):
+        clock = min(1.0, card["sm_mhz_busy"] / card["sm_mhz_max_card"])
+        served = Rates(total.flops * clock, total.bandwidth, total.flops_from, total.bandwidth_from)
+        floor = speed_of_light_seconds(reqs, params, kv_bytes, served, shared=shared)
+        out.update(served_clock=clock, pct_of_speed_of_light_at_served_clock=100 * floor / seconds)
     return out
 
 
@@ -415,7 +427,7 @@ def main() -> None:
                   server_code=args.server_code and os.path.abspath(args.server_code),
                   rates=rates.as_json() if rates else None, engine=engine, card=card)
     if rates:
-        result.update(speed_of_light(reqs, model, rates, gpus, result["seconds"]))
+        result.update(speed_of_light(reqs, model, rates, gpus, result["seconds"], card))
     else:
         result.update(speed_of_light=why_no_floor)
     print(json.dumps(result, indent=2))

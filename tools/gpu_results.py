@@ -56,6 +56,10 @@ def bench_rows(part: str, label: str, path: Path) -> list[Row]:
     rows = [Row(part, label, value, unit, r.get("pct_of_speed_of_light"), str(path))]
     if "pct_of_speed_of_light_shared" in r:
         rows.append(Row(part, f"{label}: shared-read floor", value, unit, r["pct_of_speed_of_light_shared"], str(path)))
+    if "pct_of_speed_of_light_at_served_clock" in r:  # the matmul rate at the clock the card kept while busy
+        floor = "shared-read floor" if "pct_of_speed_of_light_shared" in r else "floor"
+        rows.append(Row(part, f"{label}: {floor} at the served clock ({100 * r['served_clock']:.0f} % of the top)",
+                        value, unit, r["pct_of_speed_of_light_at_served_clock"], str(path)))
     return rows + engine_rows(part, label, r, path) + card_rows(part, label, r, path)
 
 

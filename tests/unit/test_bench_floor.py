@@ -37,6 +37,22 @@ def test_costs_of_a_config_and_the_floor_split_over_a_launchs_gpus(tmp_path):
     assert two["speed_of_light_s"] == pytest.approx(one["speed_of_light_s"] / 2)
     assert one["pct_of_speed_of_light"] == pytest.approx(100 * one["speed_of_light_s"])
     assert "speed_of_light_shared_s" not in one  # n = 1: no shared-read floor
+    assert "pct_of_speed_of_light_at_served_clock" not in one  # no clock figures: no served-clock share
+
+
+def test_the_floor_at_the_served_clock_scales_the_matmul_rate_alone(tmp_path):
+    model = str(make_model("tiny-llama", tmp_path / "m", weights=False))
+    params, kv_bytes = model_costs(model)
+    reqs = [dict(prompt=[1] * 8, max_tokens=4, n=2)]
+    card = dict(sm_mhz_busy=1500.0, sm_mhz_max_card=2000.0)
+    r = speed_of_light(reqs, model, GIVEN, 1, seconds=1.0, card=card)
+    # the shared-read floor (n > 1) at three quarters of the matmul rate, the bandwidth as measured
+    slow = Rates(GIVEN.flops * 0.75, GIVEN.bandwidth, "given", "given")
+    assert r["served_clock"] == 0.75
+    assert r["pct_of_speed_of_light_at_served_clock"] == pytest.approx(
+        100 * speed_of_light_seconds(reqs, params, kv_bytes, slow, shared=True))
+    assert r["pct_of_speed_of_light_at_served_clock"] > r["pct_of_speed_of_light_shared"]
+    assert "served_clock" not in speed_of_light(reqs, model, GIVEN, 1, 1.0, dict(card, sm_mhz_busy=None))
 
 
 def test_launch_flags_read_as_argparse_reads_them():

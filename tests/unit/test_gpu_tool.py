@@ -121,6 +121,15 @@ def test_why_the_clock_was_held_down_where_the_driver_says():
     assert why.value == "1,650 MHz (100 samples); 1980 1700 1650; sw_power_cap 75 % (limit 700 W)"
 
 
+def test_the_share_of_the_floor_at_the_served_clock_is_a_row_of_its_own(tmp_path):
+    p = part("prefix-quick", tmp_path)
+    write(p.dir / "bench.json", bench_result("shared-prefix", pct_of_speed_of_light_shared=60.4, served_clock=0.865,
+                                             pct_of_speed_of_light_at_served_clock=67.2))
+    (row,) = [r for r in gpu.workload(p) if "served clock" in r.figure]
+    assert row.figure == "shared-prefix quick, defaults: shared-read floor at the served clock (86 % of the top)"
+    assert row.share == 67.2
+
+
 def test_fp8_part_runs_each_option_on_the_8b_shape_against_bf16(tmp_path):
     p = part("fp8", tmp_path, "--flags", "--max-seqs 1024")
     for name, total in (("bf16", 27.6e3), ("fp8-weights", 35.4e3), ("fp8-both", 41.4e3)):

@@ -35,6 +35,16 @@ def test_group_rows_share_their_groups_pages_and_own_the_rest():
         step_plan(0, **{**PLAN, "batch": 1})
 
 
+def test_scattered_pages_are_the_packed_ones_moved_through_the_map():
+    import random
+
+    packed = step_plan(0, **PLAN)
+    page_map = random.Random(0).sample(range(10_000), 80)  # 40 rows x 1 own page + 2 groups x 2 shared
+    scattered = step_plan(0, **PLAN, page_map=page_map)
+    assert scattered.table_pages == [page_map[p] for p in packed.table_pages]
+    assert (scattered.table_slots, scattered.table_cols) == (packed.table_slots, packed.table_cols)
+
+
 def test_grouped_steps_decode_as_the_same_pages_without_groups(tiny_models):
     results = {}
     for name in ("grouped", "plain"):

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.reliability.conftest import alive
-from tools import gpu, gpu_results
+from tools import gpu, gpu_parts, gpu_results
 from tools.gpu_jobs import STOPPED, TIMED_OUT, Job, Models, Runner
 from tools.gpu_results import NO_RESULT, table
 
@@ -27,9 +27,9 @@ class Recorder(Runner):
         return [0] * len(jobs)
 
 
-def part(name: str, tmp_path: Path, *argv: str, gpus=("0",)) -> gpu.Part:
+def part(name: str, tmp_path: Path, *argv: str, gpus=("0",)) -> gpu_parts.Part:
     args = gpu.parse([str(tmp_path / "out"), name, "--models", str(tmp_path / "models"), *argv])
-    return gpu.Part(name, args.out / name, list(gpus), args.timeouts[name], args, Recorder(), Models(args.models), [])
+    return gpu_parts.Part(name, args.out / name, list(gpus), args.timeouts[name], args, Recorder(), Models(args.models), [])
 
 
 def write(path: Path, data) -> Path:
@@ -49,7 +49,7 @@ def test_parts_timeouts_and_refusals(tmp_path):
                       "--timeout", "ab=50"])
     assert args.parts == ["tests", "step", "sharegpt-quick"]
     assert args.timeouts["tests"] == 300 and args.timeouts["ab"] == 50
-    assert gpu.parse([str(tmp_path), "tp"]).timeouts["tp"] == gpu.TIMEOUTS["tp"]
+    assert gpu.parse([str(tmp_path), "tp"]).timeouts["tp"] == gpu_parts.TIMEOUTS["tp"]
     for bad in (["tests", "--timeout", "nope=3"], ["compare"], ["ab", "--base", str(tmp_path / "none")], ["bogus"]):
         with pytest.raises(SystemExit):
             gpu.parse([str(tmp_path), *bad])
@@ -70,13 +70,13 @@ def test_gpus_for_parts_one_after_another_or_side_by_side(tmp_path):
 def test_workload_command_line_and_its_table(tmp_path):
     p = part("prefix-quick-hydragen", tmp_path, "--flags", "--max-seqs 4096", "--flops", "7.81e14")
     write(p.dir / "bench.json", bench_result("shared-prefix", output=117_000.0, pct_of_speed_of_light_shared=48.6))
-    rows = gpu.workload(p)
+    rows = gpu_parts.workload(p)
     (job,) = p.runner.batches[0]
     model = str(tmp_path / "models" / "llama-3.2-1b")
     assert job.argv[1:] == ["-m", "tools.bench", f"--launch=--model {model} --load-format random --hydragen "
                             "--max-seqs 4096", "--vocab", "128000", "--workload", "shared-prefix", "--quick",
                             "--flops=781000000000000.0", "--out", str(p.dir / "bench.json")]
-    assert job.env == {"CUDA_VISIBLE_DEVICES": "0"} and job.timeout == gpu.TIMEOUTS["prefix-quick-hydragen"]
+    assert job.env == {"CUDA_VISIBLE_DEVICES": "0"} and job.timeout == gpu_parts.TIMEOUTS["prefix-quick-hydragen"]
     assert [(r.figure, r.value, r.unit, r.share) for r in rows] == [
         ("card's rates", "781 TFLOP/s, 4.27 TB/s", "measured, H200", None),
         ("shared-prefix quick, --hydragen --max-seqs 4096", 117_000.0, "output tok/s", 65.2),
@@ -88,7 +88,7 @@ def test_a_workloads_host_figures_come_from_the_engines_stop_lines(tmp_path):
     engine = dict(ranks=[dict(steps=4131, span_s=56.6, launching_ms=8.6, plan_wait_ms=0.04, host_wait_ms=1.25)],
                   schedulers=[dict(steps=4131, planning_ms=2.63, results_ms=0.55)])
     write(p.dir / "bench.json", bench_result("shared-prefix", engine=engine))
-    (row,) = [r for r in gpu.workload(p) if r.unit == "ms a step"]
+    (row,) = [r for r in gpu_parts.workload(p) if r.unit == "ms a step"]
     assert row.figure == "shared-prefix quick, defaults: host, 4,131 steps in 56.6 s"
     assert row.value == ("launching 8.60, device waiting for plans 0.04, from a step's end to the next forward 1.25, "
                          "planning 2.63, taking results 0.55")
@@ -101,15 +101,15 @@ CARD = dict(samples=120, sm_mhz_mean=1712.4, sm_mhz_min=1545.0, sm_mhz_max_card=
 def test_the_cards_clock_over_a_run_and_over_sustained_steps(tmp_path):
     p = part("prefix-quick", tmp_path)
     write(p.dir / "bench.json", bench_result("shared-prefix", card=CARD))
-    (row,) = [r for r in gpu.workload(p) if r.figure.endswith("card over the run")]
+    (row,) = [r for r in gpu_parts.workload(p) if r.figure.endswith("card over the run")]
     assert row.value == "SM 1,712 MHz mean, 1,545 min, 1,980 top; 688 W mean; 71 C max"
     step = part("step", tmp_path)
-    assert gpu.STEP_SWEEPS["hydragen"][-2:] == ["--sustain", "40"]
+    assert gpu_parts.STEP_SWEEPS["hydragen"][-2:] == ["--sustain", "40"]
     write(step.dir / "hydragen.json", dict(rows=[dict(batch=2048, context=192, groups=2, shared=800, pipelined_ms=12.2,
                                                        pct_of_floor=83.0, prefill_tokens=0)],
                                            sustained=dict(batch=2048, seconds=40, steps=3000, first_ms=12.2, last_ms=13.6,
                                                           card=CARD)))
-    rows = {r.figure: r.value for r in gpu.step(step)}
+    rows = {r.figure: r.value for r in gpu_parts.step(step)}
     assert rows["hydragen 2,048 rows for 40 s: first tenth, last tenth"] == "12.20, 13.60"
     assert rows["hydragen: card over the run"].startswith("SM 1,712 MHz mean")
 
@@ -125,7 +125,7 @@ def test_the_share_of_the_floor_at_the_served_clock_is_a_row_of_its_own(tmp_path
     p = part("prefix-quick", tmp_path)
     write(p.dir / "bench.json", bench_result("shared-prefix", pct_of_speed_of_light_shared=60.4, served_clock=0.865,
                                              pct_of_speed_of_light_at_served_clock=67.2))
-    (row,) = [r for r in gpu.workload(p) if "served clock" in r.figure]
+    (row,) = [r for r in gpu_parts.workload(p) if "served clock" in r.figure]
     assert row.figure == "shared-prefix quick, defaults: shared-read floor at the served clock (86 % of the top)"
     assert row.share == 67.2
 
@@ -134,7 +134,7 @@ def test_fp8_part_runs_each_option_on_the_8b_shape_against_bf16(tmp_path):
     p = part("fp8", tmp_path, "--flags", "--max-seqs 1024")
     for name, total in (("bf16", 27.6e3), ("fp8-weights", 35.4e3), ("fp8-both", 41.4e3)):
         write(p.dir / f"{name}.json", bench_result(total=total))
-    rows = {r.figure: r.value for r in gpu.fp8(p)}
+    rows = {r.figure: r.value for r in gpu_parts.fp8(p)}
     argvs = [b[0].argv for b in p.runner.batches]
     assert all(str(tmp_path / "models" / "llama-3.1-8b") in a[3] and a[-2:] == ["--requests", "2048"]
                for a in argvs)
@@ -154,7 +154,7 @@ def test_compare_runs_one_lane_a_gpu_and_in_turns_on_fewer(tmp_path):
     (p.dir / "trace1").mkdir()
     (p.dir / "trace1" / "rank0-trace.json").write_text("{}")
     (p.dir / "trace1" / "rank0-steps.txt").write_text("steps 1200 .. 1239\n")
-    rows = gpu.compare(p)
+    rows = gpu_parts.compare(p)
     assert [[j.env["CUDA_VISIBLE_DEVICES"] for j in b] for b in p.runner.batches] == [["2", "3"], ["2"]]
     assert p.runner.batches[1][0].env["TOKA_TRACE"] == f"{p.dir / 'trace2'}:1200:40"
     assert not (p.dir / "trace1" / "rank0-trace.json").exists()  # the raw trace goes, its summary stays
@@ -169,7 +169,7 @@ def test_ab_alternates_and_only_a_serves_the_base_code(tmp_path):
     p = part("ab", tmp_path, "--base", str(base), "--rounds", "2", "--b-first")
     for run, total in (("B1", 130e3), ("A1", 126e3), ("B2", 128e3), ("A2", 127e3)):
         write(p.dir / f"{run}.json", bench_result(total=total))
-    rows = gpu.ab(p)
+    rows = gpu_parts.ab(p)
     jobs = [b[0] for b in p.runner.batches]
     assert [j.name for j in jobs] == ["B1", "A1", "B2", "A2"]
     assert [("--server-code" in j.argv) for j in jobs] == [False, True, False, True]
@@ -184,10 +184,10 @@ def test_tests_part_reads_junit_and_logprob_figures(tmp_path):
     (p.dir / "gpu.xml").write_text('<testsuites><testsuite tests="12" failures="1" errors="0" skipped="2"/>'
                                    '</testsuites>')
     write(p.dir / "logprobs-qwen3-0.6b.json", dict(tokens=240, token_match=0.975, mean_rel_diff=0.02, max_abs_diff=0.15))
-    rows = gpu.tests(p)
+    rows = gpu_parts.tests(p)
     jobs = [b[0] for b in p.runner.batches]
     assert jobs[1].env["MODEL"] == str(tmp_path / "models" / "qwen3-0.6b-weights")
-    assert jobs[1].env[gpu.LOGPROBS_ENV] == str(p.dir / "logprobs-qwen3-0.6b.json")
+    assert jobs[1].env[gpu_parts.LOGPROBS_ENV] == str(p.dir / "logprobs-qwen3-0.6b.json")
     values = {r.figure: r.value for r in rows}
     assert values["tests/gpu"] == "9 passed, 1 failed, 2 skipped"
     assert values["logprobs qwen3-0.6b: token match"] == 97.5
@@ -202,7 +202,7 @@ def test_tp_rows_from_step_bench_and_agreement_files(tmp_path):
     write(p.dir / "bench-tp2.json", bench_result(total=22.4e3))
     write(p.dir / "agree.json", [dict(a="--tp 1", b="--tp 2", teacher_forced=dict(
         token_match=0.976, mean_abs_logprob_diff=0.018, max_abs_logprob_diff=0.18), free_running=dict(token_match=0.22))])
-    rows = gpu.tp(p)
+    rows = gpu_parts.tp(p)
     agree = p.runner.batches[-1][0]
     assert agree.argv[3:5] == ["--model", str(tmp_path / "models" / "llama-3.1-8b-weights")]
     assert "--a=--tp 1" in agree.argv and "--b=--tp 2" in agree.argv
@@ -219,32 +219,32 @@ def test_dp_part_runs_its_workload_at_one_and_n_and_checks_agreement(tmp_path):
     p = part("dp", tmp_path, "--dp", "8", "--dp-workload", "shared-prefix")
     write(p.dir / "dp1.json", bench_result("shared-prefix", output=140e3))
     write(p.dir / "dp8.json", bench_result("shared-prefix", output=1060e3))
-    rows = gpu.dp(p)
+    rows = gpu_parts.dp(p)
     bench, agree = p.runner.batches[0][0].argv, p.runner.batches[-1][0].argv
     assert bench[bench.index("--workload") + 1] == "shared-prefix" and "--quick" not in bench
     assert "--b=--dp 8" in agree and str(tmp_path / "models" / "llama-3.1-8b-weights") in agree
     values = {r.figure: r.value for r in rows}
     assert values["dp 8 / dp 1"] == pytest.approx(1060 / 140)
-    assert gpu.PARTS["dp"].models == ((gpu.SMALL, False), (gpu.LARGE, True))
+    assert gpu_parts.PARTS["dp"].models == ((gpu_parts.SMALL, False), (gpu_parts.LARGE, True))
 
 
 def test_pp_part_sets_pp_with_tp_against_tp_alone(tmp_path):
     p = part("pp", tmp_path, "--pp", "2", "--pp-tp", "2", gpus=("0", "1", "2", "3"))
     write(p.dir / "pp2-tp2.json", bench_result(total=50e3))
     write(p.dir / "tp4.json", bench_result(total=45e3))
-    rows = gpu.pp(p)
+    rows = gpu_parts.pp(p)
     launches = [a[a.index("--launch") + 1] if "--launch" in a else next(x for x in a if x.startswith("--launch="))
                 for a in (b[0].argv for b in p.runner.batches[:-1])]
     assert [x.split("random ", 1)[1] for x in launches] == ["--pp 1", "--pp 2", "--pp 2 --tp 2", "--tp 4"]
     values = {r.figure: r.value for r in rows}
     assert values["pp 2 tp 2 / tp 4"] == pytest.approx(50 / 45)
-    assert gpu.PARTS["pp"].gpus(p.args, ["0", "1", "2", "3"]) == 4
+    assert gpu_parts.PARTS["pp"].gpus(p.args, ["0", "1", "2", "3"]) == 4
 
 
 def test_table_and_summary(tmp_path):
     p = part("sharegpt-quick", tmp_path)
     write(p.dir / "bench.json", bench_result())
-    rows = gpu.workload(p)
+    rows = gpu_parts.workload(p)
     text = table(rows).splitlines()
     assert text[0].split() == ["part", "figure", "value", "unit", "%", "of", "floor"]
     assert text[-1].split() == ["sharegpt-quick", "sharegpt-like", "quick,", "defaults", "135.7k", "total", "tok/s",
@@ -301,7 +301,7 @@ def test_models_are_written_once_and_only_whole(tmp_path):
 
 SLEEPER = """
 import sys
-from tools import gpu, gpu_results
+from tools import gpu, gpu_parts, gpu_results
 from tools.gpu_jobs import py
 
 def sleeper(p):  # a run that writes its figure, then one that leaves a child and waits far past the test
@@ -309,13 +309,13 @@ def sleeper(p):  # a run that writes its figure, then one that leaves a child an
     p.run([p.job("quick", [sys.executable, "-c", f"open({str(figure)!r}, 'w').write('42')"], (figure,))])
     script = "import subprocess, time; p = subprocess.Popen(['sleep', '60']); print(p.pid, flush=True); time.sleep(60)"
     p.run([p.job("sleeper", [sys.executable, "-c", script], ())])
-    return [gpu.Row(p.name, "quick figure", float(figure.read_text()))]
+    return [gpu_results.Row(p.name, "quick figure", float(figure.read_text()))]
 
 def quick(p):  # a part that finishes at once
-    return [gpu.Row(p.name, "tune figure", 7.0)]
+    return [gpu_results.Row(p.name, "tune figure", 7.0)]
 
-gpu.PARTS["step"] = gpu.Spec(sleeper, (), lambda a, v: 1)
-gpu.PARTS["tune"] = gpu.Spec(quick, (), lambda a, v: 1)
+gpu_parts.PARTS["step"] = gpu_parts.Spec(sleeper, (), lambda a, v: 1)
+gpu_parts.PARTS["tune"] = gpu_parts.Spec(quick, (), lambda a, v: 1)
 sys.exit(gpu.main(sys.argv[1:]))
 """
 
@@ -370,7 +370,7 @@ def test_tests_part_runs_the_logprob_test_once_per_flag_set(tmp_path):
     p.dir.mkdir(parents=True)
     write(p.dir / "logprobs-llama-3.2-1b-1.json", dict(tokens=240, token_match=0.967, mean_rel_diff=0.05,
                                                        max_abs_diff=0.149))
-    rows = gpu.tests(p)
+    rows = gpu_parts.tests(p)
     jobs = [b[0] for b in p.runner.batches]
     assert jobs[0].argv[-3:-1] == ["-k", "fp8"]
     assert [j.env["TOKA_ARGS"] for j in jobs[1:]] == ["", "", "--kv-cache-dtype fp8", "--kv-cache-dtype fp8"]
@@ -384,7 +384,7 @@ def test_attention_part_tables_every_kernel_of_both_runs(tmp_path):
     p.dir.mkdir(parents=True)
     write(p.dir / "served.json", dict(results=[dict(kv="bf16", layout="NHD", kernel="cuda-cores", ms_a_layer=0.585,
                                                     pct_of_floor=65.0)]))
-    rows = gpu.attention(p)
+    rows = gpu_parts.attention(p)
     argv = [b[0].argv for b in p.runner.batches]
     assert "--cache-gib" in argv[0] and argv[1][argv[1].index("--layers") + 1] == "1"
     assert [(r.figure, r.value, r.share) for r in rows] == [("served: bf16 NHD cuda-cores", 0.585, 65.0),
@@ -396,10 +396,10 @@ def test_tune_part_sweeps_the_triton_kernels_settings_at_three_lengths(tmp_path)
     p.dir.mkdir(parents=True)
     write(p.dir / "own-pages.json", dict(results=[dict(kv="bf16", layout="NHD", kernel="triton 4:3:16",
                                                        ms_a_layer=0.15, pct_of_floor=84.0)]))
-    rows = gpu.tune(p)
+    rows = gpu_parts.tune(p)
     argv = [b[0].argv for b in p.runner.batches]
     assert [a[a.index("--lengths") + 1] for a in argv] == ["sharegpt", "1-256", "900-1156"]
-    assert all(a[a.index("--triton-configs") + 1] == gpu.TRITON_CONFIGS for a in argv)
+    assert all(a[a.index("--triton-configs") + 1] == gpu_parts.TRITON_CONFIGS for a in argv)
     assert [(r.figure, r.value) for r in rows] == [("sharegpt", NO_RESULT), ("own-pages: bf16 NHD triton 4:3:16", 0.15),
                                                    ("long", NO_RESULT)]
 
@@ -407,10 +407,10 @@ def test_tune_part_sweeps_the_triton_kernels_settings_at_three_lengths(tmp_path)
 def test_sampling_part_tables_each_config_and_temperature(tmp_path):
     p = part("sampling", tmp_path)
     p.dir.mkdir(parents=True)
-    assert gpu.sampling(p)[0].value == NO_RESULT
+    assert gpu_parts.sampling(p)[0].value == NO_RESULT
     write(p.dir / "bench_sampling.json", dict(bandwidth=4.1e12, results=[
         dict(rows=2048, vocab=128256, temperature=0.6, slices=2, warps=4, ms=0.61, pct_of_read=21.0)]))
-    rows = gpu.sampling(p)
+    rows = gpu_parts.sampling(p)
     argv = p.runner.batches[-1][0].argv
     assert "tools.bench_sampling" in argv and argv[argv.index("--out") + 1] == str(p.dir)
     assert [(r.figure, r.value, r.share) for r in rows] == [
@@ -439,7 +439,7 @@ class Failing(Recorder):
 def test_a_failed_run_prints_the_end_of_its_log(tmp_path, capsys):
     p = part("sharegpt-quick", tmp_path)
     p.runner = Failing()
-    gpu.workload(p)
+    gpu_parts.workload(p)
     out = capsys.readouterr().out
     assert "bench: exit 1; the end of its log:\n" in out and "    Traceback: the cause" in out
     assert "    line 71" in out and "line 70" not in out  # the last 30 lines
@@ -450,7 +450,7 @@ def test_engine_profiles_are_summarized_into_the_report(tmp_path):
     import cProfile
 
     p = part("prefix-quick", tmp_path, "--engine-profile")
-    gpu.workload(p)
+    gpu_parts.workload(p)
     (job,) = p.runner.batches[0]
     folder = Path(job.env["TOKA_PROFILE"])
     assert folder == p.dir / "bench-profile"
@@ -458,7 +458,7 @@ def test_engine_profiles_are_summarized_into_the_report(tmp_path):
     prof = cProfile.Profile()
     prof.runcall(sorted, range(1000))
     prof.dump_stats(str(folder / "rank0.prof"))
-    summary = gpu.profile_summary(folder)
+    summary = gpu_parts.profile_summary(folder)
     assert summary == p.dir / "bench-profile.txt" and "--- rank0" in summary.read_text()
     report = gpu.write_report(p.args.out, "table").read_text()
     assert "=== prefix-quick/bench-profile.txt" in report and "sorted" in report

@@ -7,10 +7,10 @@ import torch.nn.functional as F
 
 from tests.helpers import local_runner
 from toka.protocol import StepPlan
+from workers.graphs import Pieces
 from workers.layers.attention import ForwardContext
 from workers.layers.fp8 import fp8_linear, quantize_rows
 from workers.layers.linear import ColumnParallelLinear
-from workers.runner import Pieces
 
 
 def test_column_linear_writes_into_the_buffer_it_is_given():

@@ -24,7 +24,7 @@ class ForwardContext:
     positions: torch.Tensor
     seq_lens: torch.Tensor
     # [tokens, q + k + v widths]: where the qkv projection writes while pieces are captured, so the
-    # graphs leave q, k and v where the attention between them reads (runner.Pieces); else None
+    # graphs leave q, k and v where the attention between them reads (graphs.Pieces); else None
     qkv: torch.Tensor | None = None
 
 

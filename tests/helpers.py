@@ -14,6 +14,7 @@ from pathlib import Path
 import requests
 import torch
 
+from toka.arith import cdiv
 from toka.config import EngineConfig
 from toka.protocol import SeqParams, StepPlan, StepResult
 from workers.layers.parallel import PipelineStage
@@ -95,7 +96,7 @@ def prefill_plan(step: int, prompts: list[list[int]], page_size: int, prompt_log
     """One step that prefills every prompt whole, row r in slot r, pages laid out consecutively."""
     slots, cols, pages = [], [], []
     for r, p in enumerate(prompts):
-        n = -(-len(p) // page_size)
+        n = cdiv(len(p), page_size)
         slots += [r] * n
         cols += list(range(n))
         pages += list(range(len(pages), len(pages) + n))

@@ -12,6 +12,8 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 
+from toka.arith import cdiv
+
 
 class ConfigError(ValueError):
     """A launch-time problem with a message meant for the user."""
@@ -344,7 +346,7 @@ class EngineConfig:
         """(min rows, min prefix pages) of a Hydragen group, or None when Hydragen is off."""
         if not self.hydragen:
             return None
-        return self.hydragen_min_group, max(1, -(-self.hydragen_min_prefix // self.page_size))
+        return self.hydragen_min_group, max(1, cdiv(self.hydragen_min_prefix, self.page_size))
 
     def cap_to_cache(self) -> None:
         """Once the cache is sized: a request must fit in it alone, so the context cannot exceed it."""

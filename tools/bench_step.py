@@ -34,6 +34,7 @@ import time
 
 import torch
 
+from toka.arith import cdiv
 from toka.config import EngineConfig
 from toka.protocol import SeqParams, StepPlan
 from tools.floor import Rates, floor_seconds, measured_rates
@@ -51,8 +52,8 @@ def step_plan(step: int, batch: int, context: int, page_size: int, prefill_rows:
         raise ValueError(f"--shared {shared}: whole pages of {page_size} tokens, with --groups")
     if groups > batch:
         raise ValueError(f"--groups {groups} of {batch} rows: every group needs a row")
-    pages = -(-context // page_size)
-    pre_pages = -(-prefill_len // page_size)
+    pages = cdiv(context, page_size)
+    pre_pages = cdiv(prefill_len, page_size)
     shared_pages = shared // page_size if groups else 0
     group_rows = [batch // groups + (g < batch % groups) for g in range(groups)]
     group_of = [g for g, n in enumerate(group_rows) for _ in range(n)]
@@ -194,9 +195,9 @@ def run(rank: int, args, run_dir: str) -> None:
 
     batches = [int(b) for b in args.batches.split(",")]
     max_b = max(batches)
-    pre_rows = -(-args.prefill_tokens // args.prefill_len) if args.prefill_tokens else 0
+    pre_rows = cdiv(args.prefill_tokens, args.prefill_len) if args.prefill_tokens else 0
     pre_len = args.prefill_len if pre_rows else 0
-    pages = -(-args.context // 16) * max_b + pre_rows * -(-pre_len // 16) + args.groups * args.shared // 16
+    pages = cdiv(args.context, 16) * max_b + pre_rows * cdiv(pre_len, 16) + args.groups * args.shared // 16
     cache_pages = max(pages + 1, int(args.scatter * 1e9 / (16 * kv_bytes_per_token(args.model))))
     page_map = random.Random(0).sample(range(cache_pages), pages) if args.scatter else None
     cfg = EngineConfig(model=args.model, device="cuda", load_format="random", kv_cache_tokens=cache_pages * 16,

@@ -14,6 +14,7 @@ import torch
 import zmq
 
 from toka import protocol
+from toka.arith import cdiv
 from toka.cluster import rank_channels, rendezvous
 from toka.config import EngineConfig
 from toka.fabric import Channel, leave_stop_signals_to_launcher, profiled, setup_logging, watch_parent
@@ -85,7 +86,7 @@ def build(cfg: EngineConfig, rank: int, pipe=None):
                         scales=kv_scales)
         backend = make_backend(backend_name, cache, attn0.num_heads, attn0.head_dim,
                                decode_kernel=kernel, dtype=dtype)
-        max_pages_per_seq = min(-(-cfg.max_model_len // cfg.page_size), num_pages)
+        max_pages_per_seq = min(cdiv(cfg.max_model_len, cfg.page_size), num_pages)
         return ModelRunner(model, backend, cfg.max_seqs, cfg.page_size, device, scratch_page=num_pages,
                            max_pages_per_seq=max_pages_per_seq, raw_logprobs=cfg.logprobs_mode == "raw", pipe=pipe)
 
@@ -178,7 +179,7 @@ def warm_up(runner, cfg: EngineConfig, vocab: int, num_pages: int) -> None:
 
     ps = cfg.page_size
     budget = min(cfg.max_tokens_per_forward, num_pages * ps, cfg.max_model_len)
-    pages = -(-budget // ps)
+    pages = cdiv(budget, ps)
     tokens = [i % vocab for i in range(budget)]
     admit = [SeqParams(slot=0, top_p=0.9, top_k=50, logprobs=20)]
     runner.step(StepPlan(-1, [0], [0], [budget], [budget], [True], 1, tokens, [0] * pages, list(range(pages)),
@@ -198,7 +199,7 @@ def warm_up(runner, cfg: EngineConfig, vocab: int, num_pages: int) -> None:
 def _pages_from_memory(cfg, make_runner, bytes_per_token: int, device) -> int:
     """KV pages that fit in gpu_memory_utilization of the card after the weights and the peak of
     a warm-up at the largest batch (measured with a small cache)."""
-    probe_pages = -(-cfg.max_tokens_per_forward // cfg.page_size) + cfg.max_seqs
+    probe_pages = cdiv(cfg.max_tokens_per_forward, cfg.page_size) + cfg.max_seqs
     torch.cuda.reset_peak_memory_stats(device)
     probe = make_runner(probe_pages)
     base = torch.cuda.memory_allocated(device)

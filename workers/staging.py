@@ -20,6 +20,8 @@ from typing import Callable
 import numpy as np
 import torch
 
+from toka.arith import cdiv
+
 SLOT_BYTES = 4 << 20  # a launch's copies: ~0.6 MB for 8,192 tokens' metadata, ~0.2 MB a work list
 SLOTS = 4
 ALIGN = 64  # bytes: every part starts where any element type's view may
@@ -71,7 +73,7 @@ class Ring:
             t = torch.from_numpy(a if a.flags.writeable else a.copy())
             return t if self.pin is False else t.pin_memory()  # only CUDA paths stage: unset means CUDA
         start = self.used
-        self.used = -(-(start + n) // ALIGN) * ALIGN
+        self.used = cdiv(start + n, ALIGN) * ALIGN
         t = self.buf[self.slot, start : start + n].view(_torch_dtype(a.dtype)).view(a.shape)
         np.copyto(t.numpy(), a)
         return t

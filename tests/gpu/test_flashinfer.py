@@ -10,6 +10,7 @@ import torch
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 from tests.helpers import batch_with_pages  # noqa: E402
+from toka.arith import cdiv  # noqa: E402
 from workers.attention import make_backend  # noqa: E402
 from workers.kv_cache import KVCache  # noqa: E402
 from workers.runner import ModelRunner  # noqa: E402
@@ -24,7 +25,7 @@ def make_batch(runner, rows, page_size):
     rng = random.Random(0)
     pool = list(range(runner.scratch_page))
     rng.shuffle(pool)
-    row_pages = [[pool.pop() for _ in range(-(-kv // page_size))] for _, kv in rows]
+    row_pages = [[pool.pop() for _ in range(cdiv(kv, page_size))] for _, kv in rows]
     num_prefill = sum(1 for q, _ in rows if q > 1)
     return batch_with_pages(runner, [q for q, _ in rows], [kv for _, kv in rows], row_pages, num_prefill)
 
@@ -110,7 +111,7 @@ def after_prefill(plan) -> tuple[list[int], list[int], int]:
     """The rows' kv lengths and page counts after a prefill plan, and the first page it left unused:
     next_decode_step's arguments."""
     kv_lens = list(plan.kv_lens)
-    return kv_lens, [-(-n // PAGE) for n in kv_lens], max(plan.table_pages) + 1
+    return kv_lens, [cdiv(n, PAGE) for n in kv_lens], max(plan.table_pages) + 1
 
 
 def next_decode_step(kv_lens: list[int], num_pages: list[int], nxt: int) -> tuple[list[int], tuple, int]:
@@ -172,7 +173,7 @@ def test_prefill_and_mixed_steps_in_pieces_give_the_eager_tokens(tmp_path):
         for step in range(1, 9):
             if step == 4:  # slot 3 prefills 150 tokens (the first row) while slots 0-2 decode
                 kv_lens, (slots, cols, pages), nxt = next_decode_step(kv_lens, num_pages, nxt)
-                own = -(-150 // PAGE)
+                own = cdiv(150, PAGE)
                 writes = ([3] * own + slots, list(range(own)) + cols, list(range(nxt, nxt + own)) + pages)
                 nxt += own
                 plan = StepPlan(step, [3, 0, 1, 2], [3, 0, 1, 2], [150, 1, 1, 1], [150, *kv_lens], [True] * 4, 1,
@@ -216,7 +217,7 @@ def test_hydragen_steps_in_cuda_graphs_give_the_eager_tokens(tmp_path, decode_at
             prefix = [] if r >= 10 else group_pages[r // 5]
             tokens += own[r]
             kv = len(prefix) * PAGE + len(own[r])
-            pages = prefix + list(range(nxt, nxt + -(-kv // PAGE) - len(prefix)))
+            pages = prefix + list(range(nxt, nxt + cdiv(kv, PAGE) - len(prefix)))
             nxt += len(pages) - len(prefix)
             start = 2 if r in (0, 5) else 0  # the groups' first rows have their shared pages already
             for c in range(start, len(pages)):

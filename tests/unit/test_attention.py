@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from tests.helpers import batch_with_pages
+from toka.arith import cdiv
 from workers.attention import AttentionBackend, AttentionBatch, make_backend
 from workers.attention.torch_ref import TorchAttention
 from workers.kv_cache import KVCache
@@ -24,13 +25,13 @@ class Seqs:
     def __init__(self, lengths, num_pages, kv_heads, heads, dim, layers, seed):
         g = torch.Generator().manual_seed(seed)
         rng = random.Random(seed)
-        need = sum(-(-n // PAGE) for n in lengths)
+        need = sum(cdiv(n, PAGE) for n in lengths)
         free = list(range(num_pages))
         rng.shuffle(free)
         assert need <= num_pages
         self.pages = []
         for n in lengths:
-            k = -(-n // PAGE)
+            k = cdiv(n, PAGE)
             self.pages.append([free.pop() for _ in range(k)])
         self.k = [[torch.randn(n, kv_heads, dim, generator=g) for n in lengths] for _ in range(layers)]
         self.v = [[torch.randn(n, kv_heads, dim, generator=g) for n in lengths] for _ in range(layers)]
@@ -92,7 +93,7 @@ def check_cache(cache: KVCache, seqs: Seqs, written: dict[int, int], layers: int
                 assert torch.equal(kv[page, 0, off], seqs.k[layer][s][p]), f"K of seq {s} pos {p} layer {layer}"
                 assert torch.equal(kv[page, 1, off], seqs.v[layer][s][p]), f"V of seq {s} pos {p} layer {layer}"
             # offsets past the end of the last page are untouched
-            for p in range(n, -(-n // PAGE) * PAGE):
+            for p in range(n, cdiv(n, PAGE) * PAGE):
                 page, off = seqs.pages[s][p // PAGE], p % PAGE
                 assert not kv[page, :, off].any()
         untouched = [p for p in range(cache.num_pages) if p not in seqs.used]

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from toka.arith import cdiv
 from toka.scheduler.hydragen import group_by_prefix
 from workers.attention import make_backend
 from workers.kv_cache import KVCache
@@ -50,7 +51,7 @@ def grouped_attention_case(device, dtype, backend: str, seed: int = 0, decode_ke
         prefix = [free.pop() for _ in range(shared)]
         for _ in range(rows):
             own = rng.randint(1, 3 * PAGE)
-            row_pages.append(prefix + [free.pop() for _ in range(-(-own // PAGE))])
+            row_pages.append(prefix + [free.pop() for _ in range(cdiv(own, PAGE))])
             kv_lens.append(shared * PAGE + own)
     n = len(row_pages)
     q = torch.randn(n, heads, dim, device=device).to(dtype)

@@ -12,6 +12,7 @@ from collections import Counter, deque
 
 import pytest
 
+from toka.arith import cdiv
 from toka.protocol import SamplingParams, StepPlan, StepResult
 from toka.scheduler.batching import Scheduler, StepOrderError
 
@@ -34,10 +35,6 @@ def expected_output(rid: int, prompt: list[int], params: SamplingParams) -> tupl
             return out, "stop"
         out.append(t)
     return out, "length"
-
-
-def cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 class FakeRanks:

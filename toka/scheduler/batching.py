@@ -20,6 +20,7 @@ import itertools
 from collections import Counter, deque
 from dataclasses import dataclass, field
 
+from toka.arith import cdiv
 from toka.protocol import SamplingParams, SeqParams, Stats, StepPlan, StepResult
 from toka.scheduler.hydragen import group_by_prefix
 from toka.scheduler.pages import PageAllocator, page_keys
@@ -149,7 +150,7 @@ class Scheduler:
         deferred: list[Sequence] = []  # choices that copy a page this step writes: first in line next step
         while budget > 0 and self.waiting and self.free_slots and self.waiting[0].inflight == 0:
             seq = self.waiting[0]
-            if reserve and self.running and self.pages.num_free - -(-len(seq.known) // self.page_size) < reserve:
+            if reserve and self.running and self.pages.num_free - cdiv(len(seq.known), self.page_size) < reserve:
                 break  # the running sequences' growth would preempt it (or them) soon
             # a prompt's choices share its list: after one waits, the others do without a look
             if (deferred and seq.known is deferred[-1].known) or not self._start(seq):
@@ -177,7 +178,7 @@ class Scheduler:
     def _future_pages(self, seq: Sequence) -> int:
         """Pages `seq` may still need: to its prompt plus max_tokens (clipped), less what it holds."""
         final = len(seq.prompt) + min(seq.params.max_tokens, RESERVE_CLIP)
-        return max(0, -(-final // self.page_size) - len(seq.pages))
+        return max(0, cdiv(final, self.page_size) - len(seq.pages))
 
     def _reserve(self) -> float:
         return self.reserve_ratio * sum(self._future_pages(s) for s in self.running)
@@ -240,7 +241,7 @@ class Scheduler:
 
     def _grow(self, seq: Sequence, kv_len: int, preempt: bool = True) -> bool:
         """Gives `seq` pages for kv_len tokens, preempting the youngest sequences if needed."""
-        need = -(-kv_len // self.page_size) - len(seq.pages)
+        need = cdiv(kv_len, self.page_size) - len(seq.pages)
         while need > self.pages.num_free:
             if not preempt or need <= self.pages.num_free + self.pages.num_pending:
                 return False  # pages are on their way back: wait for them rather than preempt more

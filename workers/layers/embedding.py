@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from toka.arith import cdiv
 from workers.layers.parallel import SINGLE, TPGroup
 
 
@@ -14,7 +15,7 @@ class VocabParallelEmbedding(nn.Module):
         super().__init__()
         self.tp = tp
         self.vocab_size = vocab_size
-        self.local_vocab = -(-vocab_size // tp.size)  # the last shard may be padded
+        self.local_vocab = cdiv(vocab_size, tp.size)  # the last shard may be padded
         self.start = tp.rank * self.local_vocab
         self.weight = nn.Parameter(torch.empty(self.local_vocab, hidden), requires_grad=False)
 

@@ -67,9 +67,11 @@ def step_plan(step: int, batch: int, context: int, page_size: int, prefill_rows:
         writes = ([s for s, t in zip(slots, tables) for _ in t], [j for t in tables for j in range(len(t))],
                   [page_map[page] if page_map else page for t in tables for page in t])
     rows = prefill_rows + batch
-    return StepPlan(step, slots, slots, [prefill_len] * prefill_rows + [1] * batch,
-                    [prefill_len] * prefill_rows + [shared_pages * page_size + context] * batch, [True] * rows,
-                    prefill_rows, [1] * (prefill_rows * prefill_len), *writes, group_rows=group_rows,
+    table_slots, table_cols, table_pages = writes
+    return StepPlan(step_id=step, rids=slots, slots=slots, q_lens=[prefill_len] * prefill_rows + [1] * batch,
+                    kv_lens=[prefill_len] * prefill_rows + [shared_pages * page_size + context] * batch,
+                    emit=[True] * rows, num_prefill=prefill_rows, prefill_tokens=[1] * (prefill_rows * prefill_len),
+                    table_slots=table_slots, table_cols=table_cols, table_pages=table_pages, group_rows=group_rows,
                     group_pages=[shared_pages] * groups)
 
 
@@ -222,8 +224,9 @@ def run(rank: int, args, run_dir: str) -> None:
                                  prefill_len=pre_len, groups=args.groups, shared=args.shared, page_map=page_map)
         tokens = b + pre_rows * pre_len
         # no logprobs, no filters: the warm-up left other settings in these slots
-        runner._admit(StepPlan(-1, [], [], [], [], [], 0, [], [], [], [], admit=[
-            SeqParams(slot=s, temperature=args.temperature) for s in range(b + pre_rows)]))
+        runner._admit(StepPlan(step_id=-1, rids=[], slots=[], q_lens=[], kv_lens=[], emit=[], num_prefill=0,
+                               prefill_tokens=[], table_slots=[], table_cols=[], table_pages=[], admit=[
+                                   SeqParams(slot=s, temperature=args.temperature) for s in range(b + pre_rows)]))
         times, host = [], []
         for i in range(args.steps):
             step_i = plan(i)

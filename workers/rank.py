@@ -182,15 +182,17 @@ def warm_up(runner, cfg: EngineConfig, vocab: int, num_pages: int) -> None:
     pages = cdiv(budget, ps)
     tokens = [i % vocab for i in range(budget)]
     admit = [SeqParams(slot=0, top_p=0.9, top_k=50, logprobs=20)]
-    runner.step(StepPlan(-1, [0], [0], [budget], [budget], [True], 1, tokens, [0] * pages, list(range(pages)),
-                         list(range(pages)), admit))
+    runner.step(StepPlan(step_id=-1, rids=[0], slots=[0], q_lens=[budget], kv_lens=[budget], emit=[True],
+                         num_prefill=1, prefill_tokens=tokens, table_slots=[0] * pages, table_cols=list(range(pages)),
+                         table_pages=list(range(pages)), admit=admit))
     rows = min(cfg.max_seqs, num_pages, cfg.max_tokens_per_forward)
     # a few rows with every logits-processor option: their path's buffers count in the peak
     processed = dict(repetition_penalty=1.1, frequency_penalty=0.1, min_p=0.05, logit_bias={0: 1.0}, min_tokens=2,
                      stop_token_ids=[1], history=[0, 1], prompt_len=1)
     admit = [SeqParams(slot=r, top_p=0.9, top_k=50, logprobs=20, **(processed if r < 8 else {})) for r in range(rows)]
-    plan = StepPlan(-1, list(range(rows)), list(range(rows)), [1] * rows, [1] * rows, [True] * rows, 0, [],
-                    list(range(rows)), [0] * rows, list(range(rows)), admit)
+    plan = StepPlan(step_id=-1, rids=list(range(rows)), slots=list(range(rows)), q_lens=[1] * rows, kv_lens=[1] * rows,
+                    emit=[True] * rows, num_prefill=0, prefill_tokens=[], table_slots=list(range(rows)),
+                    table_cols=[0] * rows, table_pages=list(range(rows)), admit=admit)
     runner.step(plan)
     if cfg.device == "cuda":
         torch.cuda.synchronize()

@@ -93,6 +93,11 @@ class ModelRunner(CudaGraphs):
         self.min_group = 0
         # other steps' forwards by token count, captured in pieces between attention calls (capture_pieces)
         self.pieces: dict[int, Pieces] = {}
+        # the graphs' fixed inputs (device; the capture methods make them at the largest size): input
+        # ids (or a later stage's hidden states), positions and sequence lengths, of whole decode steps
+        # (g_) and of pieces (p_, with p_out, every size's output)
+        self.g_ids = self.g_pos = self.g_seq = None
+        self.p_ids = self.p_pos = self.p_seq = self.p_out = None
         self._last_done: torch.cuda.Event | None = None  # the latest launched step's
         self._forward_start: torch.cuda.Event | None = None  # the step being launched's (_mark_forward)
 

@@ -36,7 +36,8 @@ WORKSPACE_BYTES = 256 * 1024 * 1024
 def graph_prefix_workspace_bytes(rows: int, entries: int, qo_heads: int, kv_heads: int, head_dim: int,
                                  num_sm: int) -> int:
     """The float workspace a captured prefix plan of `rows` queries over `entries` page lists may
-    take when FlashInfer's FA2 prefill splits the keys (its path over an FP8 cache): in a graph it
+    take when FlashInfer's FA2 prefill splits the keys (its path over an FP8 cache, and on cards before
+    sm90; FA3's plans need no float workspace, so there the size is spare): in a graph it
     sizes the split outputs for the most query tiles the rows can make (their packed rows, a tile of
     up to 128 more an entry) or for its split grid (two CTAs an SM over the kv heads), whichever is
     more, and keeps a float a head and dimension (and one for the log-sum-exp) per tile row."""

@@ -37,6 +37,7 @@ import torch
 from toka.arith import cdiv
 from toka.config import EngineConfig
 from toka.protocol import SeqParams, StepPlan
+from tools.bench import model_costs
 from tools.floor import Rates, floor_seconds, measured_rates
 
 
@@ -73,18 +74,6 @@ def step_plan(step: int, batch: int, context: int, page_size: int, prefill_rows:
                     emit=[True] * rows, num_prefill=prefill_rows, prefill_tokens=[1] * (prefill_rows * prefill_len),
                     table_slots=table_slots, table_cols=table_cols, table_pages=table_pages, group_rows=group_rows,
                     group_pages=[shared_pages] * groups)
-
-
-def kv_bytes_per_token(model: str) -> int:
-    """A bf16 cache's bytes a token for the model folder's shape (K and V, every layer)."""
-    from transformers import AutoConfig
-
-    from workers.kv_cache import KVCache
-
-    c = AutoConfig.from_pretrained(model)
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
-    return KVCache.bytes_per_token(c.num_hidden_layers, kv_heads, head_dim, torch.bfloat16)
 
 
 def all_reduce_ms(runner, batch: int, reps: int = 10) -> float:
@@ -170,8 +159,8 @@ def main() -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default: greedy)")
     p.add_argument("--no-cuda-graphs", action="store_true")
     p.add_argument("--fill-cache", action="store_true",
-                   help="random values in the KV cache, as a served one holds (else the allocation's, "
-                        "often zeros, which the matmuls after attention then see)")
+                   help="random values in the KV cache, as a served one holds (else zeros, so attention "
+                        "outputs nearly zeros to the matmuls after it, which then draw less power)")
     p.add_argument("--scatter", type=float, default=0.0, metavar="GB",
                    help="a KV cache of GB gigabytes with the steps' pages at random places in it (as a served "
                         "cache's pages lie), not packed at its start")
@@ -200,7 +189,9 @@ def run(rank: int, args, run_dir: str) -> None:
     pre_rows = cdiv(args.prefill_tokens, args.prefill_len) if args.prefill_tokens else 0
     pre_len = args.prefill_len if pre_rows else 0
     pages = cdiv(args.context, 16) * max_b + pre_rows * cdiv(pre_len, 16) + args.groups * args.shared // 16
-    cache_pages = max(pages + 1, int(args.scatter * 1e9 / (16 * kv_bytes_per_token(args.model))))
+    cache_pages = pages + 1
+    if args.scatter:  # pages of the model's bf16 KV bytes a token
+        cache_pages = max(cache_pages, int(args.scatter * 1e9 / (16 * model_costs(args.model)[1])))
     page_map = random.Random(0).sample(range(cache_pages), pages) if args.scatter else None
     cfg = EngineConfig(model=args.model, device="cuda", load_format="random", kv_cache_tokens=cache_pages * 16,
                        max_seqs=max_b + pre_rows, cuda_graphs=not args.no_cuda_graphs, tp=args.tp,

@@ -152,7 +152,8 @@ class FlashInferAttention(AttentionBackend):
         self.prefix = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.prefill_ws, "NHD")
         self.grouped = 0  # decode rows in Hydragen groups this step
         self.graph_slots: dict[int, _GraphSlot] = {}
-        self.prefix_ws: torch.Tensor | None = None  # the graphs' prefix plans' (add_graph_size sizes it)
+        # the graphs' prefix plans' where they need more than prefill_ws (add_graph_size makes it)
+        self.prefix_ws: torch.Tensor | None = None
         self.graph: _GraphSlot | None = None  # the planned step's graph buffers, or None when eager
         self.graph_grouped = False  # whether that graph step has Hydragen groups
         # the planned step's append_paged_kv_cache arguments (rows, positions, page indices, indptr,
@@ -165,12 +166,14 @@ class FlashInferAttention(AttentionBackend):
         device = self.cache.data.device
         slot = self.graph_slots.get(bs) or _GraphSlot(bs, max_pages, device, self.decode_ws, self.decode_kernel)
         if groups:
-            if self.prefix_ws is None:  # sizes come largest first (the runner's capture): sized once
-                need = graph_prefix_workspace_bytes(bs, groups + 1, self.num_heads, self.num_kv_heads, self.head_dim,
-                                                    sm_count(device))
-                self.prefix_ws = self.prefill_ws if need <= WORKSPACE_BYTES else \
-                    torch.empty(need, dtype=torch.uint8, device=device)
-            slot.prefix = _PrefixSlot(bs, groups, max_pages, self.cache.page_size, device, self.prefix_ws)
+            need = graph_prefix_workspace_bytes(bs, groups + 1, self.num_heads, self.num_kv_heads, self.head_dim,
+                                                sm_count(device))
+            # one buffer for every size that needs more than the shared one: made at the first such size
+            # (the runner captures the largest first) and again only for a larger one
+            if need > WORKSPACE_BYTES and (self.prefix_ws is None or self.prefix_ws.numel() < need):
+                self.prefix_ws = torch.empty(need, dtype=torch.uint8, device=device)
+            workspace = self.prefix_ws if need > WORKSPACE_BYTES else self.prefill_ws
+            slot.prefix = _PrefixSlot(bs, groups, max_pages, self.cache.page_size, device, workspace)
         self.graph_slots[bs] = slot
 
     def plan(self, batch: AttentionBatch, graph_size: int | None = None) -> None:

@@ -83,7 +83,7 @@ if __package__ in (None, ""):  # run as a script: the repository root on the pat
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tools.gpu_jobs import Models, Runner, say
-from tools.gpu_parts import PARTS, STEP_SWEEPS, TIMEOUTS, TREE, TRITON_CONFIGS, Part
+from tools.gpu_parts import FP8_RUNS, PARTS, STEP_SWEEPS, TIMEOUTS, TREE, TRITON_CONFIGS, Part
 from tools.gpu_results import Row, table
 
 
@@ -138,6 +138,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--pp", type=int, default=2, help="pp: stages (and the --tp size of its agreement check)")
     p.add_argument("--pp-tp", type=int, default=0, metavar="K",
                    help="pp: also --pp N --tp K against --tp N x K (N x K GPUs)")
+    p.add_argument("--fp8-runs", type=lambda s: s.split(","), default=list(FP8_RUNS), metavar="LIST",
+                   help=f"fp8: which of {','.join(FP8_RUNS)} to run (default: all; bf16 is the ratios' base)")
     p.add_argument("--engine-profile", action="store_true",
                    help="bench.py runs: every engine process under cProfile (TOKA_PROFILE; slows the host several "
                         "times, so not for figures), each summarized into report.txt")
@@ -164,6 +166,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = [name for name in args.sweeps or [] if name not in STEP_SWEEPS]
     if unknown:
         p.error(f"--sweeps {','.join(unknown)}: not a step sweep (of {', '.join(STEP_SWEEPS)})")
+    unknown = [name for name in args.fp8_runs if name not in FP8_RUNS]
+    if unknown:
+        p.error(f"--fp8-runs {','.join(unknown)}: not an FP8 run (of {', '.join(FP8_RUNS)})")
     if "ab" in args.parts and not (Path(args.base) / "toka").is_dir():
         p.error(f"ab: {args.base} holds no toka/: git archive REV toka workers | tar -x -C {args.base}")
     if args.side_by_side and "dp" in args.parts and not args.dp:

@@ -330,16 +330,18 @@ FP8_REQUESTS = "2048"
 
 
 def fp8(p: Part) -> list[Row]:
-    """Llama-3.1-8B shape, FP8_REQUESTS sharegpt-like requests, bf16 and each FP8 option (--flags
-    adds launch flags to every run), and each against bf16."""
+    """Llama-3.1-8B shape, FP8_REQUESTS sharegpt-like requests, bf16 and each FP8 option (--fp8-runs
+    picks them; --flags adds launch flags to every run), and each against bf16."""
+    runs = {name: FP8_RUNS[name] for name in p.args.fp8_runs}
     p.run([p.bench(name, "sharegpt-like", with_flags(flags, p.args.flags), False, LARGE,
-                   extra=("--requests", FP8_REQUESTS)) for name, flags in FP8_RUNS.items()])
-    rows = rates_row(p.name, p.dir / "bf16.json")
-    for name, flags in FP8_RUNS.items():
+                   extra=("--requests", FP8_REQUESTS)) for name, flags in runs.items()])
+    rows = rates_row(p.name, p.dir / f"{next(iter(runs))}.json")
+    for name, flags in runs.items():
         rows += bench_rows(p.name, f"{LARGE} sharegpt-like {FP8_REQUESTS}, {with_flags(flags, p.args.flags) or 'defaults'}",
                            p.dir / f"{name}.json")
-    for name in list(FP8_RUNS)[1:]:
-        rows += ratio_row(p.name, f"{name} / bf16", p.dir / f"{name}.json", p.dir / "bf16.json")
+    for name in runs:
+        if name != "bf16":
+            rows += ratio_row(p.name, f"{name} / bf16", p.dir / f"{name}.json", p.dir / "bf16.json")
     return rows
 
 

@@ -147,6 +147,18 @@ def test_fp8_part_runs_each_option_on_the_8b_shape_against_bf16(tmp_path):
     assert "fp8-kv / bf16" not in rows
 
 
+def test_fp8_runs_picks_the_options_the_fp8_part_runs(tmp_path):
+    p = part("fp8", tmp_path, "--fp8-runs", "bf16,fp8-kv")
+    write(p.dir / "fp8-kv.json", bench_result(total=33e3))
+    write(p.dir / "bf16.json", bench_result(total=30e3))
+    rows = {r.figure: r.value for r in gpu_parts.fp8(p)}
+    assert [b[0].argv[3].endswith("random") or b[0].argv[3].split("random ")[1] for b in p.runner.batches] == [
+        True, "--kv-cache-dtype fp8_e4m3"]
+    assert rows["fp8-kv / bf16"] == pytest.approx(1.1)
+    with pytest.raises(SystemExit):
+        gpu.parse([str(tmp_path), "fp8", "--fp8-runs", "fp4"])
+
+
 def test_compare_runs_one_lane_a_gpu_and_in_turns_on_fewer(tmp_path):
     flags = ["--compare-flags", "", "--compare-flags", "--max-seqs 4096", "--compare-flags=--hydragen"]
     p = part("compare", tmp_path, *flags, gpus=("2", "3"))

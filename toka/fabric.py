@@ -24,6 +24,7 @@ import signal
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 
 import msgspec
 import zmq
@@ -319,6 +320,23 @@ def setup_logging(name: str, level: str) -> None:
     )
 
 
+STOP_FIGURES_ENV = "TOKA_STOP_FIGURES"
+
+
+def write_stop_figures(name: str, figures: dict) -> None:
+    """With TOKA_STOP_FIGURES=DIR in the environment, writes DIR/<name>.json: what a process measured
+    of its own host time over the run (the figures it also logs at its stop), as data for benchmarks
+    (tools/bench.py) rather than a log line for them to parse."""
+    folder = os.environ.get(STOP_FIGURES_ENV)
+    if not folder:
+        return
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f"{name}.json")
+    with open(path + ".tmp", "wb") as f:
+        f.write(msgspec.json.encode(figures))
+    os.replace(path + ".tmp", path)  # a reader never sees half a file
+
+
 @contextlib.contextmanager
 def profiled(name: str):
     """With TOKA_PROFILE=DIR in the environment, runs the body under cProfile and writes
@@ -337,3 +355,11 @@ def profiled(name: str):
         prof.disable()
         os.makedirs(folder, exist_ok=True)
         prof.dump_stats(os.path.join(folder, f"{name}.prof"))
+
+
+def run_measured(name: str, body: Callable[[], dict]) -> None:
+    """Runs a process's main loop `body` as `profiled` does and writes the host figures it returns
+    (write_stop_figures): the engine's processes measured the one way."""
+    with profiled(name):
+        figures = body()
+    write_stop_figures(name, figures)

@@ -18,7 +18,7 @@ no prefix sharing) at the copy bandwidth (bytes read + written per second); for 
 when a request's sequences read their shared prompt once per step. The floor of a launch on several
 GPUs (--tp x --pp x --dp) splits the work evenly among them. With --launch, the server's output
 passes through to stderr and the result's "engine" holds the host figures its ranks and schedulers
-log at the stop (engine_figures). Where nvidia-smi runs, "card" holds the SM clock, power and
+write at their stop (engine_figures). Where nvidia-smi runs, "card" holds the SM clock, power and
 temperature over the run (tools/card_clock.py): a card may run a long workload at a lower clock than
 the burst that measured its rates (a card at its power limit does), and where the busy samples' clock
 is known the result also gives the share of the floor with the matmul rate scaled to that clock.
@@ -37,21 +37,22 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
+import glob
 import json
 import os
 import queue
 import random
-import re
 import shlex
 import socket
 import subprocess
 import sys
-import threading
+import tempfile
 import time
 from pathlib import Path
 
 import aiohttp
 
+from toka.fabric import STOP_FIGURES_ENV
 from toka.launch import raise_open_files_limit
 from tools.card_clock import ClockSampler
 from tools.floor import Rates, card_rates, floor_seconds
@@ -296,68 +297,45 @@ def _result(reqs: list[dict], elapsed: float, usages: list[dict], running: list[
     }
 
 
-# the per-step host figures the engine logs at its stop (workers/rank.py, toka/scheduler/main.py); the
-# rank's last figure is newer than some engines an A/B runs, so it may be missing
-RANK_LINE = re.compile(r"(\d+) steps in ([\d.]+) s from the first plan to the last: launching ([\d.]+) ms a step; "
-                       r"device idle waiting for plans ([\d.]+) ms a step(?:.*? next one's forward ([\d.]+) ms a step)?")
-SCHEDULER_LINE = re.compile(r"(\d+) steps: planning ([\d.]+) ms a step, taking results ([\d.]+) ms a step")
-
-
-def engine_figures(lines) -> dict:
-    """The engine's stop lines among `lines`: per rank 0 of each replica its steps, their span and
-    its host ms a step (launching; the device waiting for plans; from a step's end to the next
-    one's forward), per scheduler its ms a step planning and taking results."""
+def engine_figures(folder: str) -> dict:
+    """The host figures the engine's processes wrote at their stop (TOKA_STOP_FIGURES, toka/fabric.py)
+    into `folder`: per replica, rank 0's steps, their span and its ms a step launching, the device
+    waiting for plans and from a step's end to the next one's forward; the scheduler's ms a step
+    planning and taking results. An engine that writes none (an earlier version's) gives empty lists."""
     ranks, schedulers = [], []
-    for line in lines:
-        if m := RANK_LINE.search(line):
-            steps, span, launching, plan_wait, host_wait = m.groups()
-            ranks.append(dict(steps=int(steps), span_s=float(span), launching_ms=float(launching),
-                              plan_wait_ms=float(plan_wait), host_wait_ms=None if host_wait is None else float(host_wait)))
-        elif m := SCHEDULER_LINE.search(line):
-            schedulers.append(dict(steps=int(m[1]), planning_ms=float(m[2]), results_ms=float(m[3])))
+    for path in sorted(glob.glob(os.path.join(folder, "*.json"))):
+        role = os.path.basename(path)[:-len(".json")].rpartition(".")[2]  # rank0, or replica1.rank0
+        with open(path) as f:
+            fig = json.load(f)
+        if not fig["steps"]:
+            continue
+        per_step = 1e3 / fig["steps"]
+        if role == "rank0":
+            ranks.append(dict(steps=fig["steps"], span_s=fig["span_s"], launching_ms=fig["launching_s"] * per_step,
+                              plan_wait_ms=fig["idle_s"] * per_step, host_wait_ms=fig["host_wait_s"] * per_step))
+        elif role == "scheduler":
+            schedulers.append(dict(steps=fig["steps"], planning_ms=fig["planning_s"] * per_step,
+                                   results_ms=fig["results_s"] * per_step))
     return dict(ranks=ranks, schedulers=schedulers)
 
 
-class ServerOutput:
-    """Passes the server's output on to this process's stderr, a line at a time, and keeps the lines
-    engine_figures reads."""
-
-    def __init__(self, stream):
-        self.lines: list[str] = []
-        self._thread = threading.Thread(target=self._copy, args=(stream,), daemon=True)
-        self._thread.start()
-
-    def _copy(self, stream) -> None:
-        for line in stream:
-            sys.stderr.write(line)
-            if RANK_LINE.search(line) or SCHEDULER_LINE.search(line):
-                self.lines.append(line)
-
-    def figures(self, timeout: float = 30) -> dict:
-        """After the server has exited: its output read to the end."""
-        self._thread.join(timeout)
-        return engine_figures(self.lines)
-
-
-def launch(flags: str, code: str | None = None) -> tuple[subprocess.Popen, str]:
-    """toka-launch with `flags` on a free port, once healthy; its output passes on to stderr through
-    `proc.output` (a ServerOutput, read after the server exits). `code`: a folder holding another
-    version's toka/ and workers/ for the server to run (this process's client code stays); the
-    server starts in it, since `python -m` puts its working folder before PYTHONPATH."""
+def launch(flags: str, figures: str, code: str | None = None) -> tuple[subprocess.Popen, str]:
+    """toka-launch with `flags` on a free port, once healthy; its output passes on to stderr, and its
+    processes write their host figures into the folder `figures` at their stop. `code`: a folder
+    holding another version's toka/ and workers/ for the server to run (this process's client code
+    stays); the server starts in it, since `python -m` puts its working folder before PYTHONPATH."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = None
+    env = {**os.environ, STOP_FIGURES_ENV: figures}
     if code is not None:
         code = os.path.abspath(code)
         if not os.path.isdir(os.path.join(code, "toka")):
             sys.exit(f"--server-code {code} holds no toka/: git archive REV toka workers | tar -x -C {code}")
         path = [code, *filter(None, [os.environ.get("PYTHONPATH")])]
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}  # for any process that starts elsewhere
+        env["PYTHONPATH"] = os.pathsep.join(path)  # for any process that starts elsewhere
     proc = subprocess.Popen([sys.executable, "-m", "toka.launch", "--port", str(port), *shlex.split(flags)],
-                            cwd=code, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            errors="replace")
-    proc.output = ServerOutput(proc.stdout)
+                            cwd=code, env=env, stdout=sys.stderr)
     url = f"http://127.0.0.1:{port}"
     import urllib.request
 
@@ -410,17 +388,18 @@ def main() -> None:
             why_no_floor = str(e)
             print(f"bench: {e}; the speed of light is left out", file=sys.stderr)
     reqs = workload(args)
-    if args.launch:
-        proc, url = launch(args.launch, args.server_code)
-    sampler = ClockSampler.start()  # over the run alone: the server is up
-    try:
-        result = asyncio.run(run_batch(url, reqs) if args.via == "batch" else run(url, reqs, args.clients))
-    finally:
-        card = sampler.stop() if sampler is not None else None
-        if proc is not None:
-            proc.terminate()
-            proc.wait(60)
-    engine = proc.output.figures() if proc is not None else None
+    with tempfile.TemporaryDirectory(prefix="toka-bench-") as figures:  # the engine's stop figures
+        if args.launch:
+            proc, url = launch(args.launch, figures, args.server_code)
+        sampler = ClockSampler.start()  # over the run alone: the server is up
+        try:
+            result = asyncio.run(run_batch(url, reqs) if args.via == "batch" else run(url, reqs, args.clients))
+        finally:
+            card = sampler.stop() if sampler is not None else None
+            if proc is not None:
+                proc.terminate()
+                proc.wait(60)
+        engine = engine_figures(figures) if proc is not None else None
     gpus = launch_gpus(flags)
     result.update(workload=args.workload, quick=args.quick, via=args.via, launch=args.launch, gpus=gpus,
                   clients=args.clients if args.via == "live" else None,

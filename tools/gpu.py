@@ -45,9 +45,10 @@ Parts (their files under OUT/PART/; each run's log beside its result):
                          --pp N --tp K against --tp N x K), and agreement of --pp N and --tp N with one
                          GPU on written weights
 
-A workload's and each compare run's rows end with the engine's host figures a step, from the
-lines its rank and scheduler log at the stop: the rank launching, the device waiting for plans and, from a step's end
-to the next one's forward, for the host; the scheduler planning and taking results.
+A workload's and each compare run's rows end with the engine's host figures a step, as its rank and
+scheduler write them at their stop (TOKA_STOP_FIGURES): the rank launching, the device waiting for
+plans and, from a step's end to the next one's forward, for the host; the scheduler planning and
+taking results.
 
 Models are written once into --models (random weights of real shapes, tools/make_model.py) and
 reused. Parts run one after another on every visible GPU, or with --side-by-side at once, each on

@@ -64,7 +64,7 @@ def bench_rows(part: str, label: str, path: Path) -> list[Row]:
 
 
 def engine_rows(part: str, label: str, r: dict, path: Path) -> list[Row]:
-    """The host figures the engine logged at its stop (bench.py's `engine`), of the first rank and
+    """The host figures the engine wrote at its stop (bench.py's `engine`), of the first rank 0 and
     scheduler: whether the host kept ahead of the device."""
     engine = r.get("engine") or {}
     ranks, schedulers = engine.get("ranks") or [], engine.get("schedulers") or []

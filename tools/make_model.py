@@ -1,7 +1,7 @@
 """Write a random-weight Hugging Face-format causal LM folder for tests and benchmarks.
 
 Usage:
-    python tools/make_model.py SHAPE OUT_DIR [--seed 0] [--dtype float32|bfloat16] [--shard-size-mb N]
+    python -m tools.make_model SHAPE OUT_DIR [--seed 0] [--dtype float32|bfloat16] [--shard-size-mb N]
                                              [--quantize fp8|fp8-tensor]
 
 The folder holds config.json, generation_config.json, safetensors weights (sharded with an

@@ -17,7 +17,7 @@ from toka import protocol
 from toka.arith import cdiv
 from toka.cluster import rank_channels, rendezvous
 from toka.config import EngineConfig
-from toka.fabric import Channel, leave_stop_signals_to_launcher, profiled, setup_logging, watch_parent
+from toka.fabric import Channel, leave_stop_signals_to_launcher, run_measured, setup_logging, watch_parent
 from workers.step_trace import StepTrace
 
 log = logging.getLogger("toka.rank")
@@ -243,8 +243,7 @@ def rank_main(cfg: EngineConfig, rank: int) -> None:
         runner, num_pages = build(cfg, rank)
         plans, events, endpoints = rank_channels(ctx, cfg, rank)
         control.send(protocol.Ready(name, {"kv_pages": num_pages}, endpoints))
-        with profiled(name):
-            serve(runner, plans, events, StepTrace(name))
+        run_measured(name, lambda: serve(runner, plans, events, StepTrace(name)))
     except Exception as e:
         log.error("%s failed: %s", name, traceback.format_exc())
         control.send(protocol.Fatal(name, f"{type(e).__name__}: {e}"))

@@ -45,7 +45,10 @@ def test_sigkill_of_the_launcher_leaves_no_orphans(fresh):
     assert not os.path.exists(run_dirs[0])
 
 
-def test_sigterm_drains_then_exits_0(fresh):
+def test_sigterm_drains_then_exits_0(fresh, tmp_path, monkeypatch):
+    from toka.fabric import STOP_FIGURES_ENV
+
+    monkeypatch.setenv(STOP_FIGURES_ENV, str(tmp_path))  # each process's host figures at its stop
     server = fresh("--drain-timeout", "3", "--kv-cache-tokens", "16384")  # no preemption: steady steps
     url = server.url
     short = {"prompt": "finish me", "max_tokens": 100, "ignore_eos": True, "temperature": 0}
@@ -77,6 +80,9 @@ def test_sigterm_drains_then_exits_0(fresh):
         assert 3 <= time.monotonic() - t0 < 8
     assert server.proc.wait(timeout=15) == 0
     assert wait_gone(family) == []
+    rank, sched = (json.loads((tmp_path / f"{name}.json").read_text()) for name in ("rank0", "scheduler"))
+    assert rank["steps"] == sched["steps"] >= 100 and 0 < rank["launching_s"] < rank["span_s"]
+    assert sched["planning_s"] > 0 and sched["results_s"] > 0
 
 
 # ---- launch failures ----------------------------------------------------------------------------

@@ -83,18 +83,19 @@ def test_clients_share_half_the_local_port_range_in_connections(monkeypatch):
     assert bench.connection_limit(65536, 1) == 1000 - 256  # and within the open-files limit
 
 
-def test_the_engines_stop_lines_give_its_host_figures_also_from_an_older_rank():
-    lines = [
-        "2026-12-03 14:00:00 rank0 INFO toka.rank: 4131 steps in 56.6 s from the first plan to the last: launching "
-        "8.60 ms a step; device idle waiting for plans 0.04 ms a step (0.2 s in all); from a step's end to the next "
-        "one's forward 1.25 ms a step (5.2 s in all)\n",
-        "2026-12-03 14:00:00 scheduler INFO toka.scheduler: 4131 steps: planning 2.63 ms a step, taking results "
-        "0.55 ms a step\n",
-        "rank1 INFO toka.rank: 10 steps in 1.0 s from the first plan to the last: launching 3.00 ms a step; device "
-        "idle waiting for plans 0.50 ms a step (0.0 s in all)\n",  # an engine before the last figure
-        "an unrelated line\n",
-    ]
-    assert engine_figures(lines) == dict(
-        ranks=[dict(steps=4131, span_s=56.6, launching_ms=8.6, plan_wait_ms=0.04, host_wait_ms=1.25),
-               dict(steps=10, span_s=1.0, launching_ms=3.0, plan_wait_ms=0.5, host_wait_ms=None)],
-        schedulers=[dict(steps=4131, planning_ms=2.63, results_ms=0.55)])
+def test_the_engines_stop_figures_give_rank_0_and_the_scheduler_of_each_replica(tmp_path, monkeypatch):
+    from toka.fabric import STOP_FIGURES_ENV, write_stop_figures
+
+    monkeypatch.setenv(STOP_FIGURES_ENV, str(tmp_path))
+    rank = dict(steps=4000, span_s=56.6, launching_s=34.4, idle_s=0.16, host_wait_s=5.0)
+    write_stop_figures("rank0", rank)
+    write_stop_figures("rank1", dict(rank, launching_s=1.0))  # another tensor-parallel rank: not rank 0's
+    write_stop_figures("scheduler", dict(steps=4000, planning_s=10.52, results_s=2.2))
+    write_stop_figures("replica1.rank0", dict(rank, steps=0))  # a replica that ran nothing
+    assert engine_figures(str(tmp_path)) == dict(
+        ranks=[dict(steps=4000, span_s=56.6, launching_ms=pytest.approx(8.6), plan_wait_ms=pytest.approx(0.04),
+                    host_wait_ms=pytest.approx(1.25))],
+        schedulers=[dict(steps=4000, planning_ms=pytest.approx(2.63), results_ms=pytest.approx(0.55))])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rank0.json", "rank1.json", "replica1.rank0.json",
+                                                          "scheduler.json"]  # no half-written files left
+    assert engine_figures(str(tmp_path / "none")) == dict(ranks=[], schedulers=[])  # an engine that wrote none

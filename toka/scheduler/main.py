@@ -12,7 +12,7 @@ import zmq
 from toka import protocol
 from toka.cluster import plan_publisher
 from toka.config import EngineConfig
-from toka.fabric import Channel, leave_stop_signals_to_launcher, profiled, setup_logging, watch_parent
+from toka.fabric import Channel, leave_stop_signals_to_launcher, run_measured, setup_logging, watch_parent
 from toka.scheduler.batching import Scheduler
 
 log = logging.getLogger("toka.scheduler")
@@ -36,8 +36,7 @@ def scheduler_main(cfg: EngineConfig) -> None:
         control.send(protocol.Ready(name))
         sched = Scheduler(cfg.num_pages, cfg.page_size, cfg.max_seqs, cfg.max_tokens_per_forward,
                           prefix_caching=cfg.prefix_caching, hydragen=cfg.hydragen_groups, stages=cfg.pp)
-        with profiled(name):
-            Loop(cfg, sched, requests, plans, events, status).run()
+        run_measured(name, Loop(cfg, sched, requests, plans, events, status).run)
     except Exception as e:
         log.error("scheduler failed: %s", traceback.format_exc())
         control.send(protocol.Fatal(name, f"{type(e).__name__}: {e}"))
@@ -58,7 +57,9 @@ class Loop:
         self.last_progress = time.monotonic()
         self.planning = self.updating = 0.0  # host seconds in schedule() / update()
 
-    def run(self) -> None:
+    def run(self) -> dict:
+        """Until the drain is done; returns the steps planned and the host seconds spent planning
+        and taking results."""
         while True:
             for msg in self.requests.recv_all():
                 self.on_request(msg)
@@ -73,7 +74,7 @@ class Loop:
                 if steps := self.sched.next_step:
                     log.info("%d steps: planning %.2f ms a step, taking results %.2f ms a step", steps,
                              self.planning / steps * 1e3, self.updating / steps * 1e3)
-                return
+                return dict(steps=self.sched.next_step, planning_s=self.planning, results_s=self.updating)
             while self.sched.inflight_steps < self.cfg.steps_in_flight:
                 plan = self.sched.schedule()
                 if plan is None:

@@ -107,7 +107,7 @@ def serve(args, port: int, ready, done, results) -> None:
 async def client(url: str, reqs: list[dict]) -> float:
     import aiohttp
 
-    from tools.bench import connection_limit
+    from tools.bench_client import connection_limit
 
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None),
                                      connector=aiohttp.TCPConnector(limit=connection_limit(len(reqs)))) as session:

@@ -1,4 +1,5 @@
-"""tools/floor.py and tools/bench.py's speed of light: one floor function, given rates, a launch's GPUs."""
+"""tools/floor.py and tools/bench.py's speed of light: one floor function, given rates, a launch's
+GPUs; the client's connections; the engine's stop figures."""
 
 import pytest
 import torch
@@ -73,7 +74,7 @@ def test_given_rates_skip_the_probe_and_without_cuda_a_missing_one_says_what_to_
 def test_clients_share_half_the_local_port_range_in_connections(monkeypatch):
     # the client's connections to one server come from one address: 65,536 of them at once cannot all
     # get a local port, so each of the clients keeps within its share of half the range
-    import tools.bench as bench
+    import tools.bench_client as bench
 
     monkeypatch.setattr(bench, "raise_open_files_limit", lambda: 1 << 20)
     monkeypatch.setattr(bench.Path, "read_text", lambda self: "32768\t60999\n")

@@ -16,13 +16,16 @@ from toka.launch import raise_open_files_limit
 
 
 async def scrape(session, url: str) -> dict[str, float]:
+    """/metrics' samples by name, summed over their labels: the figures the bench reads (running
+    sequences, KV tokens, counters) are per replica under --dp, and their sum is the engine's."""
     async with session.get(url + "/metrics") as resp:
         text = await resp.text()
-    out = {}
+    out: dict[str, float] = {}
     for line in text.splitlines():
         if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            out[name] = float(value)
+            sample, _, value = line.rpartition(" ")
+            name = sample.partition("{")[0]
+            out[name] = out.get(name, 0.0) + float(value)
     return out
 
 
@@ -164,7 +167,8 @@ def _result(reqs: list[dict], elapsed: float, usages: list[dict], running: list[
         "output_tok_s": out_tokens / elapsed,
         "total_tok_s": (out_tokens + prompt_tokens) / elapsed,
         "mean_running_batch": sum(busy) / max(len(busy), 1),
-        "kv_tokens": metrics.get("toka_total_pages", 0) * 16,
+        # an earlier engine (--server-code) gives pages alone, of 16 tokens unless launched otherwise
+        "kv_tokens": metrics.get("toka_kv_cache_tokens", metrics.get("toka_total_pages", 0) * 16),
         **{name: metrics.get(f"toka_{name}_total", metrics.get(f"toka_{name}", 0))  # counters of either naming
            for name in ("preemptions", "prefix_hit_tokens", "grouped_rows")},
     }

@@ -10,7 +10,7 @@ import requests
 from tests.reliability.conftest import metrics, settled
 
 REQUIRED = ["http_requests", "http_streams", "http_errors_total", "requests_finished_total", "running", "waiting",
-            "free_pages", "total_pages", "tokens_generated_total", "finished_total", "prompt_tokens_total",
+            "free_pages", "total_pages", "kv_cache_tokens", "tokens_generated_total", "finished_total", "prompt_tokens_total",
             "generation_tokens_total"]
 
 
@@ -26,6 +26,7 @@ def test_metrics_are_prometheus_text_and_settle_while_idle(shared):
     delta = {k: m.get(k, 0) - before.get(k, 0) for k in m}
     assert delta['finished_total{reason="length"}'] == 2 and delta['requests_finished_total{reason="length"}'] == 2
     assert delta["steps_total"] >= 7 and m["free_pages"] == m["total_pages"] and m["running"] == m["waiting"] == 0
+    assert m["kv_cache_tokens"] == m["total_pages"] * 16  # the default page size
     text = requests.get(url + "/metrics").text
     for name in REQUIRED:
         assert f"# TYPE toka_{name} " in text and f"# HELP toka_{name} " in text, name

@@ -119,6 +119,8 @@ def render(server: Server) -> str:
         metric("waiting", "gauge", "sequences waiting for a slot or pages", each("waiting"))
         metric("free_pages", "gauge", "free KV-cache pages", each("free_pages"))
         metric("total_pages", "gauge", "KV-cache pages", each("total_pages"))
+        metric("kv_cache_tokens", "gauge", "KV-cache tokens (pages x --page-size)",
+               [(_labels(k), s.total_pages * server.cfg.page_size) for k, s in replicas])
         metric("tokens_generated_total", "counter", "output tokens generated", each("tokens_generated"))
         metric("preemptions_total", "counter", "sequences preempted for pages", each("preemptions"))
         metric("steps_total", "counter", "steps completed", each("steps"))

@@ -39,8 +39,8 @@ Parts (their files under OUT/PART/; each run's log beside its result):
   sampling               bench_sampling.py: the fused sampler alone, 2,048 rows x 128,256 logits, greedy and at
                          temperature 0.6, under pieces a row and warps a program
   fp8                    Llama-3.1-8B shape, 2,048 sharegpt-like requests: bf16, --quantization fp8,
-                         --kv-cache-dtype fp8_e4m3 and both, each against bf16 (an FP8 kernel FlashInfer
-                         has not prebuilt compiles at the first launch that needs it)
+                         --kv-cache-dtype fp8_e4m3 and both (--fp8-runs: some of them), each against bf16
+                         (an FP8 kernel FlashInfer has not prebuilt compiles at the first launch that needs it)
   pp                     Llama-3.1-8B shape sharegpt-like quick at --pp 1 and --pp N (--pp-tp K: also
                          --pp N --tp K against --tp N x K), and agreement of --pp N and --tp N with one
                          GPU on written weights
